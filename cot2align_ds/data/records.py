@@ -1,0 +1,96 @@
+"""Training/evaluation records and their JSONL I/O.
+
+A record is one example: an instruction, an optional input (context), the gold answer, and an
+optional rationale (gold, or written by the teacher during CoT augmentation). Records are
+read and written as JSON Lines; every write is atomic (temporary file, then rename) so an
+interrupted run never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class RecordError(ValueError):
+    """A data file is malformed; the message names the file, line and field."""
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    id: str
+    instruction: str
+    input: str = ""
+    output: str
+    rationale: str | None = None
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """Read a JSONL file of records; raise ``RecordError`` naming file, line and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecordError(f"{path}: data file not found; check the path in data.*_file")
+    records = []
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            records.append(_parse_line(path, line_number, raw))
+    records = [record for record in records if record is not None]
+    if not records:
+        raise RecordError(f"{path}: no records; the file is empty")
+    return records
+
+
+def _parse_line(path: Path, line_number: int, raw: bytes) -> Record | None:
+    where = f"{path}:{line_number}"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RecordError(f"{where}: not UTF-8 text ({error.reason}); re-encode the file") from None
+    if not text.strip():
+        return None
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RecordError(f"{where}: malformed JSON ({error.msg}); fix or remove the line") from None
+    if not isinstance(payload, dict):
+        raise RecordError(f"{where}: expected a JSON object per line")
+    if "id" not in payload:
+        payload["id"] = f"{path.stem}-{line_number}"
+    try:
+        record = Record.model_validate(payload)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "record"
+        raise RecordError(f"{where}: field '{field}': {first['msg']}") from None
+    if not record.output.strip():
+        raise RecordError(f"{where}: field 'output' is empty; every record needs a gold answer")
+    return record
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> None:
+    """Write rows as JSON Lines through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(
+        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False
+    )
+    try:
+        with handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+def write_records(path: str | Path, records: Iterable[Record]) -> None:
+    write_jsonl_atomic(path, (record.model_dump(exclude_none=True) for record in records))
