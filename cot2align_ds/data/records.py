@@ -57,7 +57,9 @@ def _parse_line(path: Path, line_number: int, raw: bytes) -> Record | None:
     try:
         payload = json.loads(text)
     except json.JSONDecodeError as error:
-        raise RecordError(f"{where}: malformed JSON ({error.msg}); fix or remove the line") from None
+        raise RecordError(
+            f"{where}: malformed JSON ({error.msg}); fix or remove the line"
+        ) from None
     if not isinstance(payload, dict):
         raise RecordError(f"{where}: expected a JSON object per line")
     if "id" not in payload:
@@ -77,7 +79,7 @@ def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> None:
     """Write rows as JSON Lines through a temporary file and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
+    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, then renamed
         "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False
     )
     try:

@@ -55,9 +55,7 @@ def make_problem(rng: random.Random, spec: ArithmeticTaskSpec, example_id: str) 
     )
 
 
-def make_split(
-    num_examples: int, spec: ArithmeticTaskSpec, seed: int, prefix: str
-) -> list[Record]:
+def make_split(num_examples: int, spec: ArithmeticTaskSpec, seed: int, prefix: str) -> list[Record]:
     """A reproducible list of problems; ids are ``{prefix}-{index}``."""
     rng = random.Random(seed)
     return [make_problem(rng, spec, f"{prefix}-{index}") for index in range(num_examples)]
