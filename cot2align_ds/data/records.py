@@ -16,8 +16,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from cot2align_ds.errors import UserError
 
-class RecordError(ValueError):
+
+class RecordError(UserError):
     """A data file is malformed; the message names the file, line and field."""
 
 
@@ -92,6 +94,18 @@ def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> None:
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_records(path: str | Path, records: Iterable[Record]) -> None:

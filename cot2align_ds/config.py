@@ -1,0 +1,257 @@
+"""Typed run configuration: pydantic models, YAML recipes, dotted ``--set`` overrides.
+
+A run is described by one YAML file (a shipped recipe name from ``cot2align_ds/configs`` or a
+path) plus ``section.key=value`` overrides. Everything is validated before any model loads:
+unknown keys, wrong types and conflicting values raise ``ConfigError`` with one line that names
+the key. The DeepSpeed JSON files own ZeRO/offload; this config owns batch sizes, precision,
+clipping and the optimizer (see ``engine.ds_config``).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cot2align_ds.errors import UserError
+
+
+class ConfigError(UserError):
+    """A user-facing configuration problem; the message is one line naming the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Strict):
+    """Where a model comes from: a hub name / local directory, or a small architecture."""
+
+    name_or_path: str | None = None
+    tokenizer: str | None = Field(None, description="defaults to name_or_path")
+    architecture: dict[str, Any] | None = Field(
+        None, description="build from a config instead (model_type + kwargs); for tests/demo"
+    )
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.name_or_path is None) == (self.architecture is None):
+            raise ValueError("set exactly one of name_or_path or architecture")
+        if self.architecture is not None and self.tokenizer is None:
+            raise ValueError("a model built from 'architecture' needs 'tokenizer' (a path)")
+        if self.architecture is not None and "model_type" not in self.architecture:
+            raise ValueError("architecture needs a 'model_type' (e.g. gpt2, llama, qwen2)")
+        return self
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.name_or_path  # type: ignore[return-value]
+
+
+class DataConfig(_Strict):
+    train_file: Path | None = None
+    dev_file: Path | None = None
+    template: Literal["alpaca", "compact"] = "alpaca"
+    max_prompt_tokens: int = Field(256, gt=0)
+    max_total_tokens: int = Field(512, gt=1)
+    cot_records: Literal["none", "non_empty_input", "all"] = Field(
+        "none", description="which records also train on their CoT view (needs a rationale)"
+    )
+    num_workers: int = Field(1, ge=0)
+    prefetch_factor: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> DataConfig:
+        if self.max_prompt_tokens >= self.max_total_tokens:
+            raise ValueError("max_prompt_tokens must be smaller than max_total_tokens")
+        return self
+
+
+KDMethod = Literal["sft", "uld"]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class DistillConfig(_Strict):
+    method: KDMethod = "uld"
+    kd_rate: float = Field(0.5, ge=0.0, le=1.0, description="a in (1-a)*CE + a*KD")
+    temperature: float = Field(2.0, gt=0.0)
+    chunk_size: int | None = Field(None, gt=0, description="response positions per chunk")
+
+
+class TrainConfig(_Strict):
+    seed: int = 42
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-4, gt=0.0)
+    projector_lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    min_lr: float = Field(1e-7, ge=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, ge=0.0, description="0 disables clipping")
+    precision: Precision = "bf16"
+    log_every: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _floor(self) -> TrainConfig:
+        if self.min_lr > self.lr:
+            raise ValueError("min_lr must not exceed lr")
+        return self
+
+
+class DeepSpeedSection(_Strict):
+    student_config: str = "student_zero3.json"
+    teacher_config: str = "teacher_zero3_offload_cpu.json"
+    dist_timeout_s: int = Field(1800, ge=10, description="process-group timeout")
+
+
+class TrackingConfig(_Strict):
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "disabled"
+    project: str = "cot2align-ds"
+    run_name: str | None = None
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class RunConfig(_Strict):
+    output_dir: Path = Path("runs/default")
+    student: ModelSpec
+    teacher: ModelSpec | None = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _method_needs_teacher(self) -> RunConfig:
+        if self.distill.method != "sft" and self.teacher is None:
+            raise ValueError(
+                f"distill.method={self.distill.method} needs a teacher: set teacher.name_or_path"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def shipped_recipes() -> list[str]:
+    folder = resources.files("cot2align_ds") / "configs"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(name_or_path: str | Path) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if not path.is_file():
+        recipe = resources.files("cot2align_ds") / "configs" / f"{name_or_path}.yaml"
+        if not recipe.is_file():
+            raise ConfigError(
+                f"config '{name_or_path}': no such file and no shipped recipe of that name "
+                f"(recipes: {', '.join(shipped_recipes())})"
+            )
+        return _parse_yaml(recipe.read_text(encoding="utf-8"), str(name_or_path))
+    return _parse_yaml(path.read_text(encoding="utf-8"), str(path))
+
+
+def _parse_yaml(text: str, where: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config '{where}'{line}: invalid YAML; fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config '{where}': expected a mapping of sections at the top level")
+    return data
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one ``section.key=value`` override in place; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"--set '{override}': expected section.key=value")
+    dotted, raw_value = override.split("=", 1)
+    keys = [key for key in dotted.strip().split(".") if key]
+    if not keys:
+        raise ConfigError(f"--set '{override}': empty key")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else None
+    except yaml.YAMLError:
+        value = raw_value
+    _check_override_path(keys, dotted)
+    node = data
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _check_override_path(keys: list[str], dotted: str) -> None:
+    """Reject unknown keys early, naming the full dotted key (free-form dicts excepted)."""
+    model: type[BaseModel] | None = RunConfig
+    for depth, key in enumerate(keys):
+        if model is None:
+            return
+        fields = model.model_fields
+        if key not in fields:
+            prefix = ".".join(keys[:depth]) or "top level"
+            raise ConfigError(
+                f"--set {dotted}: unknown key '{key}' in {prefix}; known: {', '.join(fields)}"
+            )
+        model = _submodel(fields[key].annotation)
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    candidates = getattr(annotation, "__args__", (annotation,))
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _format_validation_error(error: ValidationError, where: str) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "config"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key (check the spelling; see `cot2align show-config`)"
+    elif (
+        "input" in first
+        and first["type"] not in ("missing",)
+        and not isinstance(first["input"], dict)
+    ):
+        message = f"{message} (got {first['input']!r})"
+    more = len(error.errors()) - 1
+    suffix = f" (+{more} more)" if more else ""
+    return f"config '{where}': {key}: {message}{suffix}"
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load a recipe or YAML file, apply overrides, validate; raise ``ConfigError`` (one line)."""
+    data = _read_yaml(name_or_path)
+    for override in overrides or []:
+        apply_override(data, override)
+    return validate_config(data, str(name_or_path))
+
+
+def validate_config(data: dict[str, Any], where: str = "<dict>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, where)) from None
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    return config.model_dump(mode="json")

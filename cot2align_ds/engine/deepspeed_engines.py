@@ -1,0 +1,166 @@
+"""The one place that touches DeepSpeed: process group, the two engines, ZeRO-3 loading, saving.
+
+* Student: ``deepspeed.initialize`` training engine over a module that holds the student model
+  and the trainable projectors, with a client AdamW (param groups carry their own learning
+  rates) and a client LR scheduler; ZeRO stage and offload come from the JSON.
+* Teacher: a separate inference-only ZeRO-3 engine (no optimizer), parameters offloaded to CPU
+  by default, whose weights are loaded straight into partitions through ``HfDeepSpeedConfig``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+from safetensors.torch import save_file
+from transformers.integrations import HfDeepSpeedConfig
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _set_single_process_rendezvous() -> None:
+    """Without a launcher DeepSpeed falls back to MPI discovery; a 1-rank group needs none."""
+    defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_SIZE": "1"}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if "LOCAL_WORLD_SIZE" in os.environ:  # torchrun names it differently
+        os.environ.setdefault("LOCAL_SIZE", os.environ["LOCAL_WORLD_SIZE"])
+
+
+def init_distributed(timeout_s: int = 1800) -> DistContext:
+    """Join (or create) the process group; idempotent."""
+    _set_single_process_rendezvous()
+    if not dist.is_initialized():
+        backend = get_accelerator().communication_backend_name()
+        deepspeed.init_distributed(
+            dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s)
+        )
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device_name = get_accelerator().device_name()
+    device = torch.device(device_name, local_rank) if device_name != "cpu" else torch.device("cpu")
+    if device.type != "cpu":
+        get_accelerator().set_device(local_rank)
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def zero3_loading(ds_config: dict[str, Any]) -> Iterator[None]:
+    """While active, ``from_pretrained``/``from_config`` build models under ``zero.Init``.
+
+    Parameters then land directly in their ZeRO-3 partitions instead of a full copy per rank.
+    Only one such config can be active at a time (transformers keeps a global reference), so
+    the teacher and the student are loaded one after the other.
+    """
+    is_zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
+    holder = HfDeepSpeedConfig(ds_config) if is_zero3 else None
+    try:
+        yield
+    finally:
+        del holder
+        unset_hf_deepspeed_config()
+
+
+def is_partitioned(parameter: torch.nn.Parameter) -> bool:
+    """True when the parameter is a ZeRO-3 partition (the local tensor holds no full copy)."""
+    return hasattr(parameter, "ds_id") and parameter.numel() == 0
+
+
+def build_student_engine(
+    module: torch.nn.Module,
+    ds_config: dict[str, Any],
+    param_groups: list[dict[str, Any]],
+    lr_lambdas: list[Callable[[int], float]],
+    *,
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> Any:
+    optimizer = torch.optim.AdamW(param_groups, betas=betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas)
+    engine, *_ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine
+
+
+def build_teacher_engine(module: torch.nn.Module, ds_config: dict[str, Any]) -> Any:
+    module.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=module, config=ds_config)
+    engine.eval()
+    return engine
+
+
+def gathered_state_dict(engine: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Full (unpartitioned) weights of ``engine.module`` whose names start with ``prefix``.
+
+    Gathers one submodule at a time so peak memory is one layer, not the model; every rank
+    must call this (the gather is collective); only rank 0 keeps the tensors.
+    """
+    state: dict[str, torch.Tensor] = {}
+    is_main = not dist.is_initialized() or dist.get_rank() == 0
+    persistent = set(engine.module.state_dict().keys())  # drops non-persistent buffers
+    for module_name, submodule in engine.module.named_modules():
+        own = list(submodule.named_parameters(recurse=False))
+        own_buffers = list(submodule.named_buffers(recurse=False))
+        if not own and not own_buffers:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=None):
+            if is_main:
+                for name, tensor in own + own_buffers:
+                    full_name = f"{module_name}.{name}" if module_name else name
+                    if full_name.startswith(prefix) and full_name in persistent:
+                        state[full_name[len(prefix) :]] = tensor.detach().cpu().clone()
+    return state
+
+
+def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def engine_device(engine: Any) -> torch.device:
+    return engine.device
+
+
+def global_grad_norm(engine: Any) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)

@@ -1,0 +1,126 @@
+"""Resolve a DeepSpeed JSON against the run config.
+
+Ownership is split on purpose: the JSON (``ds_configs/``) owns ZeRO stage, offload and bucket
+sizes; the run config owns micro-batch, accumulation, precision, clipping and the optimizer.
+A key owned by the run config may be absent or ``"auto"`` in the JSON; any other value that
+disagrees is a ``ConfigError``, never a silent override. Bucket sizes left ``"auto"`` are
+derived from the model's hidden size (the rule transformers' DeepSpeed integration uses).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from cot2align_ds.config import ConfigError
+
+_REPO_DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+_RUN_CONFIG_OWNED = ("optimizer", "scheduler")
+
+
+def find_ds_config(name_or_path: str) -> Path:
+    """A path as given, else a file in ``./ds_configs`` or the repository's ``ds_configs``."""
+    candidates = [Path(name_or_path), Path("ds_configs") / name_or_path]
+    candidates.append(_REPO_DS_CONFIGS / name_or_path)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"deepspeed config '{name_or_path}': not found (looked in ., ./ds_configs, "
+        f"{_REPO_DS_CONFIGS}); set deepspeed.student_config/teacher_config to a JSON file"
+    )
+
+
+def load_ds_config(name_or_path: str) -> tuple[dict[str, Any], Path]:
+    path = find_ds_config(name_or_path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), path
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: invalid JSON at line {error.lineno} ({error.msg})") from None
+
+
+def _settle(ds: dict[str, Any], key: str, value: Any, owner: str, path: Path) -> None:
+    """Fill ``key`` with the run config's value, refusing a conflicting explicit value."""
+    current = ds.get(key, "auto")
+    if current != "auto" and current != value:
+        raise ConfigError(
+            f"{path}: '{key}'={current!r} conflicts with {owner}={value!r}; "
+            f'set it to "auto" or remove it (the run config owns it)'
+        )
+    ds[key] = value
+
+
+def _settle_precision(ds: dict[str, Any], precision: str, path: Path) -> None:
+    for section, wanted in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
+        block = ds.setdefault(section, {})
+        _settle(block, "enabled", wanted, "train.precision", path)
+
+
+def _fill_buckets(zero: dict[str, Any], hidden_size: int) -> None:
+    square = hidden_size * hidden_size
+    auto_values = {
+        "reduce_bucket_size": square,
+        "allgather_bucket_size": square,
+        "stage3_prefetch_bucket_size": int(0.9 * square),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+    for key, value in auto_values.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    offload = zero.get("offload_param") or {}
+    if offload.get("buffer_size") == "auto":
+        # Each NVMe buffer must hold the largest parameter; an embedding of a 150k vocabulary
+        # at hidden 4096 is ~6e8 elements, so size from the hidden size with a safe floor.
+        offload["buffer_size"] = max(int(1e8), 40 * square)
+
+
+def resolve_student_ds_config(
+    raw: dict[str, Any],
+    path: Path,
+    *,
+    micro_batch_size: int,
+    grad_accum: int,
+    world_size: int,
+    precision: str,
+    grad_clip: float,
+    hidden_size: int,
+) -> dict[str, Any]:
+    ds = copy.deepcopy(raw)
+    for key in _RUN_CONFIG_OWNED:
+        if key in ds:
+            raise ConfigError(f"{path}: remove '{key}'; the run config's train section owns it")
+    _settle(ds, "train_micro_batch_size_per_gpu", micro_batch_size, "train.micro_batch_size", path)
+    _settle(ds, "gradient_accumulation_steps", grad_accum, "train.grad_accum", path)
+    global_batch = micro_batch_size * grad_accum * world_size
+    _settle(ds, "train_batch_size", global_batch, "micro_batch*grad_accum*world_size", path)
+    _settle(ds, "gradient_clipping", grad_clip, "train.grad_clip", path)
+    _settle_precision(ds, precision, path)
+    _fill_buckets(ds.setdefault("zero_optimization", {}), hidden_size)
+    return ds
+
+
+def resolve_teacher_ds_config(
+    raw: dict[str, Any],
+    path: Path,
+    *,
+    micro_batch_size: int,
+    world_size: int,
+    precision: str,
+    hidden_size: int,
+) -> dict[str, Any]:
+    """Inference-only: no optimizer, accumulation 1, ZeRO-3 required (weights partitioned)."""
+    ds = copy.deepcopy(raw)
+    for key in (*_RUN_CONFIG_OWNED, "gradient_clipping"):
+        if key in ds:
+            raise ConfigError(f"{path}: remove '{key}'; the teacher engine never trains")
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage") != 3:
+        raise ConfigError(f"{path}: teacher configs must use zero_optimization.stage 3")
+    _settle(ds, "train_micro_batch_size_per_gpu", micro_batch_size, "train.micro_batch_size", path)
+    _settle(ds, "gradient_accumulation_steps", 1, "teacher accumulation (always 1)", path)
+    ds["train_batch_size"] = micro_batch_size * world_size
+    _settle_precision(ds, precision, path)
+    _fill_buckets(zero, hidden_size)
+    return ds

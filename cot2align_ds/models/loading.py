@@ -1,0 +1,149 @@
+"""Load students and teachers: a Hugging Face hub name, a local directory, or a small config.
+
+Everything goes through real ``from_pretrained`` / ``from_config`` calls. ``trust_remote_code``
+is passed only when the user set it; weights are read from safetensors only
+(``use_safetensors=True``), never from pickles.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
+
+from cot2align_ds.config import ModelSpec
+from cot2align_ds.errors import UserError
+
+
+class ModelLoadError(UserError):
+    """A model or tokenizer could not be loaded; one line naming the config key and what to do."""
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    return _DTYPES[precision]
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).exists()
+
+
+def load_tokenizer(spec: ModelSpec, role: str) -> PreTrainedTokenizerBase:
+    source = spec.tokenizer_path
+    key = f"{role}.tokenizer" if spec.tokenizer else f"{role}.name_or_path"
+    if _looks_local(source) and not Path(source).expanduser().is_dir():
+        raise ModelLoadError(f"{key}: '{source}' does not exist; give a tokenizer directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(Path(source).expanduser()) if _looks_local(source) else source,
+            trust_remote_code=spec.trust_remote_code,
+        )
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"{key}: cannot load tokenizer '{source}' ({_first_line(error)})"
+        ) from None
+    if tokenizer.eos_token_id is None:
+        raise ModelLoadError(f"{key}: tokenizer '{source}' has no EOS token; answers need one")
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked everywhere, so reusing EOS as pad is harmless.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
+
+
+def load_causal_lm(
+    spec: ModelSpec, role: str, tokenizer: PreTrainedTokenizerBase, precision: str
+) -> torch.nn.Module:
+    """Build or load the model; call inside ``engine.zero3_loading`` to load into partitions."""
+    dtype = torch_dtype(precision)
+    if spec.architecture is not None:
+        return _from_architecture(spec.architecture, tokenizer, dtype)
+    source = spec.name_or_path or ""
+    _require_model_dir(source, role)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(Path(source).expanduser()) if _looks_local(source) else source,
+            dtype=dtype,
+            trust_remote_code=spec.trust_remote_code,
+            use_safetensors=True,
+        )
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"{role}.name_or_path: cannot load '{source}' ({_first_line(error)})"
+        ) from None
+
+
+def _require_model_dir(source: str, role: str) -> None:
+    if _looks_local(source) and not (Path(source).expanduser() / "config.json").is_file():
+        raise ModelLoadError(
+            f"{role}.name_or_path: '{source}' is not a model directory (no config.json); "
+            "give a saved Hugging Face model or a hub name"
+        )
+
+
+def _from_architecture(
+    architecture: dict[str, Any], tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype
+) -> torch.nn.Module:
+    kwargs = dict(architecture)
+    model_type = kwargs.pop("model_type")
+    kwargs.setdefault("vocab_size", len(tokenizer))
+    kwargs.setdefault("bos_token_id", tokenizer.bos_token_id)
+    kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+    kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    config = AutoConfig.for_model(model_type, **kwargs)
+    # from_config(dtype=...) mutates the config it is given; hand it a private copy.
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def model_config(spec: ModelSpec, role: str) -> PretrainedConfig:
+    """The model's config without loading weights (used to size DeepSpeed buffers)."""
+    if spec.architecture is not None:
+        kwargs = dict(spec.architecture)
+        return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    source = spec.name_or_path or ""
+    _require_model_dir(source, role)
+    try:
+        return AutoConfig.from_pretrained(
+            str(Path(source).expanduser()) if _looks_local(source) else source,
+            trust_remote_code=spec.trust_remote_code,
+        )
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"{role}.name_or_path: cannot load '{source}' ({_first_line(error)})"
+        ) from None
+
+
+def config_hidden_size(spec: ModelSpec, role: str) -> int:
+    return _hidden_size(model_config(spec, role))
+
+
+def hidden_size_of(model: torch.nn.Module) -> int:
+    return _hidden_size(model.config)
+
+
+def _hidden_size(config: PretrainedConfig) -> int:
+    for name in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ModelLoadError(f"cannot tell the hidden size of a {type(config).__name__}")
+
+
+def embedding_rows(model: torch.nn.Module) -> int:
+    embeddings = model.get_input_embeddings()
+    shape = getattr(embeddings.weight, "ds_shape", embeddings.weight.shape)
+    return int(shape[0])

@@ -1,0 +1,89 @@
+"""The ``run_*`` functions behind each CLI command (the CLI only parses options)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from cot2align_ds.config import ConfigError, RunConfig, config_to_dict, load_config
+from cot2align_ds.engine.ds_config import (
+    load_ds_config,
+    resolve_student_ds_config,
+    resolve_teacher_ds_config,
+)
+from cot2align_ds.errors import UserError
+from cot2align_ds.models.loading import config_hidden_size
+
+
+def resolved_configs(config: str, overrides: list[str], world_size: int) -> dict[str, Any]:
+    run = load_config(config, overrides)
+    resolved: dict[str, Any] = {"run": config_to_dict(run)}
+    train = run.train
+    raw, path = load_ds_config(run.deepspeed.student_config)
+    resolved["student_deepspeed_path"] = str(path)
+    resolved["student_deepspeed"] = resolve_student_ds_config(
+        raw,
+        path,
+        micro_batch_size=train.micro_batch_size,
+        grad_accum=train.grad_accum,
+        world_size=world_size,
+        precision=train.precision,
+        grad_clip=train.grad_clip,
+        hidden_size=_hidden_size_or_default(run, "student"),
+    )
+    if run.teacher is not None and run.distill.method != "sft":
+        raw, path = load_ds_config(run.deepspeed.teacher_config)
+        resolved["teacher_deepspeed_path"] = str(path)
+        resolved["teacher_deepspeed"] = resolve_teacher_ds_config(
+            raw,
+            path,
+            micro_batch_size=train.micro_batch_size,
+            world_size=world_size,
+            precision=train.precision,
+            hidden_size=_hidden_size_or_default(run, "teacher"),
+        )
+    return resolved
+
+
+def _hidden_size_or_default(run: RunConfig, role: str) -> int:
+    """Bucket sizes need the hidden size; a model not reachable yet gets a placeholder."""
+    try:
+        return config_hidden_size(getattr(run, role), role)
+    except UserError:
+        return 4096
+
+
+def run_train_command(config: str, overrides: list[str], *, overwrite: bool):
+    from cot2align_ds.train.loop import run_train
+
+    return run_train(load_config(config, overrides), overwrite=overwrite)
+
+
+def run_demo_command(output_dir: Path, *, quick: bool, seed: int) -> dict:
+    from cot2align_ds.demo import run_demo
+
+    if quick is False and output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"--output-dir '{output_dir}' is a file; give a directory")
+    results = run_demo(output_dir, quick=quick, seed=seed)
+    print_demo_table(results)
+    return results
+
+
+def print_demo_table(results: dict) -> None:
+    labels = {
+        "teacher": "teacher (Llama-style, byte-level BPE)",
+        "student_sft": "student trained alone (SFT)",
+        "student_uld": "student distilled (ULD, cross-tokenizer)",
+    }
+    table = Table(title="Exact match on held-out problems (standard prompts)")
+    table.add_column("model")
+    table.add_column("exact match (%)", justify="right")
+    for key, label in labels.items():
+        if key in results:
+            table.add_row(label, f"{results[key]['exact_match']:.1f}")
+    Console().print(table)
+    meta = results.get("_meta", {})
+    Console().print(f"wall time: {meta.get('wall_s', 0):.0f} s")

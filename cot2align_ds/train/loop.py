@@ -1,0 +1,349 @@
+"""The distillation run: build everything from a ``RunConfig``, train, save the student.
+
+Data flows one way: records -> examples -> collator in DataLoader workers (both tokenizers)
+-> teacher engine (no grad) + student engine -> objective -> DeepSpeed step -> logs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from cot2align_ds.config import ConfigError, RunConfig, config_to_dict
+from cot2align_ds.data.collator import DistillCollator
+from cot2align_ds.data.examples import Example, make_examples
+from cot2align_ds.data.records import read_records, write_text_atomic
+from cot2align_ds.engine import deepspeed_engines as dse
+from cot2align_ds.engine.ds_config import (
+    load_ds_config,
+    resolve_student_ds_config,
+    resolve_teacher_ds_config,
+)
+from cot2align_ds.models.loading import (
+    config_hidden_size,
+    hidden_size_of,
+    load_causal_lm,
+    load_tokenizer,
+)
+from cot2align_ds.models.student_module import StudentWithProjectors, param_groups
+from cot2align_ds.tracking import Tracker
+from cot2align_ds.train.objective import (
+    NORMALISER_KEYS,
+    ModelOutputs,
+    Objective,
+    batch_normalisers,
+)
+from cot2align_ds.train.schedule import cosine_with_floor
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    model_dir: Path
+    steps: int
+    final_metrics: dict[str, float]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_output_dir(config: RunConfig, overwrite: bool) -> Path:
+    output_dir = Path(config.output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"output_dir '{output_dir}' is not empty; pass --overwrite or choose another directory"
+        )
+    return output_dir
+
+
+class _ExampleDataset(torch.utils.data.Dataset):
+    def __init__(self, examples: list[Example]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Example:
+        return self.examples[index]
+
+
+def build_loader(
+    config: RunConfig, examples: list[Example], collator: DistillCollator, ctx: dse.DistContext
+) -> tuple[DataLoader, DistributedSampler]:
+    sampler = DistributedSampler(
+        _ExampleDataset(examples),
+        num_replicas=ctx.world_size,
+        rank=ctx.rank,
+        shuffle=True,
+        seed=config.train.seed,
+        drop_last=False,
+    )
+    workers = config.data.num_workers
+    loader = DataLoader(
+        sampler.dataset,
+        batch_size=config.train.micro_batch_size,
+        sampler=sampler,
+        collate_fn=collator,
+        num_workers=workers,
+        prefetch_factor=config.data.prefetch_factor if workers else None,
+        persistent_workers=workers > 0,
+        drop_last=True,
+    )
+    if len(loader) < config.train.grad_accum:
+        raise ConfigError(
+            f"data.train_file: {len(examples)} examples give {len(loader)} micro-batches per rank, "
+            f"fewer than train.grad_accum={config.train.grad_accum}; add data or shrink the batch"
+        )
+    return loader, sampler
+
+
+def _to_device(tree, device: torch.device):
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device, non_blocking=True)
+    if isinstance(tree, dict):
+        return {key: _to_device(value, device) for key, value in tree.items()}
+    return tree
+
+
+class Trainer:
+    """Owns the engines, the loader and the objective for one run."""
+
+    def __init__(self, config: RunConfig, output_dir: Path, ctx: dse.DistContext) -> None:
+        self.config = config
+        self.output_dir = output_dir
+        self.ctx = ctx
+        seed_everything(config.train.seed)
+        self.objective = Objective(config.distill)
+        self._load_models()
+        self._build_data()
+        self._build_engines()
+        self.tracker = Tracker(
+            output_dir,
+            is_main_process=self.ctx.is_main,
+            wandb_mode=config.tracking.wandb_mode,
+            project=config.tracking.project,
+            run_name=config.tracking.run_name or output_dir.name,
+            group=config.tracking.group,
+            tags=config.tracking.tags,
+            config=config_to_dict(config),
+        )
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _load_models(self) -> None:
+        cfg = self.config
+        precision = cfg.train.precision
+        self.student_tokenizer = load_tokenizer(cfg.student, "student")
+        self.teacher_tokenizer = None
+        self.teacher_model = None
+        if self.objective.needs_teacher:
+            assert cfg.teacher is not None
+            self.teacher_tokenizer = load_tokenizer(cfg.teacher, "teacher")
+            raw, path = load_ds_config(cfg.deepspeed.teacher_config)
+            probe = config_hidden_size(cfg.teacher, "teacher")
+            self.teacher_ds = resolve_teacher_ds_config(
+                raw,
+                path,
+                micro_batch_size=cfg.train.micro_batch_size,
+                world_size=self.ctx.world_size,
+                precision=precision,
+                hidden_size=probe,
+            )
+            with dse.zero3_loading(self.teacher_ds):
+                self.teacher_model = load_causal_lm(
+                    cfg.teacher, "teacher", self.teacher_tokenizer, precision
+                )
+        raw, path = load_ds_config(cfg.deepspeed.student_config)
+        student_hidden = config_hidden_size(cfg.student, "student")
+        self.student_ds = resolve_student_ds_config(
+            raw,
+            path,
+            micro_batch_size=cfg.train.micro_batch_size,
+            grad_accum=cfg.train.grad_accum,
+            world_size=self.ctx.world_size,
+            precision=precision,
+            grad_clip=cfg.train.grad_clip,
+            hidden_size=student_hidden,
+        )
+        with dse.zero3_loading(self.student_ds):
+            student = load_causal_lm(cfg.student, "student", self.student_tokenizer, precision)
+        teacher_hidden = hidden_size_of(self.teacher_model) if self.teacher_model else 0
+        projectors = self.objective.build_projectors(hidden_size_of(student), teacher_hidden)
+        self.student_module = StudentWithProjectors(student, projectors)
+
+    def _build_data(self) -> None:
+        cfg = self.config
+        if cfg.data.train_file is None:
+            raise ConfigError("data.train_file is not set; point it at a JSONL file of records")
+        records = read_records(cfg.data.train_file)
+        self.examples = make_examples(
+            records, template=cfg.data.template, cot_records=cfg.data.cot_records
+        )
+        collator = DistillCollator(
+            self.student_tokenizer,
+            self.teacher_tokenizer,
+            max_prompt_tokens=cfg.data.max_prompt_tokens,
+            max_total_tokens=cfg.data.max_total_tokens,
+        )
+        self.loader, self.sampler = build_loader(cfg, self.examples, collator, self.ctx)
+        steps_per_epoch = len(self.loader) // cfg.train.grad_accum
+        self.total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+        self.steps_per_epoch = steps_per_epoch
+
+    def _build_engines(self) -> None:
+        train = self.config.train
+        groups = param_groups(
+            self.student_module,
+            lr=train.lr,
+            projector_lr=train.projector_lr,
+            weight_decay=train.weight_decay,
+        )
+        lambdas = [
+            cosine_with_floor(g["lr"], train.min_lr, self.total_steps, train.warmup_steps)
+            for g in groups
+        ]
+        self.group_names = [g.pop("name") for g in groups]
+        self.student_engine = dse.build_student_engine(
+            self.student_module, self.student_ds, groups, lambdas
+        )
+        self.teacher_engine = None
+        if self.teacher_model is not None:
+            self.teacher_engine = dse.build_teacher_engine(self.teacher_model, self.teacher_ds)
+        self.device = dse.engine_device(self.student_engine)
+
+    # -- one optimizer step ---------------------------------------------------------------------
+    def _batches(self):
+        epoch = 0
+        while True:
+            self.sampler.set_epoch(epoch)
+            yield from self.loader
+            epoch += 1
+
+    def _forward_student(self, side: dict) -> ModelOutputs:
+        output = self.student_engine(
+            input_ids=side["input_ids"],
+            attention_mask=side["attention_mask"],
+            output_hidden_states=self.objective.needs_hidden_states,
+        )
+        return ModelOutputs(output.logits, getattr(output, "hidden_states", None))
+
+    @torch.no_grad()
+    def _forward_teacher(self, side: dict) -> ModelOutputs:
+        output = self.teacher_engine(
+            input_ids=side["input_ids"],
+            attention_mask=side["attention_mask"],
+            output_hidden_states=self.objective.needs_hidden_states,
+            use_cache=False,
+        )
+        return ModelOutputs(output.logits, getattr(output, "hidden_states", None))
+
+    def _window_counts(self, window: list[dict]) -> dict[str, float]:
+        counts = torch.stack([batch_normalisers(batch) for batch in window]).sum(0)
+        counts = dse.all_reduce_sum(counts.to(self.device))
+        # Each rank's backward is averaged over ranks and accumulation steps by DeepSpeed;
+        # scaling the normaliser down by that factor makes the gradient the global mean.
+        scale = self.ctx.world_size * self.config.train.grad_accum
+        return {k: float(v) / scale for k, v in zip(NORMALISER_KEYS, counts.tolist(), strict=True)}
+
+    def train_step(self, window: list[dict]) -> dict[str, torch.Tensor]:
+        counts = self._window_counts(window)
+        totals: dict[str, torch.Tensor] = {}
+        for batch in window:
+            batch = _to_device(batch, self.device)
+            teacher = self._forward_teacher(batch["teacher"]) if self.teacher_engine else None
+            student = self._forward_student(batch["student"])
+            loss, values = self.objective(batch, student, teacher, counts)
+            self.student_engine.backward(loss)
+            self.student_engine.step()
+            for name, value in values.items():
+                totals[name] = totals.get(name, 0.0) + value
+            totals["total"] = totals.get("total", 0.0) + loss.detach()
+        return totals
+
+    # -- the loop -------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        cfg = self.config.train
+        batches = self._batches()
+        tokens = 0
+        wait_s = step_s = 0.0
+        last: dict[str, float] = {}
+        self.student_engine.train()
+        with self.tracker.progress(self.total_steps) as bar:
+            for step in range(1, self.total_steps + 1):
+                started = time.perf_counter()
+                window = [next(batches) for _ in range(cfg.grad_accum)]
+                fetched = time.perf_counter()
+                values = self.train_step(window)
+                tokens += sum(int(b["student"]["attention_mask"].sum()) for b in window)
+                wait_s += fetched - started
+                step_s += time.perf_counter() - started
+                if step % cfg.log_every == 0 or step == self.total_steps:
+                    last = self._log(step, values, tokens, wait_s, step_s)
+                    tokens, wait_s, step_s = 0, 0.0, 0.0
+                bar.update(1, {k: last[k] for k in ("loss/total",) if k in last})
+        model_dir = self.save()
+        self.tracker.close()
+        return TrainResult(self.output_dir, model_dir, self.total_steps, last)
+
+    def _log(self, step, values, tokens, wait_s, step_s) -> dict[str, float]:
+        reduced = torch.stack([v.float() for v in values.values()])
+        # Sums of per-rank shares of the global mean: the all-reduce gives the global mean.
+        shares = self.config.train.grad_accum * self.ctx.world_size
+        reduced = dse.all_reduce_sum(reduced.to(self.device)) / shares
+        metrics = {f"loss/{k}": float(v) for k, v in zip(values, reduced.tolist(), strict=True)}
+        for name, lr in zip(self.group_names, self.student_engine.get_lr(), strict=True):
+            metrics[f"lr/{name}"] = float(lr)
+        grad_norm = dse.global_grad_norm(self.student_engine)
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm
+        metrics["tokens_per_s"] = tokens * self.ctx.world_size / max(step_s, 1e-9)
+        metrics["data_wait_share"] = wait_s / max(step_s, 1e-9)
+        metrics["epoch"] = step / max(self.steps_per_epoch, 1)
+        if not all(math.isfinite(v) for v in metrics.values()):
+            raise FloatingPointError(f"non-finite metric at step {step}: {metrics}")
+        self.tracker.log(metrics, step)
+        return metrics
+
+    def _write_ds_configs(self) -> None:
+        write_text_atomic(
+            self.output_dir / "ds_student.json", json.dumps(self.student_ds, indent=2)
+        )
+        if self.teacher_model is not None:
+            text = json.dumps(self.teacher_ds, indent=2)
+            write_text_atomic(self.output_dir / "ds_teacher.json", text)
+
+    def save(self) -> Path:
+        model_dir = self.output_dir / "student"
+        state = dse.gathered_state_dict(self.student_engine, prefix="student.")
+        projectors = dse.gathered_state_dict(self.student_engine, prefix="projectors.")
+        if self.ctx.is_main:
+            self._write_ds_configs()
+            model_dir.mkdir(parents=True, exist_ok=True)
+            student = self.student_module.student
+            student.save_pretrained(model_dir, state_dict=state, safe_serialization=True)
+            self.student_tokenizer.save_pretrained(model_dir)
+            if projectors:
+                dse.save_safetensors(projectors, self.output_dir / "projectors.safetensors")
+        dse.barrier()
+        return model_dir
+
+
+def run_train(config: RunConfig, *, overwrite: bool = False) -> TrainResult:
+    ctx = dse.init_distributed(config.deepspeed.dist_timeout_s)
+    output_dir = check_output_dir(config, overwrite)
+    dse.barrier()  # every rank has checked before rank 0 writes anything
+    if ctx.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(output_dir / "config.json", json.dumps(config_to_dict(config), indent=2))
+    trainer = Trainer(config, output_dir, ctx)
+    return trainer.train()

@@ -1,0 +1,118 @@
+"""Session fixtures: offline environment, rendezvous for an in-process world of one, and a tiny
+workspace (synthetic data, two genuinely different trained tokenizers, a saved tiny teacher)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# A world of one for in-process DeepSpeed; subprocess tests set their own launcher variables.
+for _key, _value in {
+    "RANK": "0",
+    "WORLD_SIZE": "1",
+    "LOCAL_RANK": "0",
+    "LOCAL_SIZE": "1",
+    "MASTER_ADDR": "127.0.0.1",
+}.items():
+    os.environ.setdefault(_key, _value)
+os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+TEACHER_ARCH = {
+    "model_type": "llama",
+    "hidden_size": 48,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+}
+STUDENT_ARCH = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 256}
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> dict[str, Path]:
+    """Data, tokenizers and a saved random teacher, built once per session (about a second)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cot2align_ds.data.records import write_records
+    from cot2align_ds.data.synthetic import ArithmeticTaskSpec, make_split
+    from cot2align_ds.demo import tokenizer_corpus
+    from cot2align_ds.models.toy_tokenizers import train_byte_bpe, train_unigram
+
+    root = tmp_path_factory.mktemp("workspace")
+    records = make_split(64, ArithmeticTaskSpec(num_steps=2), seed=0, prefix="train")
+    write_records(root / "train.jsonl", records)
+    corpus = tokenizer_corpus(records, "compact")
+    teacher_tok, student_tok = train_byte_bpe(corpus, 400), train_unigram(corpus, 300)
+    teacher_tok.save_pretrained(root / "teacher_tok")
+    student_tok.save_pretrained(root / "student_tok")
+    torch.manual_seed(0)
+    arch = dict(TEACHER_ARCH)
+    config = AutoConfig.for_model(
+        arch.pop("model_type"),
+        vocab_size=len(teacher_tok),
+        eos_token_id=teacher_tok.eos_token_id,
+        bos_token_id=teacher_tok.bos_token_id,
+        pad_token_id=teacher_tok.pad_token_id,
+        **arch,
+    )
+    teacher = AutoModelForCausalLM.from_config(config)
+    teacher.save_pretrained(root / "teacher", safe_serialization=True)
+    teacher_tok.save_pretrained(root / "teacher")
+    return {
+        "root": root,
+        "train": root / "train.jsonl",
+        "teacher": root / "teacher",
+        "teacher_tok": root / "teacher_tok",
+        "student_tok": root / "student_tok",
+    }
+
+
+def tiny_run_config(workspace: dict[str, Path], output_dir: Path, **sections) -> dict:
+    """A complete run config dict for the tiny workspace; ``sections`` update it shallowly."""
+    config = {
+        "output_dir": str(output_dir),
+        "student": {"architecture": STUDENT_ARCH, "tokenizer": str(workspace["student_tok"])},
+        "teacher": {"name_or_path": str(workspace["teacher"])},
+        "data": {
+            "train_file": str(workspace["train"]),
+            "template": "compact",
+            "max_prompt_tokens": 96,
+            "max_total_tokens": 160,
+            "num_workers": 0,
+        },
+        "distill": {"method": "uld", "kd_rate": 0.5, "temperature": 1.0},
+        "train": {
+            "max_steps": 4,
+            "micro_batch_size": 4,
+            "grad_accum": 1,
+            "lr": 3e-3,
+            "precision": "fp32",
+            "log_every": 1,
+        },
+        "deepspeed": {"dist_timeout_s": 120},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(config.get(section), dict):
+            config[section] = {**config[section], **values}
+        else:
+            config[section] = values
+    return config

@@ -1,0 +1,114 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from cot2align_ds.config import ConfigError
+from cot2align_ds.engine.ds_config import (
+    load_ds_config,
+    resolve_student_ds_config,
+    resolve_teacher_ds_config,
+)
+
+DS_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+STUDENT_CONFIGS = sorted(p.name for p in DS_DIR.glob("student_*.json"))
+TEACHER_CONFIGS = sorted(p.name for p in DS_DIR.glob("teacher_*.json"))
+
+
+def _student(raw, path, **overrides):
+    kwargs = dict(
+        micro_batch_size=4,
+        grad_accum=2,
+        world_size=2,
+        precision="bf16",
+        grad_clip=1.0,
+        hidden_size=64,
+    )
+    kwargs.update(overrides)
+    return resolve_student_ds_config(raw, path, **kwargs)
+
+
+def _no_auto_left(tree) -> bool:
+    if isinstance(tree, dict):
+        return all(_no_auto_left(value) for value in tree.values())
+    return tree != "auto"
+
+
+@pytest.mark.parametrize("name", STUDENT_CONFIGS)
+@pytest.mark.parametrize("world_size", [1, 2, 8])
+@pytest.mark.parametrize("grad_accum", [1, 4])
+def test_student_configs_resolve(name, world_size, grad_accum):
+    raw, path = load_ds_config(name)
+    ds = _student(raw, path, world_size=world_size, grad_accum=grad_accum)
+    assert ds["train_batch_size"] == 4 * grad_accum * world_size
+    assert ds["gradient_accumulation_steps"] == grad_accum
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert _no_auto_left(ds)
+
+
+@pytest.mark.parametrize("name", TEACHER_CONFIGS)
+@pytest.mark.parametrize("world_size", [1, 2, 8])
+def test_teacher_configs_resolve(name, world_size):
+    raw, path = load_ds_config(name)
+    ds = resolve_teacher_ds_config(
+        raw, path, micro_batch_size=4, world_size=world_size, precision="fp32", hidden_size=64
+    )
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["train_batch_size"] == 4 * world_size
+    assert "optimizer" not in ds
+    assert _no_auto_left(ds)
+
+
+def test_default_teacher_offloads_params_to_cpu():
+    raw, _ = load_ds_config("teacher_zero3_offload_cpu.json")
+    assert raw["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+
+def test_conflicting_micro_batch_is_an_error(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {}}))
+    raw, path = load_ds_config(str(path))
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu.*conflicts with train"):
+        _student(raw, path)
+
+
+def test_equal_explicit_value_is_accepted(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"gradient_clipping": 1.0, "zero_optimization": {"stage": 2}}))
+    raw, path = load_ds_config(str(path))
+    assert _student(raw, path)["gradient_clipping"] == 1.0
+
+
+def test_precision_conflict_is_an_error(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}))
+    raw, path = load_ds_config(str(path))
+    with pytest.raises(ConfigError, match="train.precision"):
+        _student(raw, path, precision="fp32")
+
+
+def test_optimizer_in_json_is_refused(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"optimizer": {"type": "AdamW"}}))
+    raw, path = load_ds_config(str(path))
+    with pytest.raises(ConfigError, match="remove 'optimizer'"):
+        _student(raw, path)
+
+
+def test_teacher_must_be_zero3(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    raw, path = load_ds_config(str(path))
+    with pytest.raises(ConfigError, match="stage 3"):
+        resolve_teacher_ds_config(
+            raw, path, micro_batch_size=1, world_size=1, precision="fp32", hidden_size=8
+        )
+
+
+def test_missing_and_invalid_json(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_ds_config("nope.json")
+    path = tmp_path / "bad.json"
+    path.write_text("{")
+    with pytest.raises(ConfigError, match="invalid JSON"):
+        load_ds_config(str(path))
