@@ -6,9 +6,10 @@ a non-zero exit code and no traceback.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -34,9 +35,32 @@ SetOption = Annotated[
 ]
 
 
-def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+@app.callback()
+def _root(
+    local_rank: Annotated[
+        int | None,
+        typer.Option("--local_rank", "--local-rank", hidden=True, help="Set by launchers."),
+    ] = None,
+) -> None:
+    """Cross-tokenizer distillation with CoT2Align on DeepSpeed ZeRO-3."""
+    # The deepspeed launcher passes --local_rank; the environment carries the same value.
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+
+
+def user_errors(command: Callable[..., None]) -> Callable[..., None]:
+    """Print a user error as one line on stderr and exit 2, instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as error:
+            lines = str(error).strip().splitlines() or [type(error).__name__]
+            typer.echo(f"error: {lines[0]}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
 
 
 def _offline_defaults() -> None:
@@ -45,6 +69,7 @@ def _offline_defaults() -> None:
 
 
 @app.command("show-config")
+@user_errors
 def show_config(
     config: ConfigOption = "demo",
     set_: SetOption = None,
@@ -63,6 +88,7 @@ def show_config(
 
 
 @app.command()
+@user_errors
 def train(
     config: ConfigOption,
     set_: SetOption = None,
@@ -76,6 +102,7 @@ def train(
 
 
 @app.command()
+@user_errors
 def demo(
     output_dir: Annotated[Path, typer.Option(help="Where everything is written.")] = Path(
         "runs/demo"
@@ -91,11 +118,7 @@ def demo(
 
 def main() -> None:
     _offline_defaults()
-    try:
-        app()
-    except UserError as error:
-        typer.echo(f"error: {str(error).splitlines()[0]}", err=True)
-        sys.exit(2)
+    app()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,61 @@
+# cot2align-ds: `make demo` and `make test` install what they need, then run.
+# An active virtualenv or conda env is used as is; otherwise a local .venv is created.
+# Without a CUDA GPU, torch==2.13.0 (CPU build) is installed before the project so the
+# project's `torch>=2.4` requirement is already met and no CUDA wheels are downloaded.
+
+PYTHON ?= python3
+ifdef VIRTUAL_ENV
+  ENV_DIR := $(VIRTUAL_ENV)
+else ifdef CONDA_PREFIX
+  ENV_DIR := $(CONDA_PREFIX)
+else
+  ENV_DIR := $(CURDIR)/.venv
+endif
+PY := $(ENV_DIR)/bin/python
+STAMP := $(ENV_DIR)/.cot2align-ds-installed
+CPU_TORCH ?= torch==2.13.0
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+	TOKENIZERS_PARALLELISM=false WANDB_MODE=$${WANDB_MODE:-disabled}
+PYTEST_ARGS ?=
+DEMO_ARGS ?=
+
+.PHONY: install demo demo-quick test test-fast lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(ENV_DIR)
+	@$(PY) -m pip install -q --upgrade pip
+	@if ! $(PY) -c "import torch" >/dev/null 2>&1; then \
+	  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	    echo "installing torch (CUDA)"; $(PY) -m pip install -q torch; \
+	  else \
+	    echo "no CUDA GPU: installing $(CPU_TORCH)"; $(PY) -m pip install -q "$(CPU_TORCH)"; \
+	  fi; \
+	fi
+	@$(PY) -m pip install -q -e ".[dev]"
+	@touch $@
+
+demo: install
+	$(OFFLINE) $(PY) -m cot2align_ds.cli demo --output-dir runs/demo $(DEMO_ARGS)
+
+demo-quick: install
+	$(OFFLINE) $(PY) -m cot2align_ds.cli demo --output-dir runs/demo-quick --quick $(DEMO_ARGS)
+
+test: install
+	$(OFFLINE) $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(OFFLINE) $(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+lint: install
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+format: install
+	$(PY) -m ruff check --fix . && $(PY) -m ruff format .
+
+bench: install
+	$(OFFLINE) $(PY) -m bench.run $(BENCH_ARGS)
+
+clean:
+	rm -rf runs/demo runs/demo-quick .pytest_cache .ruff_cache

@@ -1,0 +1,104 @@
+"""Two CPU ranks (gloo) through real launchers: torchrun and the deepspeed launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import STUDENT_ARCH, tiny_run_config
+
+pytestmark = pytest.mark.distributed
+HERE = Path(__file__).resolve().parent
+NO_DROPOUT = {**STUDENT_ARCH, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parents[1]), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _torchrun(args: list[str], nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={_port()}",
+        *args,
+    ]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss/total"] for row in rows if "loss/total" in row]
+
+
+def _write_config(workspace, run_dir: Path, **train) -> Path:
+    config = tiny_run_config(
+        workspace,
+        run_dir,
+        student={"architecture": NO_DROPOUT, "tokenizer": str(workspace["student_tok"])},
+        train={"max_steps": 4, "micro_batch_size": 4, "lr": 5e-3, **train},
+    )
+    path = run_dir.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_teacher_engine_at_world_size_2_equals_unsharded(workspace, tmp_path):
+    out = tmp_path / "teacher_check.json"
+    _torchrun([str(HERE / "teacher_check.py"), str(workspace["teacher"]), str(out)])
+    for rank in range(2):
+        result = json.loads(Path(f"{out}.rank{rank}").read_text())
+        assert result["world_size"] == 2 and result["partitioned"]
+        assert result["max_logit_error"] < 1e-4 and result["max_hidden_error"] < 1e-4
+
+
+def test_world_size_2_equals_world_size_1_with_accumulation_2(workspace, tmp_path):
+    two_ranks = _write_config(workspace, tmp_path / "ws2", grad_accum=1)
+    _torchrun(["-m", "cot2align_ds.cli", "train", "--config", str(two_ranks)])
+    one_rank = _write_config(workspace, tmp_path / "ws1", grad_accum=2)
+    _torchrun(["-m", "cot2align_ds.cli", "train", "--config", str(one_rank)], nproc=1)
+    ws2, ws1 = _losses(tmp_path / "ws2"), _losses(tmp_path / "ws1")
+    assert len(ws2) == len(ws1) == 4
+    torch.testing.assert_close(torch.tensor(ws2), torch.tensor(ws1), rtol=2e-4, atol=2e-5)
+    assert ws2[-1] < ws2[0]
+
+
+@pytest.mark.skipif(shutil.which("deepspeed") is None, reason="deepspeed launcher not on PATH")
+def test_deepspeed_launcher_runs_two_ranks(workspace, tmp_path):
+    config = _write_config(workspace, tmp_path / "ds_launch", max_steps=2)
+    command = [
+        shutil.which("deepspeed"),
+        "--num_gpus",
+        "2",
+        f"--master_port={_port()}",
+        "--module",
+        "cot2align_ds.cli",
+        "train",
+        "--config",
+        str(config),
+    ]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(_losses(tmp_path / "ds_launch")) == 2
+    assert (tmp_path / "ds_launch" / "student" / "model.safetensors").is_file()
