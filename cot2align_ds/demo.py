@@ -45,7 +45,7 @@ class DemoSize:
     max_steps: int | None
 
 
-FULL = DemoSize(num_train=3000, num_test=200, teacher_epochs=6, student_epochs=4, max_steps=None)
+FULL = DemoSize(num_train=2000, num_test=200, teacher_epochs=3, student_epochs=3, max_steps=None)
 QUICK = DemoSize(num_train=240, num_test=24, teacher_epochs=1, student_epochs=1, max_steps=6)
 TASK = ArithmeticTaskSpec(num_steps=2, max_start=9, max_operand=5)
 
@@ -88,7 +88,11 @@ def stage_config(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
 
 
 def run_demo(output_dir: Path, *, quick: bool = False, seed: int = 42) -> dict[str, dict]:
-    from cot2align_ds.eval.evaluate import evaluate_records, load_model_for_eval
+    from cot2align_ds.eval.evaluate import (
+        evaluate_records,
+        load_model_for_eval,
+        write_predictions,
+    )
 
     size = QUICK if quick else FULL
     started = time.perf_counter()
@@ -153,7 +157,8 @@ def run_demo(output_dir: Path, *, quick: bool = False, seed: int = 42) -> dict[s
             max_new_tokens=8,
             max_prompt_tokens=base["data"]["max_prompt_tokens"],
         )
-        results[name] = {"exact_match": result.summary()["exact_match"]}
+        write_predictions(output_dir / name / "test_predictions.jsonl", result)
+        results[name] = {"exact_match": result.summary()["exact_match"]["mean"]}
     results["_meta"] = {"wall_s": time.perf_counter() - started, "quick": quick}
     write_text_atomic(output_dir / "demo_results.json", json.dumps(results, indent=2))
     return results

@@ -3,7 +3,8 @@
 Legend: B batch, S student positions, T teacher positions.
 
 Each text is tokenized separately by each tokenizer: prompt (special tokens as the tokenizer
-adds them, at most ``max_prompt_tokens``, keeping its head as the reference code does) then
+adds them, at most ``max_prompt_tokens``, cut from the left so the "Response:" marker next to
+the answer survives, leading special tokens kept; evaluation cuts prompts the same way) then
 answer + EOS (truncated so the total stays within ``max_total_tokens``). Labels are already
 shifted: ``labels[t]`` is the target of the logits at position ``t`` and -100 where that target
 is not an answer token, so "response positions" are simply ``labels != -100`` on every side.
@@ -28,10 +29,25 @@ class TokenizedPair:
     labels: list[int]
 
 
+def truncate_prompt(ids: list[int], max_tokens: int, special_ids: set[int]) -> list[int]:
+    """Keep the last ``max_tokens`` ids, but keep leading special tokens (BOS) in front."""
+    if len(ids) <= max_tokens:
+        return ids
+    num_prefix = 0
+    while num_prefix < max_tokens - 1 and ids[num_prefix] in special_ids:
+        num_prefix += 1
+    keep = max_tokens - num_prefix
+    return ids[:num_prefix] + ids[len(ids) - keep :]
+
+
 def tokenize_pair(
     tokenizer, prompt: str, answer: str, *, max_prompt_tokens: int, max_total_tokens: int
 ) -> TokenizedPair:
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"][:max_prompt_tokens]
+    prompt_ids = truncate_prompt(
+        tokenizer(prompt, add_special_tokens=True)["input_ids"],
+        max_prompt_tokens,
+        set(tokenizer.all_special_ids),
+    )
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     answer_ids = (answer_ids + [tokenizer.eos_token_id])[: max_total_tokens - len(prompt_ids)]
     input_ids = prompt_ids + answer_ids

@@ -1,0 +1,352 @@
+"""Evaluation runs: generate on standard prompts, score, aggregate over seeds, write files.
+
+The paper's protocol (METHOD.md section 5): standard prompts only, sampling with temperature 1,
+top_p 1, no top-k, no-repeat n-gram 6, ROUGE-L F x 100, mean and sample std over seeds
+10..50. Greedy decoding is deterministic, so it runs once whatever the seeds.
+
+Model loading goes through a small list of loaders (``CheckpointLoader``): each says whether
+it recognises a path and loads it. Only the Hugging Face directory loader exists today; LoRA
+adapters and DeepSpeed checkpoints register their own loader with ``register_loader``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from cot2align_ds.data.records import Record, write_jsonl_atomic, write_text_atomic
+from cot2align_ds.data.templates import standard_prompt
+from cot2align_ds.errors import UserError
+from cot2align_ds.eval.generation import DecodingConfig, generate
+from cot2align_ds.eval.metrics import (
+    EvalInputError,
+    SeedStats,
+    aggregate_seeds,
+    extract_answer,
+    get_metric,
+)
+
+PREDICTIONS_FILENAME = "predictions.jsonl"
+EVAL_RESULTS_FILENAME = "eval_results.json"
+PAPER_SEEDS = (10, 20, 30, 40, 50)
+
+
+class ModelLoadError(UserError):
+    """A path cannot be loaded as a model for evaluation."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One generation for one record under one seed (``seed`` is None for greedy)."""
+
+    id: str
+    seed: int | None
+    prompt: str
+    prediction: str
+    references: list[str]
+    extracted_answer: str
+    scores: dict[str, float]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Per-metric statistics over seeds, the seeds that ran, and every prediction."""
+
+    scores: dict[str, SeedStats]
+    seeds: list[int | None]
+    predictions: list[Prediction]
+
+    def summary(self) -> dict[str, dict]:
+        """The ``eval_results.json`` shape: ``{metric: {"mean", "std", "per_seed"}}``."""
+        return {name: stats.to_dict() for name, stats in self.scores.items()}
+
+
+def _references_for(
+    records: Sequence[Record], references: Sequence[Sequence[str]] | None
+) -> list[list[str]]:
+    """Gold answers per record (its ``output`` unless given); fail before any generation."""
+    if not records:
+        raise EvalInputError("no records to evaluate")
+    if references is not None and len(references) != len(records):
+        raise EvalInputError(f"{len(references)} reference lists for {len(records)} records")
+    gold = []
+    for index, record in enumerate(records):
+        if references is None and not record.output.strip():
+            raise EvalInputError(
+                f"record '{record.id}' has an empty 'output'; every evaluated record needs a "
+                "gold answer"
+            )
+        refs = [record.output] if references is None else list(references[index])
+        if not refs or not any(ref.strip() for ref in refs):
+            raise EvalInputError(f"record '{record.id}': empty references")
+        gold.append(refs)
+    return gold
+
+
+def _seeds_to_run(seeds: Sequence[int], greedy: bool) -> list[int | None]:
+    if greedy:
+        return [None]
+    if not seeds:
+        raise EvalInputError("sampling evaluation needs at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise EvalInputError(f"duplicate seeds {list(seeds)}: they would repeat the same run")
+    return list(seeds)
+
+
+def _score(prediction: str, references: list[str], metric_names: Sequence[str]) -> dict[str, float]:
+    return {name: get_metric(name)(prediction, references) for name in metric_names}
+
+
+def evaluate_records(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[Record],
+    *,
+    template: str = "alpaca",
+    seeds: Sequence[int] = PAPER_SEEDS,
+    greedy: bool = False,
+    metrics: Sequence[str] = ("rouge_l", "exact_match"),
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    max_prompt_tokens: int | None = 256,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    no_repeat_ngram_size: int = 6,
+    references: Sequence[Sequence[str]] | None = None,
+    show_progress: bool = False,
+) -> EvalResult:
+    """Generate for every record's standard prompt under each seed and score the outputs.
+
+    ``references`` overrides the gold answers (one list per record; default ``[record.output]``).
+    Each seed's metric value is the mean over records; ``scores`` aggregates them over seeds.
+    """
+    for name in metrics:
+        get_metric(name)  # unknown metric names fail before the (slow) generation
+    gold = _references_for(records, references)
+    run_seeds = _seeds_to_run(seeds, greedy)
+    decoding = DecodingConfig(
+        max_new_tokens=max_new_tokens,
+        greedy=greedy,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        max_prompt_tokens=max_prompt_tokens,
+    )
+    prompts = [standard_prompt(record, template) for record in records]
+    predictions: list[Prediction] = []
+    for seed in run_seeds:
+        texts = generate(
+            model,
+            tokenizer,
+            prompts,
+            decoding,
+            seed=0 if seed is None else seed,
+            batch_size=batch_size,
+            show_progress=show_progress,
+        )
+        for record, prompt, text, refs in zip(records, prompts, texts, gold, strict=True):
+            scores = _score(text, refs, metrics)
+            predictions.append(
+                Prediction(record.id, seed, prompt, text, refs, extract_answer(text), scores)
+            )
+    return EvalResult(_aggregate(predictions, metrics), run_seeds, predictions)
+
+
+def _aggregate(predictions: Sequence[Prediction], metrics: Sequence[str]) -> dict[str, SeedStats]:
+    """Per metric: mean over records within each seed, then mean/std over seeds."""
+    by_seed: dict[int | None, list[Prediction]] = defaultdict(list)
+    for prediction in predictions:
+        by_seed[prediction.seed].append(prediction)
+    scores = {}
+    for name in metrics:
+        per_seed = [sum(p.scores[name] for p in group) / len(group) for group in by_seed.values()]
+        scores[name] = aggregate_seeds(per_seed)
+    return scores
+
+
+def write_predictions(path: str | Path, result: EvalResult) -> None:
+    """One JSON line per (record, seed): id, seed, prompt, prediction, references, answer."""
+    write_jsonl_atomic(path, (asdict(prediction) for prediction in result.predictions))
+
+
+def write_eval_results(path: str | Path, result: EvalResult) -> None:
+    """``{metric: {"mean", "std", "per_seed"}}`` as JSON, written atomically (read by report)."""
+    write_text_atomic(path, json.dumps(result.summary(), indent=2) + "\n")
+
+
+def score_predictions_file(
+    path: str | Path, metrics: Sequence[str] = ("rouge_l", "exact_match")
+) -> dict[str, SeedStats]:
+    """Re-score a predictions JSONL (as written by ``write_predictions``) without a model."""
+    path = Path(path)
+    predictions = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if line.strip():
+                row = _parse_row(line, f"{path}:{line_number}")
+                scores = _score(row["prediction"], row["references"], metrics)
+                predictions.append(_row_to_prediction(row, scores))
+    if not predictions:
+        raise EvalInputError(f"{path}: no predictions")
+    return _aggregate(predictions, metrics)
+
+
+def _parse_row(line: str, where: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise EvalInputError(f"{where}: malformed JSON ({error.msg})") from None
+    if not isinstance(row, dict):
+        raise EvalInputError(f"{where}: expected a JSON object per line")
+    for name in ("id", "prediction", "references"):
+        if name not in row:
+            raise EvalInputError(f"{where}: missing field '{name}'")
+    if not row["references"]:
+        raise EvalInputError(f"{where}: empty references")
+    return row
+
+
+def _row_to_prediction(row: dict, scores: dict[str, float]) -> Prediction:
+    return Prediction(
+        id=row["id"],
+        seed=row.get("seed"),
+        prompt=row.get("prompt", ""),
+        prediction=row["prediction"],
+        references=row["references"],
+        extracted_answer=row.get("extracted_answer", ""),
+        scores=scores,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Model loading
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    device: str | torch.device = "cpu"
+    dtype: str | torch.dtype | None = None
+    trust_remote_code: bool = False
+    tokenizer_path: Path | None = None
+
+
+LoadedModel = tuple[PreTrainedModel, PreTrainedTokenizerBase]
+
+
+@dataclass(frozen=True)
+class CheckpointLoader:
+    """Recognises one kind of saved model (``matches``) and loads it for evaluation."""
+
+    name: str
+    matches: Callable[[Path], bool]
+    load: Callable[[Path, LoadOptions], LoadedModel]
+
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+)
+
+
+def _is_hf_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _load_hf_model(path: Path, options: LoadOptions) -> LoadedModel:
+    extra = {} if options.dtype is None else {"dtype": options.dtype}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, trust_remote_code=options.trust_remote_code, local_files_only=True, **extra
+        )
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelLoadError(f"{path}: cannot load the model ({_first_line(error)})") from None
+    tokenizer_path = options.tokenizer_path or path
+    # AutoTokenizer builds an empty default tokenizer for a directory without tokenizer files
+    # instead of failing, so their presence is checked first.
+    if not any((tokenizer_path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{tokenizer_path}: no tokenizer files; save the tokenizer next to the model or pass "
+            "tokenizer_path"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_path, trust_remote_code=options.trust_remote_code, local_files_only=True
+        )
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ModelLoadError(
+            f"{tokenizer_path}: cannot load a tokenizer ({_first_line(error)}); "
+            "save one next to the model or pass tokenizer_path"
+        ) from None
+    _check_vocab(model, tokenizer, tokenizer_path)
+    return model.to(options.device).eval(), tokenizer
+
+
+def _check_vocab(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tokenizer_path: Path
+) -> None:
+    # Ids beyond the embedding table would fail deep inside generation; say so up front.
+    num_embeddings = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > num_embeddings:
+        raise ModelLoadError(
+            f"{tokenizer_path}: tokenizer has {len(tokenizer)} tokens but the model embeds only "
+            f"{num_embeddings}; pass the tokenizer the model was trained with"
+        )
+
+
+_LOADERS: list[CheckpointLoader] = [
+    CheckpointLoader("Hugging Face model directory", _is_hf_model_dir, _load_hf_model)
+]
+
+
+def register_loader(loader: CheckpointLoader) -> None:
+    """Add a loader tried before the existing ones (more specific formats go first)."""
+    _LOADERS.insert(0, loader)
+
+
+def load_model_for_eval(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    tokenizer_path: str | Path | None = None,
+) -> LoadedModel:
+    """Load a saved model and its tokenizer in eval mode on ``device``."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path} does not exist; pass a saved model directory")
+    options = LoadOptions(
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        tokenizer_path=None if tokenizer_path is None else Path(tokenizer_path),
+    )
+    for loader in _LOADERS:
+        if loader.matches(path):
+            return loader.load(path, options)
+    raise ModelLoadError(
+        f"{path} is not a model directory (no config.json); pass a saved Hugging Face model "
+        "or a DeepSpeed checkpoint"
+    )

@@ -1,0 +1,182 @@
+"""Evaluation metrics: ROUGE-L, answer extraction, exact match, aggregation over seeds.
+
+ROUGE-L is the paper's metric (F-measure with the Porter stemmer, x100, max over references),
+computed with the ``rouge_score`` package the DSKD/MiniLLM evaluation uses, so numbers are
+comparable with theirs. Exact match is for reasoning tasks (e.g. the synthetic arithmetic
+benchmark): the answer is pulled out of a free-form (possibly chain-of-thought) generation and
+compared numerically when both sides are numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from functools import lru_cache
+
+from rouge_score import rouge_scorer
+
+from cot2align_ds.errors import UserError
+
+
+class EvalInputError(UserError):
+    """Evaluation input is unusable (no references, no gold answer, missing field)."""
+
+
+# The core of COT_ANSWER_JOINER ("\nTherefore, the answer is: "), matched case-insensitively with
+# an optional colon, so "The answer is 42" from a model that drifted from the exact joiner counts.
+_ANSWER_PHRASE = re.compile(r"the answer is\s*:?", re.IGNORECASE)
+# A number: optional sign (only when not glued to a preceding word/digit, so "3-5" is 3 and 5),
+# optional "$", then either comma-grouped thousands ("1,234,567") or plain digits, optional
+# decimals. The thousands branch must end at a non-digit so "1,2345" is not read as "1,234".
+_NUMBER = re.compile(
+    r"(?:(?<![\w.])-)?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?"
+    r"|(?:(?<![\w.])-)?\$?\.\d+"
+)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION_TABLE = str.maketrans("", "", string.punctuation)
+
+
+@lru_cache(maxsize=1)
+def _rouge_scorer() -> rouge_scorer.RougeScorer:
+    # Building the scorer loads the stemmer; one shared instance is enough (it is stateless).
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def _check_references(references: Sequence[str]) -> None:
+    if isinstance(references, str):
+        raise EvalInputError("references must be a list of strings, not one string")
+    if not references:
+        raise EvalInputError("empty references: every example needs at least one gold answer")
+
+
+def rouge_l(prediction: str, references: Sequence[str]) -> float:
+    """ROUGE-L F (stemmed) x 100 of ``prediction``, the max over ``references``."""
+    _check_references(references)
+    score = _rouge_scorer().score_multi(list(references), prediction)["rougeL"]
+    return 100.0 * score.fmeasure
+
+
+def parse_number(text: str) -> Decimal | None:
+    """The numeric value of ``text`` if the whole (stripped) string is one number, else None.
+
+    Tolerates "$", thousands commas, a trailing "%" or period: "$1,234.50." -> 1234.50.
+    """
+    cleaned = text.strip().rstrip(".").rstrip("%").strip()
+    match = _NUMBER.fullmatch(cleaned)
+    if match is None:
+        return None
+    try:
+        value = Decimal(re.sub(r"[\s$,]", "", match.group()))
+    except InvalidOperation:
+        return None
+    return value if value.is_finite() else None
+
+
+def canonical_number(value: Decimal) -> str:
+    """One spelling per value: "3.50" -> "3.5", "4.0" -> "4", "-0" -> "0"."""
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
+
+
+def _find_number(text: str, *, last: bool) -> str | None:
+    """The first (or last) number in ``text``, canonical, or None."""
+    matches = _NUMBER.findall(text)
+    if not matches:
+        return None
+    value = parse_number(matches[-1] if last else matches[0])
+    return None if value is None else canonical_number(value)
+
+
+def extract_answer(text: str) -> str:
+    """The final answer in a generation.
+
+    After the last "the answer is:" phrase: the first number there ("42 apples." -> "42"), else
+    that text up to the end of its line without trailing period ("yes." -> "yes"). Without the
+    phrase: the last number in the text, else the whole stripped text. Numbers come back in
+    canonical form ("1,234" -> "1234", "3.50" -> "3.5", "$12" -> "12").
+    """
+    matches = list(_ANSWER_PHRASE.finditer(text))
+    if matches:
+        tail = text[matches[-1].end() :].strip()
+        number = _find_number(tail, last=False)
+        if number is not None:
+            return number
+        return tail.split("\n", 1)[0].strip().rstrip(".").strip()
+    number = _find_number(text, last=True)
+    return number if number is not None else text.strip()
+
+
+def normalize_answer(text: str) -> str:
+    """Canonical number if ``text`` is one; else lowercased, no punctuation/articles/extra spaces."""
+    value = parse_number(text)
+    if value is not None:
+        return canonical_number(value)
+    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION_TABLE))
+    return " ".join(text.split())
+
+
+def _answers_match(predicted: str, reference: str) -> bool:
+    predicted_value, reference_value = parse_number(predicted), parse_number(reference)
+    if predicted_value is not None and reference_value is not None:
+        return predicted_value == reference_value  # Decimal: 3.50 == 3.5
+    return normalize_answer(predicted) == normalize_answer(reference)
+
+
+def exact_match(prediction: str, references: Sequence[str]) -> float:
+    """100 if the answer extracted from ``prediction`` matches any reference, else 0."""
+    _check_references(references)
+    predicted = extract_answer(prediction)
+    return 100.0 if any(_answers_match(predicted, ref) for ref in references) else 0.0
+
+
+MetricFn = Callable[[str, Sequence[str]], float]
+METRICS: dict[str, MetricFn] = {"rouge_l": rouge_l, "exact_match": exact_match}
+
+
+def get_metric(name: str) -> MetricFn:
+    if name not in METRICS:
+        raise EvalInputError(f"unknown metric '{name}'; choose from {sorted(METRICS)}")
+    return METRICS[name]
+
+
+def corpus_score(
+    metric: str, predictions: Sequence[str], references: Sequence[Sequence[str]]
+) -> float:
+    """Mean of the per-example metric over a corpus (the paper averages per-example ROUGE-L)."""
+    if len(predictions) != len(references):
+        raise EvalInputError(
+            f"{len(predictions)} predictions but {len(references)} reference lists"
+        )
+    if not predictions:
+        raise EvalInputError("no predictions to score")
+    metric_fn = get_metric(metric)
+    return statistics.fmean(metric_fn(p, r) for p, r in zip(predictions, references, strict=True))
+
+
+@dataclass(frozen=True)
+class SeedStats:
+    """A metric over several seeds: mean, sample standard deviation and the per-seed values."""
+
+    mean: float
+    std: float
+    per_seed: list[float]
+
+    def to_dict(self) -> dict[str, float | list[float]]:
+        return {"mean": self.mean, "std": self.std, "per_seed": list(self.per_seed)}
+
+
+def aggregate_seeds(values: Sequence[float]) -> SeedStats:
+    """Mean and sample std (n - 1, as papers report over seeds); one seed -> std 0.0."""
+    if not values:
+        raise EvalInputError("no per-seed values to aggregate")
+    values = [float(value) for value in values]
+    if any(math.isnan(value) for value in values):
+        raise EvalInputError(f"per-seed values contain NaN: {values}")
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return SeedStats(mean=statistics.fmean(values), std=std, per_seed=values)

@@ -1,0 +1,98 @@
+"""The run-comparison report, from metric logs written by the Tracker itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from matplotlib.image import imread
+
+from cot2align_ds.eval import evaluate
+from cot2align_ds.eval.evaluate import EvalResult, write_eval_results
+from cot2align_ds.eval.metrics import aggregate_seeds
+from cot2align_ds.report import EVAL_RESULTS_FILENAME, ReportError, make_report
+from cot2align_ds.tracking import METRICS_FILENAME, Tracker
+
+
+def _fake_run(path: Path, *, num_steps: int, with_ot: bool, eval_values: list[float]) -> Path:
+    with Tracker(path, wandb_mode="disabled") as tracker:
+        for step in range(1, num_steps + 1):
+            metrics = {
+                "loss/total": 3.0 / step,
+                "loss/ce": 2.0 / step,
+                "tokens_per_s": 100.0 * step,
+            }
+            if with_ot:
+                metrics["loss/ot"] = 0.5 / step
+            tracker.log(metrics, step)
+        tracker.log({"eval/rouge_l": 20.0 + num_steps}, num_steps)
+    if eval_values:
+        scores = {"rouge_l": aggregate_seeds(eval_values)}
+        seeds = list(range(len(eval_values)))
+        write_eval_results(path / EVAL_RESULTS_FILENAME, EvalResult(scores, seeds, []))
+    return path
+
+
+@pytest.fixture
+def two_runs(tmp_path) -> list[Path]:
+    return [
+        _fake_run(tmp_path / "sft", num_steps=4, with_ot=False, eval_values=[20.0, 22.0]),
+        _fake_run(tmp_path / "cot2align", num_steps=5, with_ot=True, eval_values=[]),
+    ]
+
+
+def test_report_has_a_png_per_metric_and_a_side_by_side_table(two_runs, tmp_path) -> None:
+    out_dir = tmp_path / "report"
+    report = make_report(two_runs, out_dir)
+    assert report == out_dir / "report.md"
+    expected = ["loss_total", "loss_ce", "tokens_per_s", "eval_rouge_l", "loss_ot"]
+    assert sorted(p.stem for p in out_dir.glob("*.png")) == sorted(expected)
+    for stem in expected:
+        image = imread(out_dir / f"{stem}.png")  # a real, decodable PNG
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    text = report.read_text()
+    # Final values side by side: loss/total is 3/4 for sft and 3/5 for cot2align.
+    assert "| `loss/total` | 0.75 | 0.6 |" in text
+    assert "| `loss/ot` | – | 0.1 |" in text  # present in one run only
+    # Seeds: mean 21, sample std sqrt(2) = 1.41.
+    assert "| rouge_l | 21.00 ± 1.41 (n=2) | – |" in text
+    # Median tokens/s over the logs: [100..400] -> 250, [100..500] -> 300.
+    assert "| sft | " in text and "| 250 |" in text and "| 300 |" in text
+    for stem in expected:
+        assert f"]({stem}.png)" in text
+    assert not [p for p in out_dir.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_same_named_runs_are_told_apart(tmp_path) -> None:
+    runs = [
+        _fake_run(tmp_path / "a" / "run", num_steps=2, with_ot=False, eval_values=[]),
+        _fake_run(tmp_path / "b" / "run", num_steps=2, with_ot=False, eval_values=[]),
+    ]
+    text = make_report(runs, tmp_path / "report").read_text()
+    assert "| a/run |" in text and "| b/run |" in text
+
+
+def test_a_torn_last_line_is_tolerated_but_not_a_torn_middle(tmp_path) -> None:
+    run = _fake_run(tmp_path / "run", num_steps=3, with_ot=False, eval_values=[])
+    metrics = run / METRICS_FILENAME
+    with metrics.open("a") as handle:
+        handle.write('{"step": 4, "loss/tot')  # the process died mid-write
+    text = make_report([run], tmp_path / "report").read_text()
+    assert "| `loss/total` | 1 |" in text  # step 3's value: 3/3
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], "{broken", *lines[1:]]) + "\n")
+    with pytest.raises(ReportError, match=r"metrics.jsonl:2: malformed JSON"):
+        make_report([run], tmp_path / "report")
+
+
+def test_a_directory_without_logs_is_one_clear_error(tmp_path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReportError, match="no metrics.jsonl or eval_results.json") as info:
+        make_report([tmp_path / "empty"], tmp_path / "report")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ReportError, match="no run directories"):
+        make_report([], tmp_path / "report")
+
+
+def test_file_names_agree_with_the_writers() -> None:
+    assert EVAL_RESULTS_FILENAME == evaluate.EVAL_RESULTS_FILENAME
