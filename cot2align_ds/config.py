@@ -27,6 +27,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoraConfig(_Strict):
+    """LoRA adapters (peft) on the student, as in the paper's settings B and C."""
+
+    r: int = Field(256, ge=1)
+    alpha: float = Field(8.0, gt=0.0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
 class ModelSpec(_Strict):
     """Where a model comes from: a hub name / local directory, or a small architecture."""
 
@@ -36,6 +45,7 @@ class ModelSpec(_Strict):
         None, description="build from a config instead (model_type + kwargs); for tests/demo"
     )
     trust_remote_code: bool = False
+    lora: LoraConfig | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -71,15 +81,63 @@ class DataConfig(_Strict):
         return self
 
 
-KDMethod = Literal["sft", "uld"]
+KDMethod = Literal["sft", "vanilla_kd", "uld", "mined", "dskd", "dskd_cma"]
+Divergence = Literal[
+    "forward_kl", "reverse_kl", "js", "skew_forward_kl", "skew_reverse_kl", "adaptive_kl"
+]
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
 class DistillConfig(_Strict):
     method: KDMethod = "uld"
-    kd_rate: float = Field(0.5, ge=0.0, le=1.0, description="a in (1-a)*CE + a*KD")
+    kd_rate: float = Field(0.5, ge=0.0, le=1.0, description="a in (1-a)*CE + a*(KD+OT)")
     temperature: float = Field(2.0, gt=0.0)
+    divergence: Divergence = "forward_kl"
+    skew: float = Field(0.1, gt=0.0, lt=1.0, description="for the skewed KL divergences")
     chunk_size: int | None = Field(None, gt=0, description="response positions per chunk")
+    mined_top_k: int | None = Field(None, ge=1, description="teacher top-k kept by MinED")
+
+
+class LayerPair(_Strict):
+    """One OT layer pair: hidden_states indices (0 = embedding output, -1 = last layer)."""
+
+    student: int
+    teacher: int
+    weight: float = Field(1.0, ge=0.0)
+
+
+class CoT2AlignConfig(_Strict):
+    """Sequence-level, layer-wise OT with Cross-CoT alignment (METHOD.md section 3)."""
+
+    enabled: bool = False
+    ot_weight: float = Field(1.0, ge=0.0)
+    cross_cot: bool = Field(True, description="the two Cross-CoT OT directions")
+    reference_compat: bool = Field(
+        False, description="reproduce the reference code (student CoT <-> teacher standard is 0)"
+    )
+    cost: Literal["attention", "cosine", "euclidean"] = "attention"
+    epsilon: float = Field(10.0, gt=0.0, description="kernel exp(-C/epsilon); reference: 10")
+    num_iters: int = Field(100, ge=1)
+    grad_mode: Literal["envelope", "unrolled"] = "envelope"
+    layer_pairs: list[LayerPair] = Field(
+        default_factory=lambda: [LayerPair(student=0, teacher=0), LayerPair(student=-1, teacher=-1)]
+    )
+    memory_budget_mb: float | None = Field(None, gt=0.0, description="Sinkhorn batch chunking")
+
+
+class EvalConfig(_Strict):
+    """Evaluation on the dev set during training, best-K checkpoints, early stopping."""
+
+    every_steps: int | None = Field(None, ge=1)
+    every_epoch: bool = False
+    metric: Literal["exact_match", "rouge_l"] = "rouge_l"
+    keep_best: int = Field(1, ge=0)
+    early_stopping_patience: int | None = Field(None, ge=1, description="evaluations")
+    max_records: int | None = Field(None, ge=1, description="evaluate a dev subset")
+    greedy: bool = True
+    seeds: list[int] = Field(default_factory=lambda: [10, 20, 30, 40, 50])
+    max_new_tokens: int = Field(256, ge=1)
+    batch_size: int = Field(8, ge=1)
 
 
 class TrainConfig(_Strict):
@@ -124,6 +182,8 @@ class RunConfig(_Strict):
     teacher: ModelSpec | None = None
     data: DataConfig = Field(default_factory=DataConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    cot2align: CoT2AlignConfig = Field(default_factory=CoT2AlignConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
