@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cot2align_ds.config import DistillConfig
+from cot2align_ds.config import ConfigError, DistillConfig
 from cot2align_ds.losses.cross_entropy import cross_entropy_loss
 from cot2align_ds.losses.uld import uld_loss
 
@@ -57,6 +57,8 @@ class Objective:
         self.config = config
         self.method = config.method
         kd_rate = 0.0 if self.method == "sft" else config.kd_rate
+        if self.method not in ("sft", "uld"):
+            raise ConfigError(f"distill.method={self.method} is not wired into training yet")
         self.terms = [Term("ce", 1.0 - kd_rate, "student_tokens")]
         if self.method == "uld":
             self.terms.append(Term("kd_uld", kd_rate, "student_tokens"))
