@@ -33,6 +33,7 @@ from cot2align_ds.models.loading import (
     load_causal_lm,
     load_tokenizer,
 )
+from cot2align_ds.models.lora import apply_lora, save_lora_student
 from cot2align_ds.models.student_module import StudentWithProjectors, param_groups
 from cot2align_ds.tracking import Tracker
 from cot2align_ds.train.objective import (
@@ -177,6 +178,8 @@ class Trainer:
         )
         with dse.zero3_loading(self.student_ds):
             student = load_causal_lm(cfg.student, "student", self.student_tokenizer, precision)
+        if cfg.student.lora is not None:
+            student = apply_lora(student, cfg.student.lora)
         teacher_hidden = hidden_size_of(self.teacher_model) if self.teacher_model else 0
         projectors = self.objective.build_projectors(hidden_size_of(student), teacher_hidden)
         self.student_module = StudentWithProjectors(student, projectors)
@@ -330,7 +333,12 @@ class Trainer:
             self._write_ds_configs()
             model_dir.mkdir(parents=True, exist_ok=True)
             student = self.student_module.student
-            student.save_pretrained(model_dir, state_dict=state, safe_serialization=True)
+            if self.config.student.lora is not None:
+                adapter_dir = self.output_dir / "student_adapter"
+                save_lora_student(student, state, adapter_dir, model_dir)
+                self.student_tokenizer.save_pretrained(adapter_dir)
+            else:
+                student.save_pretrained(model_dir, state_dict=state, safe_serialization=True)
             self.student_tokenizer.save_pretrained(model_dir)
             if projectors:
                 dse.save_safetensors(projectors, self.output_dir / "projectors.safetensors")

@@ -1,0 +1,46 @@
+"""LoRA students (peft), as in the paper's settings B and C.
+
+Training keeps the peft-wrapped model inside the ZeRO-3 engine (only adapter weights train).
+Saving writes both the adapter (``student_adapter/``) and the merged model (``student/``) so
+the result loads with a plain ``from_pretrained`` and can still be re-applied to its base.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from cot2align_ds.config import LoraConfig
+
+
+def apply_lora(model: torch.nn.Module, lora: LoraConfig) -> PeftModel:
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def save_lora_student(
+    peft_model: PeftModel, state: dict[str, torch.Tensor], adapter_dir: Path, merged_dir: Path
+) -> None:
+    """Rebuild an unpartitioned copy from the gathered ``state``, save adapter and merged model.
+
+    The engine's own module holds ZeRO-3 partitions, so peft's save/merge cannot run on it.
+    """
+    base_config = peft_model.get_base_model().config
+    # A private copy: from_config with a dtype mutates the config it is given.
+    base = AutoModelForCausalLM.from_config(base_config.__class__.from_dict(base_config.to_dict()))
+    copy = get_peft_model(base, peft_model.peft_config["default"])
+    missing, unexpected = copy.load_state_dict(state, strict=False)
+    if unexpected or [name for name in missing if "lora_" in name]:
+        raise RuntimeError(f"LoRA state does not match the model: {unexpected or missing}")
+    copy.save_pretrained(adapter_dir, safe_serialization=True)
+    copy.merge_and_unload().save_pretrained(merged_dir, safe_serialization=True)
