@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 import yaml
 
-from cot2align_ds.errors import UserError
+from cot2align_ds.errors import user_error_types
 
 app = typer.Typer(
     name="cot2align",
@@ -55,7 +55,7 @@ def user_errors(command: Callable[..., None]) -> Callable[..., None]:
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except UserError as error:
+        except user_error_types() as error:
             lines = str(error).strip().splitlines() or [type(error).__name__]
             typer.echo(f"error: {lines[0]}", err=True)
             raise typer.Exit(2) from None
@@ -114,6 +114,24 @@ def demo(
     from cot2align_ds.runs import run_demo_command
 
     run_demo_command(output_dir, quick=quick, seed=seed)
+
+
+@app.command("pair-check")
+@user_errors
+def pair_check(
+    teacher: Annotated[str, typer.Option(help="Teacher model or tokenizer: hub name or path.")],
+    student: Annotated[str, typer.Option(help="Student model or tokenizer: hub name or path.")],
+    data: Annotated[
+        Path | None, typer.Option(help="JSONL records to measure alignment on.")
+    ] = None,
+    max_texts: Annotated[int, typer.Option(help="Records sampled from --data.")] = 200,
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable report.")] = False,
+) -> None:
+    """Check a teacher/student tokenizer pair; exits 1 when the pair cannot work."""
+    from cot2align_ds.runs import run_pair_check
+
+    if not run_pair_check(teacher, student, data, max_texts=max_texts, as_json=json_output):
+        raise typer.Exit(1)
 
 
 def main() -> None:

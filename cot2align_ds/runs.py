@@ -56,6 +56,33 @@ def _hidden_size_or_default(run: RunConfig, role: str) -> int:
         return 4096
 
 
+def run_pair_check(
+    teacher: str, student: str, data_file: Path | None, *, max_texts: int, as_json: bool
+) -> bool:
+    """Print the tokenizer-pair report; returns whether the pair can work."""
+    from cot2align_ds.alignment.pair_check import check_tokenizer_pair
+    from cot2align_ds.config import ModelSpec
+    from cot2align_ds.data.examples import make_examples
+    from cot2align_ds.data.records import read_records
+    from cot2align_ds.models.loading import embedding_rows_from_config, load_tokenizer
+
+    specs = {"teacher": ModelSpec(name_or_path=teacher), "student": ModelSpec(name_or_path=student)}
+    tokenizers = {role: load_tokenizer(spec, role, strict=False) for role, spec in specs.items()}
+    texts = None
+    if data_file is not None:
+        examples = make_examples(read_records(data_file), template="alpaca", cot_records="all")
+        texts = [example.prompt + example.answer for example in examples[:max_texts]]
+    report = check_tokenizer_pair(
+        tokenizers["teacher"],
+        tokenizers["student"],
+        texts=texts,
+        teacher_embedding_rows=embedding_rows_from_config(specs["teacher"], "teacher"),
+        student_embedding_rows=embedding_rows_from_config(specs["student"], "student"),
+    )
+    Console().print(report.to_json() if as_json else report.to_text(), markup=False)
+    return report.ok
+
+
 def run_train_command(config: str, overrides: list[str], *, overwrite: bool):
     from cot2align_ds.train.loop import run_train
 

@@ -38,7 +38,8 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).exists()
 
 
-def load_tokenizer(spec: ModelSpec, role: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(spec: ModelSpec, role: str, *, strict: bool = True) -> PreTrainedTokenizerBase:
+    """Load the tokenizer; ``strict`` requires an EOS and fills a missing pad with EOS."""
     source = spec.tokenizer_path
     key = f"{role}.tokenizer" if spec.tokenizer else f"{role}.name_or_path"
     if _looks_local(source) and not Path(source).expanduser().is_dir():
@@ -52,6 +53,8 @@ def load_tokenizer(spec: ModelSpec, role: str) -> PreTrainedTokenizerBase:
         raise ModelLoadError(
             f"{key}: cannot load tokenizer '{source}' ({_first_line(error)})"
         ) from None
+    if not strict:
+        return tokenizer
     if tokenizer.eos_token_id is None:
         raise ModelLoadError(f"{key}: tokenizer '{source}' has no EOS token; answers need one")
     if tokenizer.pad_token_id is None:
@@ -125,6 +128,14 @@ def model_config(spec: ModelSpec, role: str) -> PretrainedConfig:
         raise ModelLoadError(
             f"{role}.name_or_path: cannot load '{source}' ({_first_line(error)})"
         ) from None
+
+
+def embedding_rows_from_config(spec: ModelSpec, role: str) -> int | None:
+    """The model's vocabulary rows from its config, or None for a tokenizer-only directory."""
+    try:
+        return int(model_config(spec, role).vocab_size)
+    except (UserError, AttributeError, TypeError):
+        return None
 
 
 def config_hidden_size(spec: ModelSpec, role: str) -> int:

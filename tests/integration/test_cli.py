@@ -82,3 +82,40 @@ def test_train_through_the_cli(workspace, tmp_path):
     assert (tmp_path / "run" / "student" / "config.json").is_file()
     again = runner.invoke(app, ["train", "--config", str(path)])
     assert again.exit_code == 2 and "not empty; pass --overwrite" in again.stderr
+
+
+def test_pair_check_reports_a_workable_pair(workspace):
+    result = runner.invoke(
+        app,
+        [
+            "pair-check",
+            "--teacher",
+            str(workspace["teacher"]),
+            "--student",
+            str(workspace["student_tok"]),
+            "--data",
+            str(workspace["train"]),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "OK" in result.output and "one-to-one" in result.output
+
+
+def test_pair_check_fails_when_embedding_rows_are_short(workspace, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.for_model("gpt2", vocab_size=10, n_embd=8, n_layer=1, n_head=1)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "short")
+    AutoTokenizer.from_pretrained(workspace["student_tok"]).save_pretrained(tmp_path / "short")
+    result = runner.invoke(
+        app,
+        [
+            "pair-check",
+            "--teacher",
+            str(workspace["teacher"]),
+            "--student",
+            str(tmp_path / "short"),
+        ],
+    )
+    assert result.exit_code == 1
+    assert "PROBLEM" in result.output and "embedding rows" in result.output
