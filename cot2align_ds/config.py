@@ -96,6 +96,10 @@ class DistillConfig(_Strict):
     skew: float = Field(0.1, gt=0.0, lt=1.0, description="for the skewed KL divergences")
     chunk_size: int | None = Field(None, gt=0, description="response positions per chunk")
     mined_top_k: int | None = Field(None, ge=1, description="teacher top-k kept by MinED")
+    mined_alignment: Literal["offsets", "dp"] = Field(
+        "offsets",
+        description="MinED token alignment: character offsets (exact) or the reference's DP",
+    )
 
 
 class LayerPair(_Strict):
@@ -193,6 +197,13 @@ class RunConfig(_Strict):
         if self.distill.method != "sft" and self.teacher is None:
             raise ValueError(
                 f"distill.method={self.distill.method} needs a teacher: set teacher.name_or_path"
+            )
+        if self.cot2align.enabled and self.distill.method == "sft":
+            raise ValueError("cot2align.enabled needs a base KD method: set distill.method")
+        if self.cot2align.enabled and self.cot2align.cross_cot and self.data.cot_records == "none":
+            raise ValueError(
+                "cot2align.cross_cot needs CoT records: set data.cot_records to "
+                "non_empty_input or all (and records with rationales: cot2align augment)"
             )
         return self
 

@@ -1,6 +1,6 @@
 """Collate examples into a batch for both tokenizers; runs inside DataLoader workers.
 
-Legend: B batch, S student positions, T teacher positions.
+Legend: B batch, C CoT rows (at least 1, see below), S student positions, T teacher positions.
 
 Each text is tokenized separately by each tokenizer: prompt (special tokens as the tokenizer
 adds them, at most ``max_prompt_tokens``, cut from the left so the "Response:" marker next to
@@ -9,6 +9,10 @@ answer + EOS (truncated so the total stays within ``max_total_tokens``). Labels 
 shifted: ``labels[t]`` is the target of the logits at position ``t`` and -100 where that target
 is not an answer token, so "response positions" are simply ``labels != -100`` on every side.
 Padding is on the right.
+
+Cross-tokenizer alignment (MinED) is computed here, in the worker, not in the training step:
+``aligned_teacher_pos_BS`` gives, for each student logits position, the teacher logits position
+predicting the one-to-one aligned answer token (-1 elsewhere).
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from cot2align_ds.alignment.mined_dp import mined_dp_align
+from cot2align_ds.alignment.offsets import align_by_char_boundaries, clean_char_spans
 from cot2align_ds.data.examples import Example
 
 IGNORE_INDEX = -100
@@ -27,6 +34,8 @@ IGNORE_INDEX = -100
 class TokenizedPair:
     input_ids: list[int]
     labels: list[int]
+    prompt_length: int
+    answer_spans: np.ndarray | None = None  # (N, 2) char spans of the kept answer tokens
 
 
 def truncate_prompt(ids: list[int], max_tokens: int, special_ids: set[int]) -> list[int]:
@@ -41,23 +50,36 @@ def truncate_prompt(ids: list[int], max_tokens: int, special_ids: set[int]) -> l
 
 
 def tokenize_pair(
-    tokenizer, prompt: str, answer: str, *, max_prompt_tokens: int, max_total_tokens: int
+    tokenizer,
+    prompt: str,
+    answer: str,
+    *,
+    max_prompt_tokens: int,
+    max_total_tokens: int,
+    with_offsets: bool = False,
 ) -> TokenizedPair:
     prompt_ids = truncate_prompt(
         tokenizer(prompt, add_special_tokens=True)["input_ids"],
         max_prompt_tokens,
         set(tokenizer.all_special_ids),
     )
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    answer_ids = (answer_ids + [tokenizer.eos_token_id])[: max_total_tokens - len(prompt_ids)]
+    encoded = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=with_offsets)
+    answer_ids = (encoded["input_ids"] + [tokenizer.eos_token_id])[
+        : max_total_tokens - len(prompt_ids)
+    ]
     input_ids = prompt_ids + answer_ids
     # Position t predicts token t+1: the last prompt position predicts the first answer token.
     labels = [IGNORE_INDEX] * (len(prompt_ids) - 1) + answer_ids + [IGNORE_INDEX]
-    return TokenizedPair(input_ids, labels)
+    spans = None
+    if with_offsets:
+        spans = clean_char_spans(encoded["offset_mapping"], answer, encoded.tokens())
+        # EOS is zero-width at the end of the answer text, so it aligns with the other EOS.
+        spans = np.concatenate([spans, [[len(answer), len(answer)]]])[: len(answer_ids)]
+    return TokenizedPair(input_ids, labels, len(prompt_ids), spans)
 
 
 def pad_side(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of tokenized pairs into ``input_ids_BL``, ``attention_mask_BL``, ``labels_BL``."""
+    """Right-pad tokenized pairs into ``input_ids``, ``attention_mask``, ``labels`` (B, L)."""
     length = max((len(pair.input_ids) for pair in pairs), default=1)
     batch = len(pairs)
     input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
@@ -71,12 +93,48 @@ def pad_side(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, torch.Ten
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def answer_alignment(
+    student: TokenizedPair, teacher: TokenizedPair, method: str, tokenizers
+) -> np.ndarray:
+    """Teacher logits position aligned one-to-one with each student logits position, else -1."""
+    num_student = len(student.input_ids) - student.prompt_length
+    num_teacher = len(teacher.input_ids) - teacher.prompt_length
+    if method == "offsets":
+        groups = align_by_char_boundaries(student.answer_spans, teacher.answer_spans)
+        answer_map = groups.aligned_teacher_pos_S
+    else:
+        student_tokens = tokenizers["student"].convert_ids_to_tokens(
+            student.input_ids[student.prompt_length :]
+        )
+        teacher_tokens = tokenizers["teacher"].convert_ids_to_tokens(
+            teacher.input_ids[teacher.prompt_length :]
+        )
+        answer_map = mined_dp_align(student_tokens, teacher_tokens).aligned_teacher_pos_S
+    positions = np.full(len(student.input_ids), -1, dtype=np.int64)
+    for k in range(num_student):
+        j = int(answer_map[k])
+        if 0 <= j < num_teacher:
+            # Logits at (prompt + k - 1) predict answer token k, on both sides.
+            positions[student.prompt_length + k - 1] = teacher.prompt_length + j - 1
+    return positions
+
+
+def pad_positions(rows: list[np.ndarray], length: int) -> torch.Tensor:
+    out = torch.full((len(rows), length), -1, dtype=torch.long)
+    for index, row in enumerate(rows):
+        out[index, : len(row)] = torch.from_numpy(row)
+    return out
+
+
 class DistillCollator:
     """Picklable callable: list of ``Example`` -> nested dict of tensors.
 
-    Keys: ``student`` / ``teacher`` (main view: CoT view for CoT examples, standard otherwise),
-    ``is_cot_B``, and for CoT examples only, their standard views ``student_standard`` /
-    ``teacher_standard`` (C rows, C = number of CoT examples, possibly 0).
+    Keys: ``student`` / ``teacher`` (main view: the CoT view for CoT examples, the standard one
+    otherwise); ``is_cot_B``; with ``cot_views``: ``student_standard`` / ``teacher_standard``
+    (the standard views of the CoT examples), ``cot_rows_C`` (their rows in the main batch) and
+    ``cot_valid_C``. A batch without CoT examples still carries one (invalid) row so that every
+    rank runs the same forward passes under ZeRO-3; its losses are masked to zero.
+    With ``alignment`` ("offsets" or "dp"): ``aligned_teacher_pos_BS``.
     """
 
     def __init__(
@@ -86,26 +144,53 @@ class DistillCollator:
         *,
         max_prompt_tokens: int,
         max_total_tokens: int,
+        cot_views: bool = False,
+        alignment: str | None = None,
     ) -> None:
         self.tokenizers = {"student": student_tokenizer}
         if teacher_tokenizer is not None:
             self.tokenizers["teacher"] = teacher_tokenizer
         self.limits = {"max_prompt_tokens": max_prompt_tokens, "max_total_tokens": max_total_tokens}
+        self.cot_views = cot_views
+        self.alignment = alignment if teacher_tokenizer is not None else None
 
-    def _side(self, tokenizer, texts: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-        pairs = [tokenize_pair(tokenizer, p, a, **self.limits) for p, a in texts]
-        return pad_side(pairs, tokenizer.pad_token_id)
+    def _tokenize(self, role: str, texts: list[tuple[str, str]]) -> list[TokenizedPair]:
+        offsets = self.alignment == "offsets"
+        tokenizer = self.tokenizers[role]
+        return [
+            tokenize_pair(tokenizer, p, a, **self.limits, with_offsets=offsets) for p, a in texts
+        ]
 
     def __call__(self, examples: Sequence[Example]) -> dict:
         main = [(example.prompt, example.answer) for example in examples]
-        standard = [
-            (example.standard_prompt or "", example.standard_answer or "")
-            for example in examples
-            if example.is_cot
-        ]
         batch: dict = {"is_cot_B": torch.tensor([e.is_cot for e in examples], dtype=torch.bool)}
-        batch["ids"] = [example.id for example in examples]
+        pairs = {role: self._tokenize(role, main) for role in self.tokenizers}
         for role, tokenizer in self.tokenizers.items():
-            batch[role] = self._side(tokenizer, main)
-            batch[f"{role}_standard"] = self._side(tokenizer, standard)
+            batch[role] = pad_side(pairs[role], tokenizer.pad_token_id)
+        if self.alignment is not None:
+            rows = [
+                answer_alignment(s, t, self.alignment, self.tokenizers)
+                for s, t in zip(pairs["student"], pairs["teacher"], strict=True)
+            ]
+            batch["aligned_teacher_pos_BS"] = pad_positions(
+                rows, batch["student"]["labels"].shape[1]
+            )
+        if self.cot_views:
+            self._add_standard_views(batch, examples)
         return batch
+
+    def _add_standard_views(self, batch: dict, examples: Sequence[Example]) -> None:
+        cot_rows = [index for index, example in enumerate(examples) if example.is_cot]
+        texts = [
+            (examples[i].standard_prompt or "", examples[i].standard_answer or "") for i in cot_rows
+        ]
+        valid = [True] * len(cot_rows)
+        if not cot_rows:
+            cot_rows, texts, valid = [0], [(examples[0].prompt, examples[0].answer)], [False]
+        batch["cot_rows_C"] = torch.tensor(cot_rows, dtype=torch.long)
+        batch["cot_valid_C"] = torch.tensor(valid, dtype=torch.bool)
+        for role, tokenizer in self.tokenizers.items():
+            batch[f"{role}_standard"] = pad_side(
+                [tokenize_pair(tokenizer, p, a, **self.limits) for p, a in texts],
+                tokenizer.pad_token_id,
+            )

@@ -151,6 +151,16 @@ def gathered_state_dict(engine: Any, prefix: str = "") -> dict[str, torch.Tensor
     return state
 
 
+def gathered_copy(parameter: torch.nn.Parameter) -> torch.Tensor:
+    """A detached full copy of one (possibly ZeRO-3-partitioned) parameter, on every rank.
+
+    A copy, because the gathered storage is released when the gather context closes while
+    autograd may still hold the tensor for the backward pass.
+    """
+    with deepspeed.zero.GatheredParameters([parameter], modifier_rank=None):
+        return parameter.detach().clone()
+
+
 def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))

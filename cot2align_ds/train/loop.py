@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from cot2align_ds.alignment.vocab_map import mined_vocab_map
 from cot2align_ds.config import ConfigError, RunConfig, config_to_dict
 from cot2align_ds.data.collator import DistillCollator
 from cot2align_ds.data.examples import Example, make_examples
@@ -38,6 +39,7 @@ from cot2align_ds.models.student_module import StudentWithProjectors, param_grou
 from cot2align_ds.tracking import Tracker
 from cot2align_ds.train.objective import (
     NORMALISER_KEYS,
+    ModelAccess,
     ModelOutputs,
     Objective,
     batch_normalisers,
@@ -125,7 +127,6 @@ class Trainer:
         self.output_dir = output_dir
         self.ctx = ctx
         seed_everything(config.train.seed)
-        self.objective = Objective(config.distill)
         self._load_models()
         self._build_data()
         self._build_engines()
@@ -147,9 +148,13 @@ class Trainer:
         self.student_tokenizer = load_tokenizer(cfg.student, "student")
         self.teacher_tokenizer = None
         self.teacher_model = None
-        if self.objective.needs_teacher:
+        if cfg.distill.method != "sft":
             assert cfg.teacher is not None
             self.teacher_tokenizer = load_tokenizer(cfg.teacher, "teacher")
+        self.objective = Objective(
+            cfg.distill, cfg.cot2align, teacher_to_student_vocab_W=self._vocab_map()
+        )
+        if self.objective.needs_teacher:
             raw, path = load_ds_config(cfg.deepspeed.teacher_config)
             probe = config_hidden_size(cfg.teacher, "teacher")
             self.teacher_ds = resolve_teacher_ds_config(
@@ -184,6 +189,20 @@ class Trainer:
         projectors = self.objective.build_projectors(hidden_size_of(student), teacher_hidden)
         self.student_module = StudentWithProjectors(student, projectors)
 
+    def _vocab_map(self) -> torch.Tensor | None:
+        """MinED's teacher->student vocabulary map: rank 0 builds and caches, the rest read it."""
+        if self.config.distill.method != "mined":
+            return None
+        cache_dir = Path(self.config.output_dir) / "vocab_map_cache"
+        vocab_map = None
+        for turn in ("main", "others"):
+            if (turn == "main") == self.ctx.is_main:
+                vocab_map = mined_vocab_map(
+                    self.teacher_tokenizer, self.student_tokenizer, cache_dir=cache_dir
+                )
+            dse.barrier()
+        return torch.from_numpy(vocab_map).long()
+
     def _build_data(self) -> None:
         cfg = self.config
         if cfg.data.train_file is None:
@@ -197,6 +216,8 @@ class Trainer:
             self.teacher_tokenizer,
             max_prompt_tokens=cfg.data.max_prompt_tokens,
             max_total_tokens=cfg.data.max_total_tokens,
+            cot_views=self.objective.needs_cross_views,
+            alignment=self.objective.alignment,
         )
         self.loader, self.sampler = build_loader(cfg, self.examples, collator, self.ctx)
         steps_per_epoch = len(self.loader) // cfg.train.grad_accum
@@ -223,6 +244,17 @@ class Trainer:
         if self.teacher_model is not None:
             self.teacher_engine = dse.build_teacher_engine(self.teacher_model, self.teacher_ds)
         self.device = dse.engine_device(self.student_engine)
+        self.access = self._model_access() if self.teacher_engine else None
+
+    def _model_access(self) -> ModelAccess:
+        student = self.student_engine.module.student
+        teacher = self.teacher_engine.module
+        return ModelAccess(
+            student_embed=lambda ids: student.get_input_embeddings()(ids),
+            teacher_embed=lambda ids: teacher.get_input_embeddings()(ids),
+            student_head_weight=lambda: dse.gathered_copy(student.get_output_embeddings().weight),
+            teacher_head_weight=lambda: dse.gathered_copy(teacher.get_output_embeddings().weight),
+        )
 
     # -- one optimizer step ---------------------------------------------------------------------
     def _batches(self):
@@ -258,14 +290,24 @@ class Trainer:
         scale = self.ctx.world_size * self.config.train.grad_accum
         return {k: float(v) / scale for k, v in zip(NORMALISER_KEYS, counts.tolist(), strict=True)}
 
+    def _forward_all(self, batch: dict) -> dict[str, ModelOutputs]:
+        """The same forward calls on every rank, whatever the batch holds (ZeRO-3 lockstep)."""
+        views = ["", "_standard"] if self.objective.needs_cross_views else [""]
+        outputs = {}
+        for view in views:
+            if self.teacher_engine is not None:
+                outputs[f"teacher{view}"] = self._forward_teacher(batch[f"teacher{view}"])
+            outputs[f"student{view}"] = self._forward_student(batch[f"student{view}"])
+        return outputs
+
     def train_step(self, window: list[dict]) -> dict[str, torch.Tensor]:
         counts = self._window_counts(window)
         totals: dict[str, torch.Tensor] = {}
+        projectors = self.student_engine.module.projectors
         for batch in window:
             batch = _to_device(batch, self.device)
-            teacher = self._forward_teacher(batch["teacher"]) if self.teacher_engine else None
-            student = self._forward_student(batch["student"])
-            loss, values = self.objective(batch, student, teacher, counts)
+            outputs = self._forward_all(batch)
+            loss, values = self.objective(batch, outputs, projectors, self.access, counts)
             self.student_engine.backward(loss)
             self.student_engine.step()
             for name, value in values.items():

@@ -1,9 +1,18 @@
 """The distillation objective: which losses run, how they are normalised and combined.
 
-``total = (1 - a) * CE + a * KD`` with ``a = distill.kd_rate``; every term is a sum returned by
-a pure loss function, divided once by a global count taken over the whole accumulation window
-and all ranks (see ``window_normalisers``), so a run at world size 2 equals world size 1 with
-twice the accumulation.
+``total = (1 - a) * CE + a * (KD + OT)`` with ``a = distill.kd_rate``. Every term is a sum
+returned by a pure loss function, divided once by a global count taken over the whole
+accumulation window and all ranks (``window_normalisers`` in the loop), so a run at world size 2
+equals world size 1 with twice the accumulation. Terms and their normalisers:
+
+* ``ce``: student next-token CE on the main view, per student response token;
+* base KD on the main view (``distill.method``): ``kd`` (vanilla, shared vocabulary),
+  ``kd_uld``, ``kd_mined``, or DSKD's ``kd_t2s_ce`` + ``kd_t2s_kd`` (per student token) and
+  ``kd_s2t_kd`` (per teacher token);
+* CoT2Align OT (``cot2align.enabled``): ``ot_main`` (student main <-> teacher main, per record)
+  and the Cross-CoT terms ``ot_cross_std_cot`` (student standard <-> teacher CoT) and
+  ``ot_cross_cot_std`` (student CoT <-> teacher standard), per CoT record; each summed over the
+  configured layer pairs with their weights and scaled by ``cot2align.ot_weight``.
 """
 
 from __future__ import annotations
@@ -14,11 +23,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cot2align_ds.config import ConfigError, DistillConfig
+from cot2align_ds.config import ConfigError, CoT2AlignConfig, DistillConfig
 from cot2align_ds.losses.cross_entropy import cross_entropy_loss
+from cot2align_ds.losses.divergences import kd_divergence
+from cot2align_ds.losses.dskd import dskd_cma_loss, dskd_loss
+from cot2align_ds.losses.mined import mined_loss
+from cot2align_ds.losses.ot import multi_pair_ot_loss
 from cot2align_ds.losses.uld import uld_loss
 
 NORMALISER_KEYS = ("student_tokens", "teacher_tokens", "records", "cot_records")
+OT_GROUPS = ("ot_main", "ot_cross_std_cot", "ot_cross_cot_std")
 
 
 def batch_normalisers(batch: dict) -> torch.Tensor:
@@ -43,70 +57,266 @@ class Term:
 
 @dataclass
 class ModelOutputs:
+    """One forward pass of one model on one view."""
+
     logits: torch.Tensor
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
-TermFn = Callable[..., dict[str, torch.Tensor]]
+@dataclass
+class ModelAccess:
+    """What DSKD needs beyond outputs; callables so ZeRO-3 gathers weights only when used."""
+
+    student_embed: Callable[[torch.Tensor], torch.Tensor]
+    teacher_embed: Callable[[torch.Tensor], torch.Tensor]
+    student_head_weight: Callable[[], torch.Tensor]
+    teacher_head_weight: Callable[[], torch.Tensor]
+
+
+_KD_TERMS: dict[str, list[tuple[str, str]]] = {
+    "sft": [],
+    "vanilla_kd": [("kd", "student_tokens")],
+    "uld": [("kd_uld", "student_tokens")],
+    "mined": [("kd_mined", "student_tokens")],
+    "dskd": [
+        ("kd_t2s_ce", "student_tokens"),
+        ("kd_t2s_kd", "student_tokens"),
+        ("kd_s2t_kd", "teacher_tokens"),
+    ],
+}
+_KD_TERMS["dskd_cma"] = _KD_TERMS["dskd"]
 
 
 class Objective:
     """Builds the loss terms for a method; ``__call__`` returns (total, per-term values)."""
 
-    def __init__(self, config: DistillConfig) -> None:
-        self.config = config
-        self.method = config.method
-        kd_rate = 0.0 if self.method == "sft" else config.kd_rate
-        if self.method not in ("sft", "uld"):
-            raise ConfigError(f"distill.method={self.method} is not wired into training yet")
+    def __init__(
+        self,
+        distill: DistillConfig,
+        cot2align: CoT2AlignConfig,
+        *,
+        teacher_to_student_vocab_W: torch.Tensor | None = None,
+    ) -> None:
+        self.config = distill
+        self.ot = cot2align
+        self.method = distill.method
+        if cot2align.enabled and self.method == "sft":
+            raise ConfigError("cot2align.enabled needs a teacher: choose a distill.method")
+        if self.method == "mined" and teacher_to_student_vocab_W is None:
+            raise ValueError("MinED needs the teacher->student vocabulary map")
+        self.vocab_map_W = teacher_to_student_vocab_W
+        kd_rate = 0.0 if self.method == "sft" else distill.kd_rate
         self.terms = [Term("ce", 1.0 - kd_rate, "student_tokens")]
-        if self.method == "uld":
-            self.terms.append(Term("kd_uld", kd_rate, "student_tokens"))
+        self.terms += [Term(n, kd_rate, norm) for n, norm in _KD_TERMS[self.method]]
+        if cot2align.enabled:
+            weight = kd_rate * cot2align.ot_weight
+            self.terms.append(Term("ot_main", weight, "records"))
+            if cot2align.cross_cot:
+                self.terms.append(Term("ot_cross_std_cot", weight, "cot_records"))
+                self.terms.append(Term("ot_cross_cot_std", weight, "cot_records"))
 
+    # -- what the loop must provide -------------------------------------------------------------
     @property
     def needs_teacher(self) -> bool:
         return self.method != "sft"
 
     @property
     def needs_hidden_states(self) -> bool:
-        return False
+        return self.method in ("dskd", "dskd_cma") or self.ot.enabled
+
+    @property
+    def needs_cross_views(self) -> bool:
+        return self.ot.enabled and self.ot.cross_cot
+
+    @property
+    def alignment(self) -> str | None:
+        return self.config.mined_alignment if self.method == "mined" else None
 
     def build_projectors(self, student_hidden: int, teacher_hidden: int) -> nn.ModuleDict:
-        return nn.ModuleDict()
+        projectors = nn.ModuleDict()
+        if self.method in ("dskd", "dskd_cma"):
+            projectors["t2s"] = nn.Linear(teacher_hidden, student_hidden)
+            projectors["s2t"] = nn.Linear(student_hidden, teacher_hidden)
+        if self.method == "dskd_cma":
+            projectors["query"] = nn.Linear(2 * student_hidden, 2 * teacher_hidden)
+        if self.ot.enabled:
+            projectors["ot"] = nn.Linear(teacher_hidden, student_hidden)
+        return projectors
 
-    def term_sums(
-        self, batch: dict, student: ModelOutputs, teacher: ModelOutputs | None
-    ) -> dict[str, torch.Tensor]:
-        chunk = self.config.chunk_size
-        sums = {
-            "ce": cross_entropy_loss(student.logits, batch["student"]["labels"], chunk_size=chunk)[
-                0
-            ]
-        }
+    # -- the terms ------------------------------------------------------------------------------
+    def _kd_sums(self, batch, outputs, projectors, access) -> dict[str, torch.Tensor]:
+        cfg, chunk = self.config, self.config.chunk_size
+        student, teacher = outputs["student"], outputs.get("teacher")
+        s_labels = batch["student"]["labels"]
+        if self.method == "vanilla_kd":
+            mask = s_labels != -100
+            return {
+                "kd": kd_divergence(
+                    student.logits,
+                    teacher.logits,
+                    mask,
+                    kind=cfg.divergence,
+                    temperature=cfg.temperature,
+                    skew=cfg.skew,
+                    chunk_size=chunk,
+                ).sum
+            }
         if self.method == "uld":
-            assert teacher is not None
-            sums["kd_uld"] = uld_loss(
+            loss = uld_loss(
                 student.logits,
                 teacher.logits,
-                batch["student"]["labels"],
+                s_labels,
                 batch["teacher"]["labels"],
-                temperature=self.config.temperature,
+                temperature=cfg.temperature,
                 chunk_size=chunk,
-            )[0]
+            )
+            return {"kd_uld": loss.sum}
+        if self.method == "mined":
+            loss = mined_loss(
+                student.logits,
+                teacher.logits,
+                s_labels,
+                batch["aligned_teacher_pos_BS"],
+                self.vocab_map_W.to(student.logits.device),
+                temperature=cfg.temperature,
+                top_k=cfg.mined_top_k,
+                chunk_size=chunk,
+            )
+            return {"kd_mined": loss.sum}
+        if self.method in ("dskd", "dskd_cma"):
+            return self._dskd_sums(batch, student, teacher, projectors, access)
+        return {}
+
+    def _dskd_sums(self, batch, student, teacher, projectors, access) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        common = dict(
+            student_head_weight_VD=access.student_head_weight(),
+            teacher_head_weight_WH=access.teacher_head_weight(),
+            t2s_projector=projectors["t2s"],
+            s2t_projector=projectors["s2t"],
+            kind=cfg.divergence,
+            temperature=cfg.temperature,
+            skew=cfg.skew,
+            chunk_size=cfg.chunk_size,
+        )
+        s_side, t_side = batch["student"], batch["teacher"]
+        if self.method == "dskd":
+            losses = dskd_loss(
+                student.logits,
+                student.hidden_states[-1],
+                teacher.logits,
+                teacher.hidden_states[-1],
+                s_side["labels"],
+                **common,
+            )
+        else:
+            with torch.no_grad():
+                embeds = {
+                    "student_input_embeds_BSD": access.student_embed(s_side["input_ids"]),
+                    "student_target_embeds_BSD": access.student_embed(_targets(s_side)),
+                    "teacher_input_embeds_BTH": access.teacher_embed(t_side["input_ids"]),
+                    "teacher_target_embeds_BTH": access.teacher_embed(_targets(t_side)),
+                }
+            losses = dskd_cma_loss(
+                student.logits,
+                student.hidden_states[-1],
+                student_labels_BS=s_side["labels"],
+                teacher_logits_BTW=teacher.logits,
+                teacher_hidden_BTH=teacher.hidden_states[-1],
+                teacher_labels_BT=t_side["labels"],
+                query_projector=projectors["query"],
+                **embeds,
+                **common,
+            )
+        return {
+            "kd_t2s_ce": losses.t2s_ce.sum,
+            "kd_t2s_kd": losses.t2s_kd.sum,
+            "kd_s2t_kd": losses.s2t_kd.sum,
+        }
+
+    def _ot_sums(self, batch, outputs, projectors) -> dict[str, torch.Tensor]:
+        """All OT problems (layer pairs x views) in one batched Sinkhorn call."""
+        project = projectors["ot"]
+        groups, names = [], []
+        views = self._ot_views(batch, outputs)
+        for name, (student, teacher, s_mask, t_mask) in views.items():
+            for pair in self.ot.layer_pairs:
+                s_hidden = student.hidden_states[pair.student]
+                t_hidden = project(teacher.hidden_states[pair.teacher].to(s_hidden.dtype))
+                groups.append((s_hidden, t_hidden, s_mask, t_mask, pair.weight))
+                names.append(name)
+        result = multi_pair_ot_loss(
+            groups,
+            cost=self.ot.cost,
+            epsilon=self.ot.epsilon,
+            num_iters=self.ot.num_iters,
+            grad_mode=self.ot.grad_mode,
+            memory_budget_bytes=_budget(self.ot.memory_budget_mb),
+        )
+        sums = {name: result.loss_sum.new_zeros(()) for name in views}
+        for index, name in enumerate(names):
+            sums[name] = sums[name] + groups[index][4] * result.group_sums_G[index]
         return sums
 
+    def _ot_views(self, batch, outputs) -> dict:
+        s_main, t_main = outputs["student"], outputs["teacher"]
+        s_mask = batch["student"]["labels"] != -100
+        t_mask = batch["teacher"]["labels"] != -100
+        views = {"ot_main": (s_main, t_main, s_mask, t_mask)}
+        if not self.needs_cross_views:
+            return views
+        rows, valid = batch["cot_rows_C"], batch["cot_valid_C"][:, None]
+        s_std, t_std = outputs["student_standard"], outputs["teacher_standard"]
+        s_std_mask = (batch["student_standard"]["labels"] != -100) & valid
+        t_std_mask = (batch["teacher_standard"]["labels"] != -100) & valid
+        if self.ot.reference_compat:
+            # The reference masks the teacher's standard-view labels everywhere: term is zero.
+            t_std_mask = torch.zeros_like(t_std_mask)
+        views["ot_cross_std_cot"] = (s_std, _rows(t_main, rows), s_std_mask, t_mask[rows] & valid)
+        views["ot_cross_cot_std"] = (_rows(s_main, rows), t_std, s_mask[rows] & valid, t_std_mask)
+        return views
+
+    # -- composition ----------------------------------------------------------------------------
     def __call__(
         self,
         batch: dict,
-        student: ModelOutputs,
-        teacher: ModelOutputs | None,
+        outputs: dict[str, ModelOutputs],
+        projectors: nn.ModuleDict,
+        access: ModelAccess | None,
         window_counts: dict[str, float],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        sums = self.term_sums(batch, student, teacher)
+        student = outputs["student"]
+        chunk = self.config.chunk_size
+        sums = {
+            "ce": cross_entropy_loss(
+                student.logits, batch["student"]["labels"], chunk_size=chunk
+            ).sum
+        }
+        sums.update(self._kd_sums(batch, outputs, projectors, access))
+        if self.ot.enabled:
+            sums.update(self._ot_sums(batch, outputs, projectors))
         total = student.logits.new_zeros((), dtype=torch.float32)
         values = {}
         for term in self.terms:
             value = sums[term.name] / max(window_counts[term.normaliser], 1.0)
             values[term.name] = value.detach()
             total = total + term.weight * value
+        if "student_standard" in outputs:
+            # Keeps the cross-view pass in the graph even when all its rows are masked (ZeRO-3
+            # expects the same parameters to take part in every backward).
+            total = total + 0.0 * outputs["student_standard"].logits.float().sum()
         return total, values
+
+
+def _targets(side: dict) -> torch.Tensor:
+    """Next-token targets with ignored positions pointed at a real id (they are masked)."""
+    return side["labels"].clamp_min(0)
+
+
+def _rows(outputs: ModelOutputs, rows: torch.Tensor) -> ModelOutputs:
+    hidden = tuple(h[rows] for h in outputs.hidden_states) if outputs.hidden_states else None
+    return ModelOutputs(outputs.logits[rows], hidden)
+
+
+def _budget(megabytes: float | None) -> int | None:
+    return None if megabytes is None else int(megabytes * 2**20)

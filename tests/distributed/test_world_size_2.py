@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import STUDENT_ARCH, tiny_run_config
+from support import STUDENT_ARCH, tiny_run_config
 
 pytestmark = pytest.mark.distributed
 HERE = Path(__file__).resolve().parent

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import tiny_run_config
+from support import tiny_run_config
 from typer.testing import CliRunner
 
 from cot2align_ds.cli import app

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import STUDENT_ARCH, tiny_run_config
+from support import STUDENT_ARCH, tiny_run_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cot2align_ds.config import ModelSpec, validate_config

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import tiny_run_config
 from safetensors.torch import load_file
+from support import tiny_run_config
 from transformers import AutoModelForCausalLM
 
 from cot2align_ds.config import validate_config
