@@ -44,7 +44,7 @@ def cost_matrix(
     *,
     teacher_mask_BT: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Pairwise cost ``C_BST`` between student and teacher positions, computed in fp32.
+    """Pairwise cost ``C_BST`` between student and teacher positions, in fp32 (fp64 stays fp64).
 
     - ``"attention"``: ``1 - softmax_j(<x_i, y_j> / sqrt(D))``, the softmax running over the
       teacher positions where ``teacher_mask_BT`` is True (all of them when it is None). In [0, 1].
@@ -103,7 +103,9 @@ def ot_loss(
         epsilon, num_iters, grad_mode, num_grad_iters, absorb_every, memory_budget_bytes: passed to
             ``sinkhorn_log``. The default ``"truncated"`` reproduces the gradient of the unrolled
             reference at bounded memory; ``"envelope"`` is cheaper but gives about half that
-            gradient at epsilon=10 (see the ``sinkhorn`` module docstring).
+            gradient at epsilon=10 (see the ``sinkhorn`` module docstring). The memory budget
+            bounds the solver's working memory, not the cost matrix and plan (B*S*T each), which
+            the loss keeps for backward in any case.
 
     Returns:
         ``(loss_sum, num_problems)``: scalar fp32 sum of ``sum_ij P_ij C_ij`` over problems with at

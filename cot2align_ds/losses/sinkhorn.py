@@ -118,7 +118,8 @@ def sinkhorn_log(
     Returns:
         plan_BST (fp32 or fp64), zero at masked entries; plus diagnostics when asked.
     """
-    _check_args(cost_BST, student_mask_BS, teacher_mask_BT, epsilon, num_iters, grad_mode)
+    _check_args(cost_BST, student_mask_BS, teacher_mask_BT, epsilon, grad_mode)
+    _check_counts(num_iters=num_iters, num_grad_iters=num_grad_iters, absorb_every=absorb_every)
     num_problems, num_student, num_teacher = cost_BST.shape
     if num_problems == 0:
         return _empty_result(cost_BST, return_diagnostics)
@@ -132,22 +133,14 @@ def sinkhorn_log(
             memory_budget_bytes=memory_budget_bytes,
             num_grad_iters=num_grad,
             absorb_every=absorb_every,
+            bytes_per_element=torch.promote_types(cost_BST.dtype, torch.float32).itemsize,
         )
     options = _Options(epsilon, num_iters, num_grad, tol, absorb_every, chunk < num_problems)
-    plans, potentials, iters = [], [], 0
-    for start in range(0, num_problems, chunk):
-        rows = slice(start, start + chunk)
-        plan_BST, f_BS, g_BT, chunk_iters = _solve_chunk(
-            cost_BST[rows], student_mask_BS[rows], teacher_mask_BT[rows], options
-        )
-        plans.append(plan_BST)
-        potentials.append((f_BS, g_BT))
-        iters = max(iters, chunk_iters)
-    plan_BST = plans[0] if len(plans) == 1 else torch.cat(plans)
+    plan_BST, f_BS, g_BT, iters = _solve_in_chunks(
+        cost_BST, student_mask_BS, teacher_mask_BT, options, chunk
+    )
     if not return_diagnostics:
         return plan_BST
-    f_BS = torch.cat([f for f, _ in potentials])
-    g_BT = torch.cat([g for _, g in potentials])
     masks = _problem_masks(student_mask_BS, teacher_mask_BT)
     return plan_BST, _diagnose(cost_BST, *masks, epsilon, plan_BST, f_BS, g_BT, iters)
 
@@ -205,7 +198,7 @@ def _empty_result(cost_BST, return_diagnostics):
     return plan_BST, SinkhornDiagnostics(empty_B, empty_B, 0)
 
 
-def _check_args(cost_BST, student_mask_BS, teacher_mask_BT, epsilon, num_iters, grad_mode):
+def _check_args(cost_BST, student_mask_BS, teacher_mask_BT, epsilon, grad_mode):
     if cost_BST.dim() != 3:
         raise ValueError(f"cost_BST must have shape (B, S, T), got {tuple(cost_BST.shape)}")
     num_problems, num_student, num_teacher = cost_BST.shape
@@ -215,10 +208,14 @@ def _check_args(cost_BST, student_mask_BS, teacher_mask_BT, epsilon, num_iters, 
         raise ValueError(f"teacher_mask_BT must have shape {(num_problems, num_teacher)}")
     if not epsilon > 0:
         raise ValueError(f"epsilon must be positive, got {epsilon}")
-    if num_iters < 1:
-        raise ValueError(f"num_iters must be at least 1, got {num_iters}")
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+
+
+def _check_counts(**counts):
+    for name, value in counts.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
 
 
 @dataclass(frozen=True)
@@ -229,6 +226,23 @@ class _Options:
     tol: float | None
     absorb_every: int
     recompute: bool  # checkpoint the differentiated phase (memory-bounded chunks)
+
+
+def _solve_in_chunks(cost_BST, student_mask_BS, teacher_mask_BT, options, chunk):
+    """Solve ``chunk`` problems at a time; concatenated plan and potentials, max iterations."""
+    results = [
+        _solve_chunk(
+            cost_BST[start : start + chunk],
+            student_mask_BS[start : start + chunk],
+            teacher_mask_BT[start : start + chunk],
+            options,
+        )
+        for start in range(0, cost_BST.shape[0], chunk)
+    ]
+    if len(results) == 1:
+        return results[0]
+    plans, f_potentials, g_potentials, iters = zip(*results, strict=True)
+    return torch.cat(plans), torch.cat(f_potentials), torch.cat(g_potentials), max(iters)
 
 
 def _solve_chunk(cost_BST, student_mask_BS, teacher_mask_BT, options):

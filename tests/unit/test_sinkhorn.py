@@ -352,6 +352,8 @@ def test_empty_batch_and_invalid_arguments():
         dict(epsilon=0.0, num_iters=3),
         dict(epsilon=1.0, num_iters=0),
         dict(epsilon=1.0, num_iters=3, grad_mode="implicit"),
+        dict(epsilon=1.0, num_iters=3, absorb_every=0),
+        dict(epsilon=1.0, num_iters=3, num_grad_iters=0),
     ]
     for kwargs in bad_calls:
         with pytest.raises(ValueError):
