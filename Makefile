@@ -16,7 +16,7 @@ STAMP := $(ENV_DIR)/.cot2align-ds-installed
 CPU_TORCH ?= torch==2.13.0
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
 	TOKENIZERS_PARALLELISM=false WANDB_MODE=$${WANDB_MODE:-disabled}
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -q
 DEMO_ARGS ?=
 
 .PHONY: install demo demo-quick test test-fast lint format bench clean
@@ -43,10 +43,10 @@ demo-quick: install
 	$(OFFLINE) $(PY) -m cot2align_ds.cli demo --output-dir runs/demo-quick --quick $(DEMO_ARGS)
 
 test: install
-	$(OFFLINE) $(PY) -m pytest -q $(PYTEST_ARGS)
+	$(OFFLINE) $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install
-	$(OFFLINE) $(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+	$(OFFLINE) $(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

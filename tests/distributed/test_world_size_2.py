@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -84,11 +83,17 @@ def test_world_size_2_equals_world_size_1_with_accumulation_2(workspace, tmp_pat
     assert ws2[-1] < ws2[0]
 
 
-@pytest.mark.skipif(shutil.which("deepspeed") is None, reason="deepspeed launcher not on PATH")
+# The launcher script installed next to this interpreter (a venv need not be on PATH).
+DEEPSPEED = Path(sys.executable).with_name("deepspeed")
+
+
+@pytest.mark.skipif(not DEEPSPEED.is_file(), reason="deepspeed launcher not installed")
 def test_deepspeed_launcher_runs_two_ranks(workspace, tmp_path):
     config = _write_config(workspace, tmp_path / "ds_launch", max_steps=2)
+    env = _env()
+    env["PATH"] = os.pathsep.join([str(DEEPSPEED.parent), env.get("PATH", "")])
     command = [
-        shutil.which("deepspeed"),
+        str(DEEPSPEED),
         "--num_gpus",
         "2",
         f"--master_port={_port()}",
@@ -98,7 +103,7 @@ def test_deepspeed_launcher_runs_two_ranks(workspace, tmp_path):
         "--config",
         str(config),
     ]
-    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=240)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(_losses(tmp_path / "ds_launch")) == 2
     assert (tmp_path / "ds_launch" / "student" / "model.safetensors").is_file()
