@@ -101,6 +101,67 @@ def train(
     typer.echo(f"saved student to {result.model_dir}")
 
 
+@app.command("sft-teacher")
+@user_errors
+def sft_teacher(
+    config: ConfigOption,
+    set_: SetOption = None,
+    output_dir: Annotated[
+        Path | None, typer.Option(help="Default: <output_dir>_teacher_sft.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Reuse a non-empty output directory.")] = False,
+) -> None:
+    """Fine-tune the run config's teacher on the task (CE only; LoRA if teacher.lora is set)."""
+    from cot2align_ds.runs import run_sft_teacher_command
+
+    result = run_sft_teacher_command(config, set_ or [], output_dir, overwrite=overwrite)
+    typer.echo(f"saved fine-tuned teacher to {result.model_dir}")
+
+
+@app.command()
+@user_errors
+def augment(
+    teacher: Annotated[str, typer.Option(help="Fine-tuned teacher: model dir, LoRA adapter.")],
+    data: Annotated[Path, typer.Option(help="JSONL training records.")],
+    output_dir: Annotated[Path, typer.Option(help="Shards, train_cot.jsonl, stats.")],
+    template: Annotated[str, typer.Option(help="Prompt template family.")] = "alpaca",
+    selection: Annotated[
+        str, typer.Option(help="Records that get a rationale: non_empty_input or all.")
+    ] = "non_empty_input",
+    max_prompt_tokens: int = 256,
+    max_total_tokens: int = 512,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: Annotated[int, typer.Option(help="0 disables top-k.")] = 0,
+    batch_size: int = 8,
+    shard_size: int = 256,
+    seed: int = 42,
+    filter_contradicting: Annotated[
+        bool, typer.Option(help="Drop rationales whose own numeric answer contradicts gold.")
+    ] = False,
+) -> None:
+    """Have the teacher write CoT rationales for a training set (resumable, sharded)."""
+    from cot2align_ds.runs import run_augment_command
+
+    summary = run_augment_command(
+        teacher,
+        data,
+        output_dir,
+        template=template,
+        selection=selection,
+        max_prompt_tokens=max_prompt_tokens,
+        max_total_tokens=max_total_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        batch_size=batch_size,
+        shard_size=shard_size,
+        seed=seed,
+        filter_contradicting=filter_contradicting,
+    )
+    typer.echo(summary)
+
+
 @app.command()
 @user_errors
 def demo(

@@ -5,7 +5,8 @@
 3. Fine-tune a tiny Llama-style teacher on standard and CoT views (DeepSpeed ZeRO-3).
 4. Train the student alone (SFT) and distill it from the teacher (ULD) through both engines:
    ZeRO-3 student training engine + ZeRO-3 inference-only teacher with CPU-offloaded params.
-5. Evaluate exact match on held-out problems with standard prompts and print the table.
+5. CoT augmentation with the fine-tuned teacher, then ULD + CoT2Align on its rationales.
+6. Evaluate exact match on held-out problems with standard prompts and print the table.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cot2align_ds.config import load_config, validate_config
+from cot2align_ds.data.augment import run_augment
 from cot2align_ds.data.examples import make_examples
 from cot2align_ds.data.records import Record, read_records, write_records, write_text_atomic
 from cot2align_ds.data.synthetic import ArithmeticTaskSpec, make_split
@@ -45,7 +47,7 @@ class DemoSize:
     max_steps: int | None
 
 
-FULL = DemoSize(num_train=2000, num_test=200, teacher_epochs=3, student_epochs=3, max_steps=None)
+FULL = DemoSize(num_train=1500, num_test=200, teacher_epochs=4, student_epochs=3, max_steps=None)
 QUICK = DemoSize(num_train=240, num_test=24, teacher_epochs=1, student_epochs=1, max_steps=6)
 TASK = ArithmeticTaskSpec(num_steps=2, max_start=9, max_operand=5)
 
@@ -141,6 +143,29 @@ def run_demo(output_dir: Path, *, quick: bool = False, seed: int = 42) -> dict[s
     for name, raw in stages.items():
         config = validate_config(raw, f"demo stage {name}")
         model_dirs[name] = run_train(config, overwrite=True).model_dir
+    # CoT augmentation: the fine-tuned teacher writes its own rationales; CoT2Align trains on
+    # them (paired standard/CoT views, OT on main and Cross-CoT pairs) on top of ULD.
+    cot_data = run_augment(
+        model_dirs["teacher"],
+        data["train"],
+        output_dir / "augment",
+        template=template,
+        selection="all",
+        max_prompt_tokens=base["data"]["max_prompt_tokens"],
+        max_total_tokens=base["data"]["max_total_tokens"],
+        batch_size=64,
+        seed=seed,
+        show_progress=False,
+    ).output_file
+    cot2align_stage = stage_config(
+        stages["student_uld"],
+        output_dir=str(output_dir / "student_uld_cot2align"),
+        data__train_file=str(cot_data),
+        data__cot_records="all",
+        cot2align__enabled=True,
+    )
+    config = validate_config(cot2align_stage, "demo stage student_uld_cot2align")
+    model_dirs["student_uld_cot2align"] = run_train(config, overwrite=True).model_dir
     test = read_records(data["test"])
     results = {}
     for name, model_dir in model_dirs.items():

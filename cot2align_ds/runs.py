@@ -83,6 +83,35 @@ def run_pair_check(
     return report.ok
 
 
+def run_augment_command(teacher: str, data: Path, output_dir: Path, **options) -> str:
+    from cot2align_ds.data.augment import run_augment
+
+    return run_augment(teacher, data, output_dir, **options).summary()
+
+
+def sft_teacher_config(config: str, overrides: list[str], output_dir: Path | None) -> RunConfig:
+    """The run config's teacher, trained alone (CE only) on the run's data."""
+    from cot2align_ds.config import validate_config
+
+    run = load_config(config, overrides)
+    if run.teacher is None:
+        raise ConfigError(f"config '{config}': no teacher section to fine-tune")
+    raw = config_to_dict(run)
+    raw["student"], raw["teacher"] = raw["teacher"], None
+    raw["distill"]["method"] = "sft"
+    raw["cot2align"]["enabled"] = False
+    raw["output_dir"] = str(output_dir or Path(f"{run.output_dir}_teacher_sft"))
+    return validate_config(raw, f"{config} (teacher SFT)")
+
+
+def run_sft_teacher_command(
+    config: str, overrides: list[str], output_dir: Path | None, *, overwrite: bool
+):
+    from cot2align_ds.train.loop import run_train
+
+    return run_train(sft_teacher_config(config, overrides, output_dir), overwrite=overwrite)
+
+
 def run_train_command(config: str, overrides: list[str], *, overwrite: bool):
     from cot2align_ds.train.loop import run_train
 
@@ -104,6 +133,7 @@ def print_demo_table(results: dict) -> None:
         "teacher": "teacher (Llama-style, byte-level BPE)",
         "student_sft": "student trained alone (SFT)",
         "student_uld": "student distilled (ULD, cross-tokenizer)",
+        "student_uld_cot2align": "student distilled (ULD + CoT2Align)",
     }
     table = Table(title="Exact match on held-out problems (standard prompts)")
     table.add_column("model")

@@ -12,10 +12,10 @@ from cot2align_ds.cli import app
 def test_quick_demo_prints_the_table_from_real_runs(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--quick", "--output-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    for label in ("teacher", "student trained alone (SFT)", "student distilled (ULD"):
+    for label in ("teacher", "trained alone (SFT)", "distilled (ULD,", "(ULD + CoT2Align)"):
         assert label in result.output
     results = json.loads((tmp_path / "demo_results.json").read_text())
-    for stage in ("teacher", "student_sft", "student_uld"):
+    for stage in ("teacher", "student_sft", "student_uld", "student_uld_cot2align"):
         assert 0.0 <= results[stage]["exact_match"] <= 100.0
         rows = (tmp_path / stage / "metrics.jsonl").read_text().splitlines()
         assert len(rows) >= 1 and "loss/ce" in json.loads(rows[-1])
@@ -25,3 +25,10 @@ def test_quick_demo_prints_the_table_from_real_runs(tmp_path):
     last = json.loads((tmp_path / "student_uld" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["loss/kd_uld"] > 0
     assert json.loads((tmp_path / "student_uld" / "config.json").read_text())["teacher"]
+    # CoT2Align trained on the teacher's own rationales, with its OT terms.
+    stats = json.loads((tmp_path / "augment" / "augment_stats.json").read_text())
+    assert stats["total"] == 240
+    last = json.loads(
+        (tmp_path / "student_uld_cot2align" / "metrics.jsonl").read_text().splitlines()[-1]
+    )
+    assert {"loss/ot_main", "loss/ot_cross_std_cot", "loss/ot_cross_cot_std"} <= set(last)
