@@ -93,11 +93,15 @@ def train(
     config: ConfigOption,
     set_: SetOption = None,
     overwrite: Annotated[bool, typer.Option(help="Reuse a non-empty output_dir.")] = False,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="'auto' (newest complete checkpoint, if any) or a checkpoint tag."),
+    ] = None,
 ) -> None:
     """Train (distill) a student against a teacher with DeepSpeed (ZeRO-3 by default)."""
     from cot2align_ds.runs import run_train_command
 
-    result = run_train_command(config, set_ or [], overwrite=overwrite)
+    result = run_train_command(config, set_ or [], overwrite=overwrite, resume=resume)
     typer.echo(f"saved student to {result.model_dir}")
 
 

@@ -164,6 +164,11 @@ class TrainConfig(_Strict):
     grad_clip: float = Field(1.0, ge=0.0, description="0 disables clipping")
     precision: Precision = "bf16"
     log_every: int = Field(10, ge=1)
+    save_every: int | None = Field(None, ge=1, description="resumable checkpoint every N steps")
+    keep_last: int = Field(2, ge=1, description="resumable checkpoints kept (rotation)")
+    record_example_ids: bool = Field(
+        False, description="audit: write the example ids of every step to examples_seen.*.jsonl"
+    )
 
     @model_validator(mode="after")
     def _floor(self) -> TrainConfig:

@@ -112,10 +112,12 @@ def run_sft_teacher_command(
     return run_train(sft_teacher_config(config, overrides, output_dir), overwrite=overwrite)
 
 
-def run_train_command(config: str, overrides: list[str], *, overwrite: bool):
+def run_train_command(
+    config: str, overrides: list[str], *, overwrite: bool, resume: str | None = None
+):
     from cot2align_ds.train.loop import run_train
 
-    return run_train(load_config(config, overrides), overwrite=overwrite)
+    return run_train(load_config(config, overrides), overwrite=overwrite, resume=resume)
 
 
 def run_demo_command(output_dir: Path, *, quick: bool, seed: int) -> dict:

@@ -164,6 +164,7 @@ class DistillCollator:
     def __call__(self, examples: Sequence[Example]) -> dict:
         main = [(example.prompt, example.answer) for example in examples]
         batch: dict = {"is_cot_B": torch.tensor([e.is_cot for e in examples], dtype=torch.bool)}
+        batch["ids"] = [example.id for example in examples]
         pairs = {role: self._tokenize(role, main) for role in self.tokenizers}
         for role, tokenizer in self.tokenizers.items():
             batch[role] = pad_side(pairs[role], tokenizer.pad_token_id)

@@ -161,6 +161,20 @@ def gathered_copy(parameter: torch.nn.Parameter) -> torch.Tensor:
         return parameter.detach().clone()
 
 
+def save_checkpoint(engine: Any, root: Path, tag: str) -> None:
+    """Collective: every rank writes its ZeRO partitions, optimizer and scheduler state."""
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+
+
+def load_checkpoint(engine: Any, root: Path, tag: str) -> None:
+    """Collective: restore weights, optimizer and scheduler exactly as saved."""
+    path, _ = engine.load_checkpoint(
+        str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
+
+
 def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))

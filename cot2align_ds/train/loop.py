@@ -37,6 +37,7 @@ from cot2align_ds.models.loading import (
 from cot2align_ds.models.lora import apply_lora, save_lora_student
 from cot2align_ds.models.student_module import StudentWithProjectors, param_groups
 from cot2align_ds.tracking import Tracker
+from cot2align_ds.train import checkpointing as ckpt
 from cot2align_ds.train.objective import (
     NORMALISER_KEYS,
     ModelAccess,
@@ -70,6 +71,23 @@ def check_output_dir(config: RunConfig, overwrite: bool) -> Path:
     return output_dir
 
 
+class ResumableSampler(DistributedSampler):
+    """A ``DistributedSampler`` that can start its next epoch ``skip_batches`` batches in.
+
+    Skipping in the sampler means the skipped examples are never tokenized or collated.
+    """
+
+    def __init__(self, *args, micro_batch_size: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.micro_batch_size = micro_batch_size
+        self.skip_batches = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        skip, self.skip_batches = self.skip_batches * self.micro_batch_size, 0
+        return iter(indices[skip:])
+
+
 class _ExampleDataset(torch.utils.data.Dataset):
     def __init__(self, examples: list[Example]) -> None:
         self.examples = examples
@@ -83,14 +101,15 @@ class _ExampleDataset(torch.utils.data.Dataset):
 
 def build_loader(
     config: RunConfig, examples: list[Example], collator: DistillCollator, ctx: dse.DistContext
-) -> tuple[DataLoader, DistributedSampler]:
-    sampler = DistributedSampler(
+) -> tuple[DataLoader, ResumableSampler]:
+    sampler = ResumableSampler(
         _ExampleDataset(examples),
         num_replicas=ctx.world_size,
         rank=ctx.rank,
         shuffle=True,
         seed=config.train.seed,
         drop_last=False,
+        micro_batch_size=config.train.micro_batch_size,
     )
     workers = config.data.num_workers
     loader = DataLoader(
@@ -102,6 +121,9 @@ def build_loader(
         prefetch_factor=config.data.prefetch_factor if workers else None,
         persistent_workers=workers > 0,
         drop_last=True,
+        # Its own generator: creating an iterator must not draw from the global RNG, or a run
+        # resumed mid-epoch would see different dropout masks from the uninterrupted one.
+        generator=torch.Generator().manual_seed(config.train.seed),
     )
     if len(loader) < config.train.grad_accum:
         raise ConfigError(
@@ -122,7 +144,9 @@ def _to_device(tree, device: torch.device):
 class Trainer:
     """Owns the engines, the loader and the objective for one run."""
 
-    def __init__(self, config: RunConfig, output_dir: Path, ctx: dse.DistContext) -> None:
+    def __init__(
+        self, config: RunConfig, output_dir: Path, ctx: dse.DistContext, resume_tag: str | None
+    ) -> None:
         self.config = config
         self.output_dir = output_dir
         self.ctx = ctx
@@ -130,6 +154,9 @@ class Trainer:
         self._load_models()
         self._build_data()
         self._build_engines()
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        if resume_tag is not None:
+            self._resume(resume_tag)
         self.tracker = Tracker(
             output_dir,
             is_main_process=self.ctx.is_main,
@@ -258,11 +285,14 @@ class Trainer:
 
     # -- one optimizer step ---------------------------------------------------------------------
     def _batches(self):
-        epoch = 0
+        """Micro-batches forever, tracking (epoch, batch_in_epoch) for exact resume."""
+        self.sampler.skip_batches = self.batch_in_epoch
         while True:
-            self.sampler.set_epoch(epoch)
-            yield from self.loader
-            epoch += 1
+            self.sampler.set_epoch(self.epoch)
+            for batch in self.loader:
+                self.batch_in_epoch += 1
+                yield batch
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     def _forward_student(self, side: dict) -> ModelOutputs:
         output = self.student_engine(
@@ -323,12 +353,14 @@ class Trainer:
         wait_s = step_s = 0.0
         last: dict[str, float] = {}
         self.student_engine.train()
-        with self.tracker.progress(self.total_steps) as bar:
-            for step in range(1, self.total_steps + 1):
+        with self.tracker.progress(self.total_steps - self.step) as bar:
+            for step in range(self.step + 1, self.total_steps + 1):
                 started = time.perf_counter()
                 window = [next(batches) for _ in range(cfg.grad_accum)]
                 fetched = time.perf_counter()
+                self._audit(step, window)
                 values = self.train_step(window)
+                self.step = step
                 tokens += sum(int(b["student"]["attention_mask"].sum()) for b in window)
                 wait_s += fetched - started
                 step_s += time.perf_counter() - started
@@ -336,6 +368,8 @@ class Trainer:
                     last = self._log(step, values, tokens, wait_s, step_s)
                     tokens, wait_s, step_s = 0, 0.0, 0.0
                 bar.update(1, {k: last[k] for k in ("loss/total",) if k in last})
+                if cfg.save_every and step % cfg.save_every == 0 and step < self.total_steps:
+                    self.save_checkpoint()
         model_dir = self.save()
         self.tracker.close()
         return TrainResult(self.output_dir, model_dir, self.total_steps, last)
@@ -358,6 +392,51 @@ class Trainer:
             raise FloatingPointError(f"non-finite metric at step {step}: {metrics}")
         self.tracker.log(metrics, step)
         return metrics
+
+    # -- resumable checkpoints ------------------------------------------------------------------
+    def _trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "world_size": self.ctx.world_size,
+            "micro_batch_size": self.config.train.micro_batch_size,
+            "grad_accum": self.config.train.grad_accum,
+        }
+
+    def save_checkpoint(self) -> None:
+        root, tag = ckpt.checkpoint_root(self.output_dir), ckpt.tag_for(self.step)
+        dse.save_checkpoint(self.student_engine, root, tag)
+        rng_file = root / tag / f"rng-rank{self.ctx.rank}.json"
+        write_text_atomic(rng_file, json.dumps(ckpt.rng_state()))
+        dse.barrier()  # every rank's files are on disk before the checkpoint counts as complete
+        if self.ctx.is_main:
+            ckpt.write_marker(root, tag, self._trainer_state())
+            ckpt.rotate(root, self.config.train.keep_last)
+        dse.barrier()
+
+    def _resume(self, tag: str) -> None:
+        root = ckpt.checkpoint_root(self.output_dir)
+        state = ckpt.read_marker(root, tag)
+        for key in ("world_size", "micro_batch_size", "grad_accum"):
+            if state[key] != self._trainer_state()[key]:
+                raise ckpt.ResumeError(
+                    f"checkpoint {tag} was written with {key}={state[key]}, this run has "
+                    f"{self._trainer_state()[key]}; resume with the same setting"
+                )
+        dse.load_checkpoint(self.student_engine, root, tag)
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.batch_in_epoch = state["batch_in_epoch"]
+        rng = json.loads((root / tag / f"rng-rank{self.ctx.rank}.json").read_text())
+        ckpt.set_rng_state(rng)
+
+    def _audit(self, step: int, window: list[dict]) -> None:
+        if not self.config.train.record_example_ids:
+            return
+        path = self.output_dir / f"examples_seen.rank{self.ctx.rank}.jsonl"
+        with path.open("a", encoding="utf-8") as handle:
+            ids = [example_id for batch in window for example_id in batch["ids"]]
+            handle.write(json.dumps({"step": step, "ids": ids}) + "\n")
 
     def _write_ds_configs(self) -> None:
         write_text_atomic(
@@ -388,12 +467,23 @@ class Trainer:
         return model_dir
 
 
-def run_train(config: RunConfig, *, overwrite: bool = False) -> TrainResult:
+def run_train(
+    config: RunConfig, *, overwrite: bool = False, resume: str | None = None
+) -> TrainResult:
+    """Train; ``resume``: "auto" (newest complete checkpoint, if any) or a checkpoint tag."""
     ctx = dse.init_distributed(config.deepspeed.dist_timeout_s)
-    output_dir = check_output_dir(config, overwrite)
+    output_dir = Path(config.output_dir)
+    tag = ckpt.find_resume_tag(output_dir, resume) if resume else None
+    if resume is None:
+        check_output_dir(config, overwrite)
     dse.barrier()  # every rank has checked before rank 0 writes anything
     if ctx.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(output_dir / "config.json", json.dumps(config_to_dict(config), indent=2))
-    trainer = Trainer(config, output_dir, ctx)
+        if tag is not None:
+            step = ckpt.read_marker(ckpt.checkpoint_root(output_dir), tag)["step"]
+            for name in ["metrics.jsonl", *(p.name for p in output_dir.glob("examples_seen.*"))]:
+                ckpt.truncate_jsonl_steps(output_dir / name, step)
+    dse.barrier()
+    trainer = Trainer(config, output_dir, ctx, tag)
     return trainer.train()

@@ -1,0 +1,143 @@
+"""End-to-end distillation step on tiny models (world size 1, ZeRO-3 student + offloaded teacher).
+
+For each method: student tokens/s over the timed steps (setup excluded) and the share of step
+time spent waiting for the DataLoader (alignment and tokenization run in worker processes, so
+this should stay small). Peers: each base KD method against SFT, and each "+ CoT2Align" against
+its base method (target from the issue: at most 2.2x the base step, since CoT2Align adds two
+forward passes for the cross views). Same data, same models, same seed, runs interleaved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+CASES = {
+    "sft": ("sft", False),
+    "uld": ("uld", False),
+    "mined": ("mined", False),
+    "dskd_cma": ("dskd_cma", False),
+    "uld+cot2align": ("uld", True),
+    "dskd_cma+cot2align": ("dskd_cma", True),
+}
+PEERS = {
+    "uld": "sft",
+    "mined": "sft",
+    "dskd_cma": "sft",
+    "uld+cot2align": "uld",
+    "dskd_cma+cot2align": "dskd_cma",
+}
+
+
+def _workspace(root: Path, num_records: int) -> dict[str, Path]:
+    from cot2align_ds.data.records import write_records
+    from cot2align_ds.data.synthetic import ArithmeticTaskSpec, make_split
+    from cot2align_ds.demo import TEACHER_ARCHITECTURE, tokenizer_corpus
+    from cot2align_ds.models.toy_tokenizers import train_byte_bpe, train_unigram
+
+    records = make_split(num_records, ArithmeticTaskSpec(), seed=0, prefix="bench")
+    write_records(root / "train.jsonl", records)
+    corpus = tokenizer_corpus(records, "compact")
+    train_byte_bpe(corpus, 600).save_pretrained(root / "teacher_tok")
+    train_unigram(corpus, 400).save_pretrained(root / "student_tok")
+    return {"root": root, "teacher_arch": TEACHER_ARCHITECTURE}
+
+
+def _config(ws: dict, out: Path, method: str, cot2align: bool, steps: int, workers: int) -> dict:
+    config = {
+        "output_dir": str(out),
+        "student": {
+            "architecture": {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4},
+            "tokenizer": str(ws["root"] / "student_tok"),
+        },
+        "data": {
+            "train_file": str(ws["root"] / "train.jsonl"),
+            "template": "compact",
+            "max_prompt_tokens": 160,
+            "max_total_tokens": 224,
+            "num_workers": workers,
+            "cot_records": "all" if cot2align else "none",
+        },
+        "distill": {"method": method, "temperature": 1.0},
+        "cot2align": {"enabled": cot2align},
+        "train": {
+            "max_steps": steps,
+            "micro_batch_size": 16,
+            "precision": "fp32",
+            "log_every": steps,
+        },
+        "deepspeed": {"dist_timeout_s": 300},
+    }
+    if method != "sft":
+        config["teacher"] = {
+            "architecture": ws["teacher_arch"],
+            "tokenizer": str(ws["root"] / "teacher_tok"),
+        }
+    return config
+
+
+def _measure(ws, root: Path, name: str, steps: int, workers: int) -> dict[str, float]:
+    from cot2align_ds.config import validate_config
+    from cot2align_ds.train.loop import run_train
+
+    method, cot2align = CASES[name]
+    out = root / f"run-{name}"
+    run_train(validate_config(_config(ws, out, method, cot2align, steps, workers)), overwrite=True)
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    return {"tokens_per_s": last["tokens_per_s"], "data_wait_share": last["data_wait_share"]}
+
+
+def run(quick: bool = False) -> list[dict]:
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    steps, repeats = (6, 1) if quick else (20, 3)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        ws = _workspace(root, 400)
+        samples: dict[str, list[dict]] = {name: [] for name in CASES}
+        for _ in range(repeats):  # interleaved: each repeat runs every case once
+            for name in CASES:
+                samples[name].append(_measure(ws, root, name, steps, workers=1))
+    medians = {
+        name: {k: statistics.median(s[k] for s in runs) for k in runs[0]}
+        for name, runs in samples.items()
+    }
+    rows = []
+    for name, peer in PEERS.items():
+        # Step-time ratio = inverse throughput ratio (same tokens per step on both sides).
+        rows.append(
+            {
+                "section": "step",
+                "case": f"{name} step time",
+                "unit": "s/1k tok",
+                "ours": 1000 / medians[name]["tokens_per_s"],
+                "peer": 1000 / medians[peer]["tokens_per_s"],
+                "peer_name": peer,
+                "target": "<= 2.2x base" if "cot2align" in name else "report",
+            }
+        )
+    for name in CASES:
+        rows.append(
+            {
+                "section": "step",
+                "case": f"{name} data-wait share",
+                "unit": "share",
+                "ours": medians[name]["data_wait_share"],
+                "peer": 1.0,
+                "peer_name": "whole step",
+                "target": "small",
+            }
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+
+    from bench.run import print_table
+
+    print_table(
+        [{"suite": "step", **r} for r in run("--quick" in sys.argv)], {}, "--quick" in sys.argv
+    )

@@ -1,0 +1,122 @@
+"""Exact resume: a run killed with SIGKILL at a random step and resumed with --resume auto gives
+the same per-step losses as an uninterrupted run, and sees every example once per epoch."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+import torch
+import yaml
+from support import tiny_run_config
+
+from cot2align_ds.config import validate_config
+from cot2align_ds.data.records import read_records, write_records
+from cot2align_ds.train import checkpointing as ckpt
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+NUM_RECORDS, MICRO_BATCH, STEPS = 16, 4, 10  # 4 steps per epoch, 2.5 epochs
+
+
+def _config(workspace, tmp_path, name):
+    train_file = tmp_path / "train16.jsonl"
+    write_records(train_file, read_records(workspace["train"])[:NUM_RECORDS])
+    config = tiny_run_config(
+        workspace,
+        tmp_path / name,
+        train={
+            "max_steps": STEPS,
+            "micro_batch_size": MICRO_BATCH,
+            "lr": 5e-3,
+            "save_every": 1,
+            "keep_last": 2,
+            "record_example_ids": True,
+            "log_every": 1,
+        },
+    )
+    config["data"]["train_file"] = str(train_file)
+    return config
+
+
+def _losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
+    return torch.tensor([row["loss/total"] for row in rows])
+
+
+def _cli(*args):
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    return [sys.executable, "-m", "cot2align_ds.cli", *args], env
+
+
+def test_sigkill_then_resume_matches_the_uninterrupted_run(workspace, tmp_path):
+    from cot2align_ds.train.loop import run_train
+
+    run_train(validate_config(_config(workspace, tmp_path, "reference")))
+    reference = _losses(tmp_path / "reference")
+
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump(_config(workspace, tmp_path, "killed")))
+    kill_after = random.Random(os.getpid()).randint(2, STEPS - 2)
+    command, env = _cli("train", "--config", str(path))
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= kill_after:
+            break
+        time.sleep(0.05)
+    if process.poll() is not None:
+        pytest.fail(f"the run ended before it could be killed (exit {process.returncode})")
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "student").exists()
+
+    command, env = _cli("train", "--config", str(path), "--resume", "auto")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.testing.assert_close(_losses(tmp_path / "killed"), reference, rtol=1e-5, atol=1e-6)
+
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "killed" / "examples_seen.rank0.jsonl").read_text().splitlines()
+    ]
+    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
+    steps_per_epoch = NUM_RECORDS // MICRO_BATCH
+    for start in range(0, STEPS - steps_per_epoch + 1, steps_per_epoch):
+        seen = Counter(i for row in rows[start : start + steps_per_epoch] for i in row["ids"])
+        assert len(seen) == NUM_RECORDS and set(seen.values()) == {1}
+    # Rotation kept the newest two complete checkpoints.
+    assert len(ckpt.complete_tags(ckpt.checkpoint_root(tmp_path / "killed"))) <= 2
+
+
+def test_resume_without_checkpoint_starts_fresh_and_a_named_tag_must_exist(workspace, tmp_path):
+    from cot2align_ds.train.loop import run_train
+
+    config = validate_config(_config(workspace, tmp_path, "fresh"))
+    with pytest.raises(ckpt.ResumeError, match="no complete checkpoint"):
+        run_train(config, resume="step-000003")
+    config.train.max_steps = 2
+    run_train(config, resume="auto")
+    assert (tmp_path / "fresh" / "student" / "model.safetensors").is_file()
+
+
+def test_half_written_checkpoint_is_never_picked(tmp_path):
+    root = ckpt.checkpoint_root(tmp_path)
+    (root / "step-000002").mkdir(parents=True)
+    ckpt.write_marker(root, "step-000002", {"step": 2})
+    (root / "step-000004").mkdir()  # killed while writing: no marker
+    assert ckpt.find_resume_tag(tmp_path, "auto") == "step-000002"
+    (root / "step-000006").mkdir()
+    ckpt.write_marker(root, "step-000006", {"step": 6})
+    ckpt.rotate(root, keep_last=1)
+    assert sorted(p.name for p in root.iterdir()) == ["step-000006", "step-000006.complete"]
