@@ -164,6 +164,9 @@ class TrainConfig(_Strict):
     grad_clip: float = Field(1.0, ge=0.0, description="0 disables clipping")
     precision: Precision = "bf16"
     log_every: int = Field(10, ge=1)
+    max_skipped_steps: int = Field(
+        10, ge=0, description="steps skipped for non-finite loss/gradients before the run stops"
+    )
     save_every: int | None = Field(None, ge=1, description="resumable checkpoint every N steps")
     keep_last: int = Field(2, ge=1, description="resumable checkpoints kept (rotation)")
     record_example_ids: bool = Field(

@@ -28,6 +28,7 @@ from cot2align_ds.engine.ds_config import (
     resolve_student_ds_config,
     resolve_teacher_ds_config,
 )
+from cot2align_ds.errors import UserError
 from cot2align_ds.models.loading import (
     config_hidden_size,
     hidden_size_of,
@@ -46,6 +47,10 @@ from cot2align_ds.train.objective import (
     batch_normalisers,
 )
 from cot2align_ds.train.schedule import cosine_with_floor
+
+
+class NonFiniteError(UserError):
+    """Too many optimizer steps had non-finite loss or gradients."""
 
 
 @dataclass
@@ -155,6 +160,7 @@ class Trainer:
         self._build_data()
         self._build_engines()
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.skipped_steps = 0
         if resume_tag is not None:
             self._resume(resume_tag)
         self.tracker = Tracker(
@@ -361,6 +367,7 @@ class Trainer:
                 self._audit(step, window)
                 values = self.train_step(window)
                 self.step = step
+                self._check_skipped(step)
                 tokens += sum(int(b["student"]["attention_mask"].sum()) for b in window)
                 wait_s += fetched - started
                 step_s += time.perf_counter() - started
@@ -388,10 +395,25 @@ class Trainer:
         metrics["tokens_per_s"] = tokens * self.ctx.world_size / max(step_s, 1e-9)
         metrics["data_wait_share"] = wait_s / max(step_s, 1e-9)
         metrics["epoch"] = step / max(self.steps_per_epoch, 1)
-        if not all(math.isfinite(v) for v in metrics.values()):
-            raise FloatingPointError(f"non-finite metric at step {step}: {metrics}")
+        metrics["skipped_steps"] = float(self.skipped_steps)
+        # A skipped step's NaN loss is reported by _check_skipped; JSON cannot carry NaN.
+        metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
         self.tracker.log(metrics, step)
         return metrics
+
+    def _check_skipped(self, step: int) -> None:
+        """DeepSpeed skips an update whose gradients are non-finite; count them and give up
+        after ``train.max_skipped_steps`` rather than train on garbage."""
+        skipped = int(self.student_engine.skipped_steps)
+        if skipped > self.skipped_steps:
+            self.skipped_steps = skipped
+            self.tracker.summary({"skipped_step": step, "skipped_steps_total": skipped})
+        limit = self.config.train.max_skipped_steps
+        if skipped > limit:
+            raise NonFiniteError(
+                f"stopping at step {step}: {skipped} steps had non-finite loss or gradients "
+                f"(limit train.max_skipped_steps={limit}); lower train.lr or check the data"
+            )
 
     # -- resumable checkpoints ------------------------------------------------------------------
     def _trainer_state(self) -> dict:
