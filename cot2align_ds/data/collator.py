@@ -79,7 +79,12 @@ def tokenize_pair(
 
 
 def pad_side(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad tokenized pairs into ``input_ids``, ``attention_mask``, ``labels`` (B, L)."""
+    """Right-pad tokenized pairs into ``input_ids``, ``attention_mask``, ``labels`` (B, L).
+
+    Also ``response_index`` / ``response_mask`` (B, K), K = the most response positions in a
+    row: sequence-level losses (OT) gather just those positions, so their cost grows with the
+    answer length, not the padded prompt + answer length, and the shape needs no host sync.
+    """
     length = max((len(pair.input_ids) for pair in pairs), default=1)
     batch = len(pairs)
     input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
@@ -90,7 +95,19 @@ def pad_side(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, torch.Ten
         input_ids[row, :size] = torch.tensor(pair.input_ids)
         attention_mask[row, :size] = 1
         labels[row, :size] = torch.tensor(pair.labels)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    is_response = labels != IGNORE_INDEX
+    num_response = max(int(is_response.sum(1).max()) if batch else 0, 1)
+    # A stable sort puts each row's response positions first, in order.
+    order = torch.sort((~is_response).to(torch.int8), dim=1, stable=True).indices
+    response_index = order[:, :num_response]
+    response_mask = torch.gather(is_response, 1, response_index)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "response_index": response_index,
+        "response_mask": response_mask,
+    }
 
 
 def answer_alignment(

@@ -239,11 +239,12 @@ class Objective:
         project = projectors["ot"]
         groups, names = [], []
         views = self._ot_views(batch, outputs)
-        for name, (student, teacher, s_mask, t_mask) in views.items():
+        for name, (student, teacher) in views.items():
             for pair in self.ot.layer_pairs:
-                s_hidden = student.hidden_states[pair.student]
-                t_hidden = project(teacher.hidden_states[pair.teacher].to(s_hidden.dtype))
-                groups.append((s_hidden, t_hidden, s_mask, t_mask, pair.weight))
+                s_hidden = _gather(student.hidden_states[pair.student], student.index)
+                t_hidden = _gather(teacher.hidden_states[pair.teacher], teacher.index)
+                t_hidden = project(t_hidden.to(s_hidden.dtype))
+                groups.append((s_hidden, t_hidden, student.mask, teacher.mask, pair.weight))
                 names.append(name)
         result = multi_pair_ot_loss(
             groups,
@@ -258,22 +259,21 @@ class Objective:
             sums[name] = sums[name] + groups[index][4] * result.group_sums_G[index]
         return sums
 
-    def _ot_views(self, batch, outputs) -> dict:
-        s_main, t_main = outputs["student"], outputs["teacher"]
-        s_mask = batch["student"]["labels"] != -100
-        t_mask = batch["teacher"]["labels"] != -100
-        views = {"ot_main": (s_main, t_main, s_mask, t_mask)}
+    def _ot_views(self, batch, outputs) -> dict[str, tuple[_Side, _Side]]:
+        """(student side, teacher side) per OT group, restricted to response positions."""
+        s_main = _Side.of(outputs["student"], batch["student"])
+        t_main = _Side.of(outputs["teacher"], batch["teacher"])
+        views = {"ot_main": (s_main, t_main)}
         if not self.needs_cross_views:
             return views
         rows, valid = batch["cot_rows_C"], batch["cot_valid_C"][:, None]
-        s_std, t_std = outputs["student_standard"], outputs["teacher_standard"]
-        s_std_mask = (batch["student_standard"]["labels"] != -100) & valid
-        t_std_mask = (batch["teacher_standard"]["labels"] != -100) & valid
+        s_std = _Side.of(outputs["student_standard"], batch["student_standard"], valid)
+        t_std = _Side.of(outputs["teacher_standard"], batch["teacher_standard"], valid)
         if self.ot.reference_compat:
             # The reference masks the teacher's standard-view labels everywhere: term is zero.
-            t_std_mask = torch.zeros_like(t_std_mask)
-        views["ot_cross_std_cot"] = (s_std, _rows(t_main, rows), s_std_mask, t_mask[rows] & valid)
-        views["ot_cross_cot_std"] = (_rows(s_main, rows), t_std, s_mask[rows] & valid, t_std_mask)
+            t_std = _Side(t_std.outputs, t_std.index, torch.zeros_like(t_std.mask))
+        views["ot_cross_std_cot"] = (s_std, t_main.rows(rows, valid))
+        views["ot_cross_cot_std"] = (s_main.rows(rows, valid), t_std)
         return views
 
     # -- composition ----------------------------------------------------------------------------
@@ -313,9 +313,35 @@ def _targets(side: dict) -> torch.Tensor:
     return side["labels"].clamp_min(0)
 
 
-def _rows(outputs: ModelOutputs, rows: torch.Tensor) -> ModelOutputs:
-    hidden = tuple(h[rows] for h in outputs.hidden_states) if outputs.hidden_states else None
-    return ModelOutputs(outputs.logits[rows], hidden)
+@dataclass
+class _Side:
+    """One side of an OT group: outputs and its response positions (index_BK, mask_BK)."""
+
+    outputs: ModelOutputs
+    index: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def hidden_states(self) -> tuple[torch.Tensor, ...]:
+        return self.outputs.hidden_states
+
+    @classmethod
+    def of(cls, outputs: ModelOutputs, side: dict, valid: torch.Tensor | None = None) -> _Side:
+        mask = side["response_mask"] if valid is None else side["response_mask"] & valid
+        return cls(outputs, side["response_index"], mask)
+
+    def rows(self, rows: torch.Tensor, valid: torch.Tensor) -> _Side:
+        hidden = tuple(h[rows] for h in self.outputs.hidden_states)
+        return _Side(
+            ModelOutputs(self.outputs.logits[rows], hidden),
+            self.index[rows],
+            self.mask[rows] & valid,
+        )
+
+
+def _gather(hidden_BLD: torch.Tensor, index_BK: torch.Tensor) -> torch.Tensor:
+    """The response positions of each row: (B, L, D) -> (B, K, D)."""
+    return torch.gather(hidden_BLD, 1, index_BK[..., None].expand(-1, -1, hidden_BLD.shape[-1]))
 
 
 def _budget(megabytes: float | None) -> int | None:
