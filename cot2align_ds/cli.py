@@ -199,6 +199,65 @@ def pair_check(
         raise typer.Exit(1)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@user_errors
+def launch(
+    ctx: typer.Context,
+    config: Annotated[str, typer.Option("--config", "-c", help="Recipe name or YAML path.")],
+    nodes: Annotated[int, typer.Option(help="Number of nodes.")] = 1,
+    gpus_per_node: Annotated[int | None, typer.Option(help="Default: all visible.")] = None,
+    slurm: Annotated[bool, typer.Option(help="Submit launchers/slurm.sbatch with sbatch.")] = False,
+    partition: Annotated[str | None, typer.Option(help="SLURM partition.")] = None,
+    time: Annotated[str | None, typer.Option(help="SLURM time limit, e.g. 24:00:00.")] = None,
+    job_name: Annotated[str | None, typer.Option(help="SLURM job name.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the command or script only.")] = False,
+) -> None:
+    """Render and run (or submit) the exact launch command; extra args go to `train`."""
+    from cot2align_ds.runs import run_launch_command
+
+    code = run_launch_command(
+        config,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        slurm=slurm,
+        extra_args=ctx.args,
+        partition=partition,
+        time=time,
+        job_name=job_name,
+        dry_run=dry_run,
+        echo=typer.echo,
+    )
+    raise typer.Exit(code)
+
+
+@app.command()
+@user_errors
+def plan(
+    config: ConfigOption,
+    set_: SetOption = None,
+    world_size: Annotated[int, typer.Option(help="Total ranks (GPUs).")] = 8,
+    gpus_per_node: int = 8,
+    gpu_mem_gb: Annotated[float | None, typer.Option(help="Warn above this per GPU.")] = None,
+    cpu_mem_gb: Annotated[float | None, typer.Option(help="Warn above this per node.")] = None,
+    gradient_checkpointing: bool | None = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable plan.")] = False,
+) -> None:
+    """Estimate per-GPU and per-node CPU memory before launching; warns when it won't fit."""
+    from cot2align_ds.runs import run_plan_command
+
+    run_plan_command(
+        config,
+        set_ or [],
+        world_size=world_size,
+        gpus_per_node=gpus_per_node,
+        gpu_mem_gb=gpu_mem_gb,
+        cpu_mem_gb=cpu_mem_gb,
+        gradient_checkpointing=gradient_checkpointing,
+        as_json=json_output,
+        echo=typer.echo,
+    )
+
+
 def main() -> None:
     _offline_defaults()
     app()

@@ -146,3 +146,15 @@ def print_demo_table(results: dict) -> None:
     Console().print(table)
     meta = results.get("_meta", {})
     Console().print(f"wall time: {meta.get('wall_s', 0):.0f} s")
+
+
+def run_launch_command(config: str, **options) -> int:
+    from cot2align_ds.launch import run_launch
+
+    return run_launch(config, **options)
+
+
+def run_plan_command(config: str, overrides: list[str], **options) -> None:
+    from cot2align_ds.plan import run_plan
+
+    run_plan(config, overrides, **options)

@@ -1,0 +1,329 @@
+"""``cot2align launch``: start ``cot2align train`` on one node, on a SLURM allocation, or submit it.
+
+Three modes, each rendered first as a ``LaunchPlan`` (what will run, exactly) and then run:
+
+- one node: the deepspeed launcher on the local GPUs (what ``launchers/local.sh`` does);
+- several nodes inside an existing allocation (``salloc``, an interactive job): a hostfile built
+  from ``SLURM_JOB_NODELIST`` and one deepspeed launcher on this host, which starts the other
+  nodes' ranks over pdsh/ssh;
+- ``slurm=True``: ``launchers/slurm.sbatch`` with its ``#SBATCH`` header set from the arguments
+  and the run's arguments baked in, submitted on ``sbatch``'s standard input (requeue on
+  preemption and ``--resume auto`` on restart come with the script).
+
+The run config (with any ``--set`` overrides among the extra arguments) is validated before
+anything starts or is submitted, so a typo fails here in one line rather than in the queue.
+This module never imports deepspeed: it runs the launcher as a command.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from cot2align_ds.config import load_config
+from cot2align_ds.errors import UserError
+
+SBATCH_TEMPLATE = Path(__file__).resolve().parents[1] / "launchers" / "slurm.sbatch"
+_TRAIN_MODULE = ("--module", "cot2align_ds.cli", "train")
+
+
+class LaunchError(UserError):
+    """The launch cannot be rendered or started; one line saying what to change."""
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What ``run_launch`` will do: run ``argv`` (with ``stdin`` on its standard input), after
+    writing ``hostfile_text`` to ``hostfile_path`` when there is one."""
+
+    mode: Literal["local", "allocation", "slurm"]
+    argv: list[str]
+    stdin: str | None = None
+    hostfile_path: Path | None = None
+    hostfile_text: str | None = None
+
+    def describe(self) -> str:
+        """The dry-run text: the hostfile, the command, and the script for SLURM."""
+        lines = []
+        if self.hostfile_path is not None:
+            lines += [f"# hostfile {self.hostfile_path}", (self.hostfile_text or "").rstrip()]
+        lines.append(shlex.join(self.argv))
+        if self.stdin is not None:
+            lines += ["# batch script (on sbatch's standard input):", self.stdin.rstrip()]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# SLURM node lists
+# ---------------------------------------------------------------------------------------------
+
+
+def expand_nodelist(nodelist: str, *, use_scontrol: bool = True) -> list[str]:
+    """Host names of a SLURM node list such as ``gpu[01-03,07],login1``.
+
+    ``scontrol show hostnames`` when it is on PATH (it knows every syntax SLURM accepts),
+    otherwise a small expander for comma-separated names with bracketed ranges.
+    """
+    if use_scontrol and shutil.which("scontrol"):
+        result = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True
+        )
+        if result.returncode == 0 and result.stdout.strip():
+            return result.stdout.split()
+    hosts = [host for part in _split_top_level(nodelist) for host in _expand_one(part)]
+    if not hosts:
+        raise LaunchError(f"SLURM node list '{nodelist}' names no hosts")
+    return hosts
+
+
+def _split_top_level(nodelist: str) -> list[str]:
+    """Split on the commas outside brackets: ``a[1,3],b`` -> ``a[1,3]``, ``b``."""
+    parts, depth, current = [], 0, ""
+    for char in nodelist.strip():
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [part for part in [*parts, current] if part]
+
+
+_BRACKET = re.compile(r"^(?P<prefix>[^\[\]]*)\[(?P<ranges>[^\[\]]+)\](?P<rest>.*)$")
+
+
+def _expand_one(pattern: str) -> list[str]:
+    """Expand the first bracket group, then the rest recursively (``r[1-2]n[1-2]`` works)."""
+    match = _BRACKET.match(pattern)
+    if match is None:
+        if "[" in pattern or "]" in pattern:
+            raise LaunchError(f"cannot parse SLURM node list entry '{pattern}'")
+        return [pattern]
+    tails = _expand_one(match["rest"]) if match["rest"] else [""]
+    return [
+        f"{match['prefix']}{index}{tail}" for index in _indices(match["ranges"]) for tail in tails
+    ]
+
+
+def _indices(ranges: str) -> list[str]:
+    """``01-03,07`` -> 01 02 03 07, keeping the zero padding of the range's start."""
+    indices = []
+    for item in ranges.split(","):
+        start, _, stop = item.partition("-")
+        if not start.isdigit() or (stop and not stop.isdigit()):
+            raise LaunchError(f"cannot parse SLURM node range '{item}' in '[{ranges}]'")
+        width = len(start)
+        last = int(stop) if stop else int(start)
+        indices += [str(index).zfill(width) for index in range(int(start), last + 1)]
+    return indices
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------
+
+
+def _overrides(extra_args: Sequence[str]) -> list[str]:
+    """The ``--set`` / ``-s`` values among the arguments passed through to ``train``."""
+    overrides = []
+    for index, arg in enumerate(extra_args):
+        if arg in ("--config", "-c") or arg.startswith("--config="):
+            raise LaunchError("give the config once, as the first argument, not in the extra args")
+        if arg.startswith("--set="):
+            overrides.append(arg.removeprefix("--set="))
+        elif arg in ("--set", "-s"):
+            if index + 1 == len(extra_args):
+                raise LaunchError(f"{arg} needs a value: section.key=value")
+            overrides.append(extra_args[index + 1])
+    return overrides
+
+
+def _master_port(env: Mapping[str, str]) -> str:
+    """MASTER_PORT if set; else derived from the SLURM job id (as the batch script does, so
+    every node agrees); else a free local port."""
+    if env.get("MASTER_PORT"):
+        return env["MASTER_PORT"]
+    if env.get("SLURM_JOB_ID", "").isdigit():
+        return str(20000 + int(env["SLURM_JOB_ID"]) % 40000)
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return str(sock.getsockname()[1])
+
+
+def _deepspeed() -> list[str]:
+    # The launcher module of this interpreter: no dependence on PATH or on the `deepspeed` script.
+    return [sys.executable, "-m", "deepspeed.launcher.runner"]
+
+
+def _train_args(config_path: str, extra_args: Sequence[str]) -> list[str]:
+    return [*_TRAIN_MODULE, "--config", str(config_path), *extra_args]
+
+
+def _render_local(
+    config_path: str, gpus_per_node: int | None, extra_args: Sequence[str], env: Mapping[str, str]
+) -> LaunchPlan:
+    argv = [*_deepspeed(), "--master_port", _master_port(env)]
+    if gpus_per_node is not None:
+        argv += ["--num_gpus", str(gpus_per_node)]
+    return LaunchPlan("local", argv + _train_args(config_path, extra_args))
+
+
+def _render_allocation(
+    config_path: str,
+    nodes: int,
+    gpus_per_node: int | None,
+    extra_args: Sequence[str],
+    env: Mapping[str, str],
+) -> LaunchPlan:
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        raise LaunchError(
+            f"--nodes {nodes} needs a SLURM allocation (no SLURM_JOB_NODELIST): run inside "
+            "salloc/sbatch, or pass --slurm to submit a job"
+        )
+    hosts = expand_nodelist(nodelist)
+    if len(hosts) < nodes:
+        raise LaunchError(f"--nodes {nodes} but the allocation has {len(hosts)}: {nodelist}")
+    gpus = gpus_per_node or _int_env(env, "SLURM_GPUS_ON_NODE")
+    if gpus is None:
+        raise LaunchError("cannot tell the GPUs per node: pass --gpus-per-node")
+    hostfile_text = "".join(f"{host} slots={gpus}\n" for host in hosts[:nodes])
+    job = env.get("SLURM_JOB_ID") or str(os.getpid())
+    hostfile_path = Path(tempfile.gettempdir()) / f"cot2align-hostfile-{job}"
+    argv = [*_deepspeed(), "--hostfile", str(hostfile_path), "--master_addr", hosts[0]]
+    argv += ["--master_port", _master_port(env), *_train_args(config_path, extra_args)]
+    return LaunchPlan("allocation", argv, hostfile_path=hostfile_path, hostfile_text=hostfile_text)
+
+
+def _int_env(env: Mapping[str, str], key: str) -> int | None:
+    value = env.get(key, "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def render_sbatch_script(
+    template: str,
+    config_path: str,
+    extra_args: Sequence[str],
+    directives: Mapping[str, str | None],
+) -> str:
+    """The batch script: ``template`` with its ``#SBATCH --key=value`` lines set from
+    ``directives`` (None leaves the template's line) and the run's arguments baked in as
+    positional parameters (so a requeued job re-runs with the same arguments)."""
+    lines = template.splitlines()
+    header_end = max(i for i, line in enumerate(lines) if line.startswith("#SBATCH"))
+    for key, value in directives.items():
+        if value is None:
+            continue
+        wanted = f"#SBATCH --{key}={value}"
+        found = [i for i, line in enumerate(lines) if re.match(rf"#SBATCH --{key}(=|\s|$)", line)]
+        if found:
+            lines[found[0]] = wanted
+        else:
+            header_end += 1
+            lines.insert(header_end, wanted)
+    arguments = shlex.join([str(config_path), *extra_args])
+    baked = [
+        "# Rendered by `cot2align launch --slurm`: the run's arguments.",
+        f"set -- {arguments}",
+    ]
+    lines[header_end + 1 : header_end + 1] = baked
+    return "\n".join(lines) + "\n"
+
+
+def _render_slurm(
+    config_path: str,
+    nodes: int,
+    gpus_per_node: int | None,
+    extra_args: Sequence[str],
+    directives: Mapping[str, str | None],
+) -> LaunchPlan:
+    if not SBATCH_TEMPLATE.is_file():
+        raise LaunchError(f"batch script template {SBATCH_TEMPLATE} not found (source checkout?)")
+    template = SBATCH_TEMPLATE.read_text(encoding="utf-8")
+    all_directives = {
+        "nodes": str(nodes),
+        "gpus-per-node": str(gpus_per_node) if gpus_per_node else None,
+        **directives,
+    }
+    script = render_sbatch_script(template, config_path, extra_args, all_directives)
+    return LaunchPlan("slurm", ["sbatch"], stdin=script)
+
+
+def render_launch(
+    config_path: str | Path,
+    *,
+    nodes: int = 1,
+    gpus_per_node: int | None = None,
+    slurm: bool = False,
+    extra_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    partition: str | None = None,
+    time: str | None = None,
+    job_name: str | None = None,
+) -> LaunchPlan:
+    """Validate the run config (with the ``--set`` overrides in ``extra_args``) and render the
+    launch. ``env`` is where SLURM variables and MASTER_PORT are read (default: os.environ);
+    ``gpus_per_node=None`` means every detected GPU (locally) or the script's default (SLURM)."""
+    env = os.environ if env is None else env
+    if nodes < 1 or (gpus_per_node is not None and gpus_per_node < 1):
+        raise LaunchError(f"--nodes ({nodes}) and --gpus-per-node ({gpus_per_node}) must be >= 1")
+    if not slurm and (partition or time or job_name):
+        raise LaunchError("--partition, --time and --job-name apply to --slurm submissions only")
+    extra_args = list(extra_args)
+    load_config(config_path, _overrides(extra_args))
+    config_path = str(config_path)
+    if slurm:
+        directives = {"partition": partition, "time": time, "job-name": job_name}
+        return _render_slurm(config_path, nodes, gpus_per_node, extra_args, directives)
+    if nodes > 1:
+        return _render_allocation(config_path, nodes, gpus_per_node, extra_args, env)
+    return _render_local(config_path, gpus_per_node, extra_args, env)
+
+
+def run_launch(
+    config_path: str | Path,
+    *,
+    nodes: int = 1,
+    gpus_per_node: int | None = None,
+    slurm: bool = False,
+    extra_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    partition: str | None = None,
+    time: str | None = None,
+    job_name: str | None = None,
+    dry_run: bool = False,
+    echo: Callable[[str], None] = print,
+) -> int:
+    """``cot2align launch``: render, then print (``dry_run``) or run / submit. Returns the exit
+    code of the launcher (or of ``sbatch``); output streams straight to this terminal."""
+    plan = render_launch(
+        config_path,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        slurm=slurm,
+        extra_args=extra_args,
+        env=env,
+        partition=partition,
+        time=time,
+        job_name=job_name,
+    )
+    if dry_run:
+        echo(plan.describe())
+        return 0
+    if plan.mode == "slurm" and shutil.which("sbatch") is None:
+        raise LaunchError("sbatch not found on PATH: submit from a SLURM login node, or --dry-run")
+    if plan.hostfile_path is not None:
+        plan.hostfile_path.write_text(plan.hostfile_text or "", encoding="utf-8")
+    echo(shlex.join(plan.argv))
+    child_env = dict(os.environ if env is None else env)
+    return subprocess.run(plan.argv, input=plan.stdin, text=True, env=child_env).returncode

@@ -1,0 +1,943 @@
+"""``cot2align plan``: estimate per-GPU and per-node CPU memory of a run before launching it.
+
+Parameter counts come from the models' configs (``transformers.AutoConfig``), read field by field
+for the architectures we know (GPT-2, Llama, Mistral, Qwen2); any other architecture is built on
+the ``meta`` device (no weights allocated) and counted. The memory terms:
+
+- student states: 2 + 2 + 12 bytes per trainable parameter in bf16/fp16 (16-bit weights,
+  16-bit gradients, fp32 master + Adam moments; DeepSpeed keeps the fp32 master even in fp32
+  runs: 4 + 4 + 12 there), partitioned over the world size by the ZeRO stage of the student
+  JSON; LoRA students keep frozen 16-bit base weights and train the adapters and projectors;
+- ZeRO-3 working set: parameters reused within ``stage3_max_reuse_distance`` stay gathered, so
+  a student of up to ~1e9 parameters is held whole between forward and backward; a forward-only
+  teacher holds one module plus the prefetch bucket (all of it when it is that small);
+- teacher (frozen, ZeRO-3): 16-bit partitions on the GPU, in pinned CPU memory with
+  ``offload_param: cpu``, or on NVMe with pinned CPU buffers;
+- activations: ``s*b*(18h + c*I)`` bytes per layer in 16 bits (Korthikanti et al. 2022 with
+  fused attention, so no ``s^2`` term; ``c`` = 4 for a GELU MLP, 8 for a gated one), or the
+  layer inputs plus one recomputed layer with gradient checkpointing; CoT records add a forward
+  pass of each model on their standard view;
+- logits: the model outputs (B x L x vocab in the model dtype) plus the fp32 copies the loss
+  makes (per method, ``_LOGIT_COPIES``), over ``chunk_size`` rows at a time when chunking is on;
+- OT (CoT2Align): B x S x T fp32 cost/plan tensors per layer pair and view, plus the Sinkhorn
+  working memory (``losses.sinkhorn.sinkhorn_problem_bytes``);
+- the optimizer step's temporaries, checkpoint reading at start-up and rank 0's gathered state
+  dict at save time.
+
+Each term belongs to a phase; the phases other than ``steady`` do not overlap, so the peak is the
+steady terms plus the largest phase. These are planning estimates, not measurements: on CPU runs
+the planner lands at 0.8-1.05x the measured peak RSS (tests/integration/test_plan_measured.py);
+allocator fragmentation comes on top.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from cot2align_ds.config import ModelSpec, RunConfig, load_config
+from cot2align_ds.engine.ds_config import (
+    load_ds_config,
+    resolve_student_ds_config,
+    resolve_teacher_ds_config,
+)
+from cot2align_ds.errors import UserError
+from cot2align_ds.losses.sinkhorn import sinkhorn_problem_bytes
+from cot2align_ds.models.loading import load_tokenizer, model_config
+
+GIB = 1024**3
+Accelerator = Literal["cuda", "cpu"]
+
+# Per-rank fixed costs. CUDA: context, cuBLAS/cuDNN workspaces and NCCL buffers on the GPU, and
+# the host side of a CUDA torch process (libraries, kernels images) in CPU memory: typical values
+# for torch 2.x on H100 nodes. CPU: the RSS of a process that imported torch + transformers +
+# deepspeed (0.4 GiB measured on the 2-core CI machine) plus the tokenizers and data of a run.
+_GPU_OVERHEAD = {"cuda": int(1.0 * GIB), "cpu": 0}
+_HOST_OVERHEAD = {"cuda": int(3.0 * GIB), "cpu": int(0.5 * GIB)}
+_WORKER_OVERHEAD = int(0.25 * GIB)  # a forked data-loader worker: tokenizers + its own pages
+# Hub checkpoints are safetensors shards of <= 5 GB. Ranks memory-map the same shard, so its pages
+# sit once in the (shared) page cache; each rank materialises one full tensor before keeping only
+# its ZeRO-3 partition.
+_MAX_SHARD_BYTES = 5 * GIB
+
+# fp32 vocabulary-sized intermediates alive at the loss's peak (forward + backward), per gathered
+# response row, for (student vocab V, teacher vocab W). Read off the loss implementations: CE
+# keeps a log-softmax and its gradient; KL-type KD adds a tempered log-softmax (student) and
+# softmax (teacher); ULD adds sorted probabilities and int64 sort indices (two fp32 copies);
+# DSKD adds the teacher-in-student-space logits and the student-in-teacher-space logits.
+_LOGIT_COPIES: dict[str, tuple[int, int]] = {
+    "sft": (2, 0),
+    "vanilla_kd": (4, 2),
+    "uld": (6, 4),
+    "mined": (5, 2),
+    "dskd": (6, 3),
+    "dskd_cma": (6, 3),
+}
+_PROJECTOR_METHODS = ("dskd", "dskd_cma")
+
+
+class PlanError(UserError):
+    """The planner cannot size a model; one line naming the config key."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Model sizes
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """``count`` linear layers named ``name`` (the leaf name peft matches) of d_in -> d_out."""
+
+    name: str
+    d_in: int
+    d_out: int
+    count: int
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    model_type: str
+    num_params: int  # unique parameters: tied embeddings counted once
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    num_heads: int
+    largest_module_params: int  # the most ZeRO-3 gathers for one module (embedding or a linear)
+    gated_mlp: bool
+    linears: tuple[LinearShape, ...] = ()  # transformer-block linears (LoRA targets)
+    source: str = "config fields"
+
+    def lora_params(self, rank: int, target_modules: Sequence[str] | str) -> int:
+        """LoRA adapter parameters: r * (d_in + d_out) per targeted linear layer."""
+        wanted = None if target_modules == "all-linear" else set(target_modules)
+        return sum(
+            rank * (linear.d_in + linear.d_out) * linear.count
+            for linear in self.linears
+            if wanted is None or linear.name in wanted
+        )
+
+
+def _gpt2_size(config: PretrainedConfig) -> ModelSize:
+    hidden, layers, vocab = config.n_embd, config.n_layer, config.vocab_size
+    inner = config.n_inner or 4 * hidden
+    linears = (
+        LinearShape("c_attn", hidden, 3 * hidden, layers),
+        LinearShape("c_proj", hidden, hidden, layers),
+        LinearShape("c_fc", hidden, inner, layers),
+        LinearShape("c_proj", inner, hidden, layers),
+    )
+    # Conv1D layers all carry a bias; two LayerNorms per block (weight + bias), one at the end.
+    block = sum(lin.d_in * lin.d_out + lin.d_out for lin in linears) + 4 * hidden
+    embeddings = (vocab + config.n_positions) * hidden
+    head = 0 if config.tie_word_embeddings else vocab * hidden
+    return ModelSize(
+        model_type="gpt2",
+        num_params=embeddings + layers * block + 2 * hidden + head,
+        num_layers=layers,
+        hidden_size=hidden,
+        intermediate_size=inner,
+        vocab_size=vocab,
+        num_heads=config.n_head,
+        largest_module_params=max(
+            vocab * hidden, config.n_positions * hidden, *(lin.d_in * lin.d_out for lin in linears)
+        ),
+        gated_mlp=False,
+        linears=linears,
+    )
+
+
+def _llama_like_size(config: PretrainedConfig) -> ModelSize:
+    """Llama, Mistral and Qwen2: GQA attention, gated (SwiGLU) MLP, RMSNorm."""
+    hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    inner = config.intermediate_size
+    linears = (
+        LinearShape("q_proj", hidden, heads * head_dim, layers),
+        LinearShape("k_proj", hidden, kv_heads * head_dim, layers),
+        LinearShape("v_proj", hidden, kv_heads * head_dim, layers),
+        LinearShape("o_proj", heads * head_dim, hidden, layers),
+        LinearShape("gate_proj", hidden, inner, layers),
+        LinearShape("up_proj", hidden, inner, layers),
+        LinearShape("down_proj", inner, hidden, layers),
+    )
+    block = sum(lin.d_in * lin.d_out for lin in linears) + 2 * hidden
+    block += _llama_like_biases(config, linears)
+    head = 0 if config.tie_word_embeddings else vocab * hidden
+    return ModelSize(
+        model_type=config.model_type,
+        num_params=vocab * hidden + layers * block + hidden + head,
+        num_layers=layers,
+        hidden_size=hidden,
+        intermediate_size=inner,
+        vocab_size=vocab,
+        num_heads=heads,
+        largest_module_params=max(vocab * hidden, max(lin.d_in * lin.d_out for lin in linears)),
+        gated_mlp=True,
+        linears=linears,
+    )
+
+
+def _llama_like_biases(config: PretrainedConfig, linears: tuple[LinearShape, ...]) -> int:
+    """Bias parameters of one block: Qwen2 always biases q/k/v; Llama has config flags."""
+    out = {lin.name: lin.d_out for lin in linears}
+    if config.model_type == "qwen2":
+        return out["q_proj"] + out["k_proj"] + out["v_proj"]
+    total = 0
+    if getattr(config, "attention_bias", False):
+        total += out["q_proj"] + out["k_proj"] + out["v_proj"] + out["o_proj"]
+    if getattr(config, "mlp_bias", False):
+        total += 2 * out["gate_proj"] + out["down_proj"]
+    return total
+
+
+_FORMULAS: dict[str, Callable[[PretrainedConfig], ModelSize]] = {
+    "gpt2": _gpt2_size,
+    "llama": _llama_like_size,
+    "mistral": _llama_like_size,
+    "qwen2": _llama_like_size,
+}
+
+
+def model_size(config: PretrainedConfig) -> ModelSize:
+    """Count from the config's fields; architectures we do not know are counted on ``meta``."""
+    formula = _FORMULAS.get(config.model_type)
+    if formula is not None:
+        return formula(config)
+    return meta_model_size(config)
+
+
+def meta_model_size(config: PretrainedConfig) -> ModelSize:
+    """Instantiate on the ``meta`` device (shapes only, no memory) and count the parameters."""
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError) as error:
+        raise PlanError(
+            f"cannot size a {type(config).__name__} as a causal LM ({str(error).splitlines()[0]})"
+        ) from None
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    linears = _block_linears(model)
+    text = config.get_text_config()
+    hidden = _first_int(text, "hidden_size", "n_embd", "d_model")
+    inner = _first_int(text, "intermediate_size", "n_inner", "ffn_dim", default=0) or 4 * hidden
+    return ModelSize(
+        model_type=config.model_type,
+        num_params=sum(p.numel() for p in model.parameters()),
+        num_layers=_first_int(text, "num_hidden_layers", "n_layer", "num_layers"),
+        hidden_size=hidden,
+        intermediate_size=inner,
+        vocab_size=_first_int(text, "vocab_size"),
+        num_heads=_first_int(text, "num_attention_heads", "n_head", default=1),
+        largest_module_params=largest,
+        gated_mlp=any(lin.name in ("gate_proj", "w1", "gate_up_proj") for lin in linears),
+        linears=tuple(linears),
+        source="meta instantiation",
+    )
+
+
+def _block_linears(model: torch.nn.Module) -> list[LinearShape]:
+    """Every linear layer but the output head: what peft's ``all-linear`` targets."""
+    head = model.get_output_embeddings()
+    linears = []
+    for name, module in model.named_modules():
+        is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+        if is_linear and module is not head:
+            d_out, d_in = _linear_dims(module, module.weight)
+            linears.append(LinearShape(name.rsplit(".", 1)[-1], d_in, d_out, 1))
+    return linears
+
+
+def _linear_dims(module: torch.nn.Module, weight: torch.Tensor) -> tuple[int, int]:
+    # transformers' Conv1D (GPT-2 style) stores its weight as (d_in, d_out), nn.Linear the reverse.
+    if type(module).__name__ == "Conv1D":
+        return int(weight.shape[1]), int(weight.shape[0])
+    return int(weight.shape[0]), int(weight.shape[1])
+
+
+def _first_int(config: PretrainedConfig, *names: str, default: int | None = None) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    if default is None:
+        raise PlanError(f"cannot read {names[0]} from a {type(config).__name__}")
+    return default
+
+
+def spec_config(spec: ModelSpec, role: str) -> PretrainedConfig:
+    """The config of a student/teacher spec without loading weights.
+
+    An ``architecture`` spec gets its vocabulary from its tokenizer when it does not set one,
+    as the trainer does.
+    """
+    if spec.architecture is None:
+        return model_config(spec, role)
+    kwargs = dict(spec.architecture)
+    if "vocab_size" not in kwargs:
+        tokenizer = load_tokenizer(spec, role)
+        kwargs["vocab_size"] = len(tokenizer)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            kwargs.setdefault(name, getattr(tokenizer, name))
+    return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory terms
+# ---------------------------------------------------------------------------------------------
+
+
+Phase = Literal["steady", "forward/backward", "optimizer step", "start-up", "checkpoint save"]
+_PHASES: tuple[Phase, ...] = (
+    "steady",
+    "forward/backward",
+    "optimizer step",
+    "start-up",
+    "checkpoint save",
+)
+
+
+@dataclass(frozen=True)
+class MemoryItem:
+    """One term. ``steady`` terms are always held; the other phases do not overlap, so a peak is
+    the steady sum plus the largest phase (activations are freed before the optimizer step)."""
+
+    name: str
+    gpu_bytes: int  # per GPU
+    cpu_bytes: int  # per node
+    note: str = ""
+    phase: Phase = "steady"
+
+
+def peak_bytes(items: Sequence[MemoryItem], value: Callable[[MemoryItem], int]) -> int:
+    """Steady terms plus the largest of the other phases."""
+    by_phase = dict.fromkeys(_PHASES, 0)
+    for item in items:
+        by_phase[item.phase] += value(item)
+    return by_phase.pop("steady") + max(by_phase.values())
+
+
+@dataclass
+class MemoryPlan:
+    world_size: int
+    gpus_per_node: int
+    accelerator: Accelerator
+    student: ModelSize
+    teacher: ModelSize | None
+    items: list[MemoryItem]
+    alternatives: dict[str, int] = field(default_factory=dict)  # per-GPU peaks if a knob flips
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def gpu_bytes(self) -> int:
+        """Peak per GPU."""
+        return peak_bytes(self.items, lambda item: item.gpu_bytes)
+
+    @property
+    def cpu_bytes(self) -> int:
+        """Peak host memory per node, besides what a CPU-only run keeps in place of GPU memory."""
+        return peak_bytes(self.items, lambda item: item.cpu_bytes)
+
+    @property
+    def host_bytes(self) -> int:
+        """Peak host RAM per node; on a CPU-only run the "GPU" terms live in host RAM too."""
+        ranks = self.gpus_per_node if self.accelerator == "cpu" else 0
+        return peak_bytes(self.items, lambda item: item.cpu_bytes + ranks * item.gpu_bytes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "world_size": self.world_size,
+            "gpus_per_node": self.gpus_per_node,
+            "accelerator": self.accelerator,
+            "student": asdict(self.student),
+            "teacher": asdict(self.teacher) if self.teacher else None,
+            "items": [asdict(item) for item in self.items],
+            "gpu_bytes": self.gpu_bytes,
+            "cpu_bytes": self.cpu_bytes,
+            "host_bytes": self.host_bytes,
+            "alternatives": dict(self.alternatives),
+            "warnings": list(self.warnings),
+        }
+
+    def to_table(self) -> str:
+        header = ("term", "phase", "per GPU (GiB)", "per node CPU (GiB)", "note")
+        rows = [
+            (item.name, item.phase, _gib(item.gpu_bytes), _gib(item.cpu_bytes), item.note)
+            for item in self.items
+        ]
+        rows.append(
+            ("peak", "steady + largest phase", _gib(self.gpu_bytes), _gib(self.cpu_bytes), "")
+        )
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+        lines = [self._title()]
+        for row in [header, *rows]:
+            cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
+            cells += [row[2].rjust(widths[2]), row[3].rjust(widths[3]), row[4]]
+            lines.append("  ".join(cells).rstrip())
+        lines += [
+            f"if {name}: {_gib(value)} GiB per GPU" for name, value in self.alternatives.items()
+        ]
+        lines += [f"warning: {warning}" for warning in self.warnings]
+        return "\n".join(lines)
+
+    def _title(self) -> str:
+        teacher = f", teacher {_params(self.teacher)}" if self.teacher else ""
+        return (
+            f"memory plan: world size {self.world_size}, {self.gpus_per_node} per node "
+            f"({self.accelerator}); student {_params(self.student)}{teacher}"
+        )
+
+
+def _gib(num_bytes: int) -> str:
+    return f"{num_bytes / GIB:.2f}"
+
+
+def _params(size: ModelSize) -> str:
+    return f"{size.model_type} {_count(size.num_params)} params ({size.source})"
+
+
+def _count(number: int) -> str:
+    for unit, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if number >= unit:
+            return f"{number / unit:.2f}{suffix}"
+    return str(number)
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """What the memory terms need from the run config, resolved once."""
+
+    run: RunConfig
+    world_size: int
+    gpus_per_node: int
+    accelerator: Accelerator
+    bytes_per_value: int  # model dtype
+    student_ds: dict[str, Any]
+    teacher_ds: dict[str, Any] | None
+
+    @property
+    def batch(self) -> int:
+        return self.run.train.micro_batch_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.run.data.max_total_tokens
+
+    @property
+    def num_passes(self) -> int:
+        """Forward passes per model and micro-batch: CoT records add one on their standard
+        view (METHOD.md section 2); planned for the worst case, every record a CoT record."""
+        cot = self.run.cot2align.enabled and self.run.data.cot_records != "none"
+        return 2 if cot else 1
+
+    @property
+    def needs_hidden_states(self) -> bool:
+        return self.run.cot2align.enabled or self.run.distill.method in _PROJECTOR_METHODS
+
+
+def _zero(ds: dict[str, Any]) -> dict[str, Any]:
+    return ds.get("zero_optimization", {})
+
+
+def _offload(ds: dict[str, Any], key: str) -> str:
+    return (_zero(ds).get(key) or {}).get("device", "none")
+
+
+def _live_params(size: ModelSize, ds: dict[str, Any], *, training: bool) -> int:
+    """Parameters a ZeRO-3 engine holds gathered at once.
+
+    DeepSpeed keeps a gathered parameter instead of releasing it when its next use comes within
+    ``stage3_max_reuse_distance`` elements (and ``stage3_max_live_parameters`` allows it). In
+    training the next use is the backward of the same step, so a model up to that size stays
+    fully gathered between forward and backward; a forward-only teacher's next use is its next
+    forward, a whole model away. Otherwise: the module being run plus the prefetch bucket.
+    """
+    zero = _zero(ds)
+    cap = min(
+        float(zero.get("stage3_max_reuse_distance", 1e9)),
+        float(zero.get("stage3_max_live_parameters", 1e9)),
+    )
+    working = size.largest_module_params + int(zero.get("stage3_prefetch_bucket_size", 0))
+    if training:
+        return int(min(size.num_params, max(cap, working)))
+    return size.num_params if size.num_params <= cap else min(size.num_params, working)
+
+
+def _student_states(
+    setting: _Setting, student: ModelSize, frozen: int, trainable: int
+) -> list[MemoryItem]:
+    """Weights, gradients and Adam states of the student engine, split by ZeRO partitioning.
+
+    DeepSpeed's ZeRO optimizers keep an fp32 master copy whatever the precision (a clone even
+    in fp32), so the optimizer holds 12 bytes per trainable parameter: master + two moments.
+    """
+    ds, world, p = setting.student_ds, setting.world_size, setting.bytes_per_value
+    stage = int(_zero(ds).get("stage", 0))
+    totals = {
+        "weights": (trainable + frozen) * p,
+        "gradients": trainable * p,
+        "optimizer": trainable * 12,
+    }
+    split = {"weights": stage >= 3, "gradients": stage >= 2, "optimizer": stage >= 1}
+    items = []
+    for name, total in totals.items():
+        share = total // world if split[name] else total
+        offloaded = name == "optimizer" and _offload(ds, "offload_optimizer") == "cpu"
+        offloaded |= name == "weights" and _offload(ds, "offload_param") == "cpu"
+        gpu, cpu = (0, share * setting.gpus_per_node) if offloaded else (share, 0)
+        note = f"ZeRO-{stage}, " + (f"/{world}" if split[name] else "replicated")
+        items.append(
+            MemoryItem(f"student {name}", gpu, cpu, note + (", CPU offload" if offloaded else ""))
+        )
+    items.append(_student_buffers(setting, student, frozen + trainable, stage))
+    items.append(_optimizer_step(setting, trainable, stage))
+    return items
+
+
+def _student_buffers(
+    setting: _Setting, student: ModelSize, num_params: int, stage: int
+) -> MemoryItem:
+    zero, p = _zero(setting.student_ds), setting.bytes_per_value
+    reduce_bucket = int(zero.get("reduce_bucket_size", 0)) * p
+    if stage >= 3:
+        engine = replace(student, num_params=num_params)  # LoRA adapters + projectors included
+        live = _live_params(engine, setting.student_ds, training=True) * p
+        note = "gathered params kept to backward + reduce bucket"
+        return MemoryItem("student ZeRO buffers", live + reduce_bucket, 0, note, "forward/backward")
+    allgather = int(zero.get("allgather_bucket_size", 0)) * p
+    note = "reduce + allgather buckets"
+    return MemoryItem(
+        "student ZeRO buffers", reduce_bucket + allgather, 0, note, "forward/backward"
+    )
+
+
+def _optimizer_step(setting: _Setting, trainable: int, stage: int) -> MemoryItem:
+    """The step's temporaries: fp32 gradients for the master copy, and Adam's ``denom`` and
+    update (two fp32 tensors), per ZeRO-3 sub-group (``sub_group_size`` elements) at a time."""
+    share = trainable // setting.world_size if stage >= 1 else trainable
+    sub_group = int(float(_zero(setting.student_ds).get("sub_group_size", 1e9)))
+    temporaries = 4 * share + 8 * min(share, sub_group)
+    offloaded = _offload(setting.student_ds, "offload_optimizer") == "cpu"
+    gpu, cpu = (0, temporaries * setting.gpus_per_node) if offloaded else (temporaries, 0)
+    return MemoryItem("optimizer step", gpu, cpu, "fp32 grads + Adam temporaries", "optimizer step")
+
+
+def _teacher_states(setting: _Setting, teacher: ModelSize) -> list[MemoryItem]:
+    """A frozen ZeRO-3 teacher: 16-bit partitions, resident or offloaded to CPU/NVMe."""
+    ds, p, ranks = setting.teacher_ds or {}, setting.bytes_per_value, setting.gpus_per_node
+    partition = teacher.num_params * p // setting.world_size
+    live = _live_params(teacher, ds, training=False) * p
+    note = (
+        "fully gathered (within reuse distance)"
+        if live == teacher.num_params * p
+        else "gathered module + prefetch"
+    )
+    buffers = MemoryItem("teacher ZeRO buffers", live, 0, note, "forward/backward")
+    device = _offload(ds, "offload_param")
+    if device == "cpu":
+        return [
+            MemoryItem("teacher weights", 0, partition * ranks, "ZeRO-3 partitions, pinned CPU"),
+            buffers,
+        ]
+    if device == "nvme":
+        offload = _zero(ds).get("offload_param", {})
+        pinned = (
+            int(offload.get("buffer_count", 5)) * int(float(offload.get("buffer_size", 1e8))) * p
+        )
+        return [
+            MemoryItem("teacher weights", 0, 0, "ZeRO-3 partitions on NVMe"),
+            MemoryItem("teacher NVMe buffers", 0, pinned * ranks, "pinned, per rank"),
+            buffers,
+        ]
+    return [MemoryItem("teacher weights", partition, 0, f"ZeRO-3, /{setting.world_size}"), buffers]
+
+
+def layer_activation_bytes(size: ModelSize, batch: int, seq_len: int, bytes_per_value: int) -> int:
+    """Activations one transformer layer keeps for backward (fused attention, no s^2 term)."""
+    mlp = 8 if size.gated_mlp else 4
+    per_token_16bit = 18 * size.hidden_size + mlp * size.intermediate_size
+    return batch * seq_len * per_token_16bit * bytes_per_value // 2
+
+
+def activation_bytes(
+    size: ModelSize, batch: int, seq_len: int, bytes_per_value: int, *, checkpointing: bool
+) -> int:
+    """Training activations of all layers; checkpointing keeps each layer's input only and
+    recomputes one layer at a time."""
+    layer = layer_activation_bytes(size, batch, seq_len, bytes_per_value)
+    if not checkpointing:
+        return size.num_layers * layer
+    inputs = size.num_layers * batch * seq_len * size.hidden_size * bytes_per_value
+    return inputs + layer
+
+
+def _activation_items(
+    setting: _Setting, student: ModelSize, teacher: ModelSize | None, checkpointing: bool
+) -> list[MemoryItem]:
+    b, s, p = setting.batch, setting.seq_len, setting.bytes_per_value
+    passes = setting.num_passes  # every pass's graph is kept until the one backward
+    student_bytes = activation_bytes(student, passes * b, s, p, checkpointing=checkpointing)
+    note = f"{passes} pass(es), " + ("checkpointing" if checkpointing else "no checkpointing")
+    items = [MemoryItem("student activations", student_bytes, 0, note, "forward/backward")]
+    if teacher is not None:
+        # No grad: one layer's working set at a time, plus every hidden state the losses read.
+        kept = (teacher.num_layers + 1) * passes * b * s * teacher.hidden_size * p
+        kept = kept if setting.needs_hidden_states else 0
+        transient = layer_activation_bytes(teacher, b, s, p)
+        note = "forward only" + (", hidden states kept" if kept else "")
+        items.append(
+            MemoryItem("teacher activations", kept + transient, 0, note, "forward/backward")
+        )
+    return items
+
+
+def logits_bytes(
+    *,
+    batch: int,
+    seq_len: int,
+    vocab_size: int,
+    bytes_per_value: int,
+    fp32_copies: int,
+    chunk_size: int | None,
+    trainable: bool,
+) -> int:
+    """Model logits (and their gradient when training) plus the loss's fp32 copies.
+
+    The loss gathers the response rows (one more copy in the model dtype) and builds
+    ``fp32_copies`` fp32 intermediates of rows x vocab: over all B x L rows at once, or over
+    ``chunk_size`` rows at a time when chunking is on.
+    """
+    rows = batch * seq_len
+    outputs = (3 if trainable else 2) * rows * vocab_size * bytes_per_value
+    loss_rows = min(rows, chunk_size) if chunk_size else rows
+    return outputs + fp32_copies * loss_rows * vocab_size * 4
+
+
+def _logit_items(
+    setting: _Setting, student: ModelSize, teacher: ModelSize | None, chunk_size: int | None
+) -> list[MemoryItem]:
+    copies = dict(
+        zip(("student", "teacher"), _LOGIT_COPIES[setting.run.distill.method], strict=True)
+    )
+    note = f"chunks of {chunk_size} rows" if chunk_size else "unchunked"
+    items = []
+    for role, size in (("student", student), ("teacher", teacher)):
+        if size is None:
+            continue
+        value = logits_bytes(
+            batch=setting.batch * setting.num_passes,
+            seq_len=setting.seq_len,
+            vocab_size=size.vocab_size,
+            bytes_per_value=setting.bytes_per_value,
+            fp32_copies=copies[role],
+            chunk_size=chunk_size,
+            trainable=role == "student",
+        )
+        items.append(MemoryItem(f"{role} logits", value, 0, note, "forward/backward"))
+    return items
+
+
+def ot_bytes(
+    *,
+    batch: int,
+    student_len: int,
+    teacher_len: int,
+    num_layer_pairs: int,
+    num_views: int,
+    num_grad_iters: int,
+    memory_budget_bytes: int | None = None,
+) -> int:
+    """CoT2Align OT memory: per layer pair and view, the attention cost (scores, softmax and the
+    cost itself, kept for backward) and the plan; plus the Sinkhorn solver's working memory,
+    kept for backward when it is differentiated without a memory budget."""
+    entries = batch * student_len * teacher_len * 4
+    solver = batch * sinkhorn_problem_bytes(student_len, teacher_len, num_grad_iters=num_grad_iters)
+    if memory_budget_bytes is not None:
+        one = sinkhorn_problem_bytes(student_len, teacher_len, num_grad_iters=num_grad_iters)
+        solver = min(solver, max(memory_budget_bytes, one))
+    kept_solver = solver if num_grad_iters and memory_budget_bytes is None else entries
+    return num_layer_pairs * num_views * (3 * entries + kept_solver) + solver
+
+
+def _ot_item(setting: _Setting) -> MemoryItem | None:
+    ot = setting.run.cot2align
+    if not ot.enabled:
+        return None
+    cross = ot.cross_cot and setting.run.data.cot_records != "none"
+    views = 3 if cross else 1  # (main, main) + the two Cross-CoT directions
+    truncated = min(int(getattr(ot, "num_grad_iters", 10)), ot.num_iters)
+    grad_iters = {"unrolled": ot.num_iters, "envelope": 0}.get(ot.grad_mode, truncated)
+    budget = int(ot.memory_budget_mb * 2**20) if ot.memory_budget_mb else None
+    value = ot_bytes(
+        batch=setting.batch,
+        student_len=setting.seq_len,
+        teacher_len=setting.seq_len,
+        num_layer_pairs=len(ot.layer_pairs),
+        num_views=views,
+        num_grad_iters=grad_iters,
+        memory_budget_bytes=budget,
+    )
+    note = f"{len(ot.layer_pairs)} layer pairs x {views} views, {ot.grad_mode}"
+    return MemoryItem("OT buffers", value, 0, note, "forward/backward")
+
+
+def _process_items(
+    setting: _Setting, teacher: ModelSize | None, student: ModelSize
+) -> list[MemoryItem]:
+    """Fixed per-process costs, data-loader workers, and reading checkpoints at start-up."""
+    ranks, acc = setting.gpus_per_node, setting.accelerator
+    workers = setting.run.data.num_workers * _WORKER_OVERHEAD * ranks
+    items = [
+        MemoryItem(
+            "runtime overhead",
+            _GPU_OVERHEAD[acc],
+            _HOST_OVERHEAD[acc] * ranks,
+            f"{acc} process x {ranks}",
+        ),
+        MemoryItem("data-loader workers", 0, workers, f"{setting.run.data.num_workers} per rank"),
+    ]
+    # Models built from an architecture read no checkpoint.
+    specs = ((student, setting.run.student), (teacher, setting.run.teacher))
+    loaded = [size for size, spec in specs if size is not None and spec and spec.name_or_path]
+    p = setting.bytes_per_value
+    shard = min(max((size.num_params for size in loaded), default=0) * p, _MAX_SHARD_BYTES)
+    tensor = max((size.largest_module_params for size in loaded), default=0) * p
+    note = "a shard (shared page cache) + a tensor per rank"
+    items.append(MemoryItem("checkpoint reading", 0, shard + tensor * ranks, note, "start-up"))
+    # Saving gathers the whole student state dict into rank 0's host memory.
+    note = "rank 0 gathers the state dict"
+    items.append(MemoryItem("student save", 0, student.num_params * p, note, "checkpoint save"))
+    return items
+
+
+def projector_params(run: RunConfig, student_hidden: int, teacher_hidden: int) -> int:
+    """The distillation projectors ``Objective.build_projectors`` adds (weights + biases)."""
+    d_s, d_t = student_hidden, teacher_hidden
+    total = 0
+    if run.distill.method in _PROJECTOR_METHODS:
+        total += (d_t * d_s + d_s) + (d_s * d_t + d_t)  # t2s, s2t
+    if run.distill.method == "dskd_cma":
+        total += 4 * d_s * d_t + 2 * d_t  # query: 2 d_s -> 2 d_t
+    if run.cot2align.enabled:
+        total += d_t * d_s + d_s  # ot: d_t -> d_s, shared by the layer pairs
+    return total
+
+
+def _student_param_counts(
+    run: RunConfig, student: ModelSize, teacher: ModelSize | None
+) -> tuple[int, int]:
+    """(frozen, trainable) parameters of the student engine: a LoRA student freezes its base
+    weights and trains adapters; the distillation projectors always train."""
+    lora = run.student.lora
+    frozen = student.num_params if lora else 0
+    trainable = student.lora_params(lora.r, lora.target_modules) if lora else student.num_params
+    if teacher is not None:
+        trainable += projector_params(run, student.hidden_size, teacher.hidden_size)
+    return frozen, trainable
+
+
+# ---------------------------------------------------------------------------------------------
+# The planner
+# ---------------------------------------------------------------------------------------------
+
+
+def _resolve_ds(run: RunConfig, world_size: int, student: ModelSize, teacher: ModelSize | None):
+    train = run.train
+    raw, path = load_ds_config(run.deepspeed.student_config)
+    student_ds = resolve_student_ds_config(
+        raw,
+        path,
+        micro_batch_size=train.micro_batch_size,
+        grad_accum=train.grad_accum,
+        world_size=world_size,
+        precision=train.precision,
+        grad_clip=train.grad_clip,
+        hidden_size=student.hidden_size,
+    )
+    if teacher is None:
+        return student_ds, None
+    raw, path = load_ds_config(run.deepspeed.teacher_config)
+    teacher_ds = resolve_teacher_ds_config(
+        raw,
+        path,
+        micro_batch_size=train.micro_batch_size,
+        world_size=world_size,
+        precision=train.precision,
+        hidden_size=teacher.hidden_size,
+    )
+    return student_ds, teacher_ds
+
+
+def estimate_memory(
+    run_config: RunConfig,
+    *,
+    world_size: int,
+    gpus_per_node: int,
+    student_config: PretrainedConfig | None = None,
+    teacher_config: PretrainedConfig | None = None,
+    gradient_checkpointing: bool | None = None,
+    accelerator: Accelerator = "cuda",
+    gpu_mem_gb: float | None = None,
+    cpu_mem_gb: float | None = None,
+) -> MemoryPlan:
+    """Estimate per-GPU and per-node CPU memory of ``run_config`` at ``world_size`` ranks.
+
+    ``student_config`` / ``teacher_config`` replace the configs read from the run config's
+    model specs (hub lookups, tokenizers). ``gradient_checkpointing=None`` reads
+    ``train.gradient_checkpointing`` when the run config has it (off otherwise). Capacities in
+    GiB turn into warnings when the estimate exceeds them.
+    """
+    _check_topology(world_size, gpus_per_node)
+    student = model_size(student_config or spec_config(run_config.student, "student"))
+    teacher = None
+    if run_config.teacher is not None and run_config.distill.method != "sft":
+        teacher = model_size(teacher_config or spec_config(run_config.teacher, "teacher"))
+    student_ds, teacher_ds = _resolve_ds(run_config, world_size, student, teacher)
+    setting = _Setting(
+        run_config,
+        world_size,
+        gpus_per_node,
+        accelerator,
+        2 if run_config.train.precision in ("bf16", "fp16") else 4,
+        student_ds,
+        teacher_ds,
+    )
+    if gradient_checkpointing is None:
+        gradient_checkpointing = bool(getattr(run_config.train, "gradient_checkpointing", False))
+    plan = _build_plan(setting, student, teacher, gradient_checkpointing)
+    plan.warnings.extend(capacity_warnings(plan, gpu_mem_gb=gpu_mem_gb, cpu_mem_gb=cpu_mem_gb))
+    return plan
+
+
+def _check_topology(world_size: int, gpus_per_node: int) -> None:
+    if world_size < 1 or gpus_per_node < 1:
+        raise PlanError(f"world size {world_size} and GPUs per node {gpus_per_node} must be >= 1")
+    if world_size % gpus_per_node and world_size > gpus_per_node:
+        raise PlanError(
+            f"world size {world_size} is not a multiple of {gpus_per_node} GPUs per node"
+        )
+
+
+def _items(
+    setting: _Setting,
+    student: ModelSize,
+    teacher: ModelSize | None,
+    checkpointing: bool,
+    chunk_size: int | None,
+) -> list[MemoryItem]:
+    frozen, trainable = _student_param_counts(setting.run, student, teacher)
+    items = _student_states(setting, student, frozen, trainable)
+    if teacher is not None:
+        items += _teacher_states(setting, teacher)
+    items += _activation_items(setting, student, teacher, checkpointing)
+    items += _logit_items(setting, student, teacher, chunk_size)
+    items += [item for item in [_ot_item(setting)] if item is not None]
+    return items + _process_items(setting, teacher, student)
+
+
+def _build_plan(
+    setting: _Setting, student: ModelSize, teacher: ModelSize | None, checkpointing: bool
+) -> MemoryPlan:
+    chunk = setting.run.distill.chunk_size
+    items = _items(setting, student, teacher, checkpointing, chunk)
+    plan = MemoryPlan(
+        setting.world_size, setting.gpus_per_node, setting.accelerator, student, teacher, items
+    )
+    # Per-GPU peaks with one knob flipped, so the table says what a change would buy.
+    label = f"gradient checkpointing {'off' if checkpointing else 'on'}"
+    flips = {label: (not checkpointing, chunk)}
+    if chunk is None:
+        flips["distill.chunk_size=1024"] = (checkpointing, 1024)
+    for label, (flip_checkpointing, flip_chunk) in flips.items():
+        flipped = _items(setting, student, teacher, flip_checkpointing, flip_chunk)
+        plan.alternatives[label] = peak_bytes(flipped, lambda item: item.gpu_bytes)
+    return plan
+
+
+def capacity_warnings(
+    plan: MemoryPlan, *, gpu_mem_gb: float | None, cpu_mem_gb: float | None
+) -> list[str]:
+    """One line per exceeded capacity, naming the biggest term and a knob that shrinks it."""
+    warnings = []
+    if gpu_mem_gb is not None and plan.accelerator == "cuda" and plan.gpu_bytes > gpu_mem_gb * GIB:
+        top = max(plan.items, key=lambda item: item.gpu_bytes)
+        warnings.append(
+            f"per-GPU estimate {_gib(plan.gpu_bytes)} GiB exceeds --gpu-mem-gb {gpu_mem_gb:g}; "
+            f"largest term: {top.name} ({_gib(top.gpu_bytes)} GiB){_hint(top.name)}"
+        )
+    if cpu_mem_gb is not None and plan.host_bytes > cpu_mem_gb * GIB:
+        top = max(plan.items, key=lambda item: item.cpu_bytes)
+        warnings.append(
+            f"per-node CPU estimate {_gib(plan.host_bytes)} GiB exceeds --cpu-mem-gb {cpu_mem_gb:g}; "
+            f"largest term: {top.name} ({_gib(top.cpu_bytes)} GiB){_hint(top.name)}"
+        )
+    return warnings
+
+
+_HINTS = {
+    "student logits": "distill.chunk_size",
+    "teacher logits": "distill.chunk_size",
+    "student activations": "gradient checkpointing or a smaller train.micro_batch_size",
+    "OT buffers": "cot2align.memory_budget_mb or cot2align.grad_mode=envelope",
+    "teacher weights": "a teacher_zero3_offload_* DeepSpeed config or more ranks",
+    "student optimizer": "more ranks (ZeRO-3) or student.lora",
+}
+
+
+def _hint(name: str) -> str:
+    return f"; try {_HINTS[name]}" if name in _HINTS else ""
+
+
+def run_plan(
+    config: str,
+    overrides: list[str],
+    *,
+    world_size: int,
+    gpus_per_node: int,
+    gpu_mem_gb: float | None = None,
+    cpu_mem_gb: float | None = None,
+    gradient_checkpointing: bool | None = None,
+    as_json: bool = False,
+    echo: Callable[[str], None] = print,
+) -> MemoryPlan:
+    """``cot2align plan``: load and validate the config, estimate, print a table (or JSON)."""
+    run = load_config(config, overrides)
+    plan = estimate_memory(
+        run,
+        world_size=world_size,
+        gpus_per_node=min(gpus_per_node, world_size),
+        gradient_checkpointing=gradient_checkpointing,
+        gpu_mem_gb=gpu_mem_gb,
+        cpu_mem_gb=cpu_mem_gb,
+    )
+    echo(json.dumps(plan.to_dict(), indent=2) if as_json else plan.to_table())
+    return plan
+
+
+__all__ = [
+    "LinearShape",
+    "MemoryItem",
+    "MemoryPlan",
+    "ModelSize",
+    "PlanError",
+    "activation_bytes",
+    "capacity_warnings",
+    "estimate_memory",
+    "layer_activation_bytes",
+    "logits_bytes",
+    "meta_model_size",
+    "model_size",
+    "ot_bytes",
+    "peak_bytes",
+    "projector_params",
+    "run_plan",
+    "spec_config",
+]

@@ -1,0 +1,333 @@
+"""Launch scripts and ``render_launch``: syntax, rendered commands, and the batch script run for
+real against stub ``scontrol`` / ``srun`` / ``deepspeed`` / ``sbatch`` executables."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cot2align_ds.config import ConfigError
+from cot2align_ds.launch import (
+    SBATCH_TEMPLATE,
+    LaunchError,
+    expand_nodelist,
+    render_launch,
+    render_sbatch_script,
+    run_launch,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+LAUNCHERS = sorted((ROOT / "launchers").iterdir())
+LOCAL_SH = ROOT / "launchers" / "local.sh"
+DEEPSPEED_RUNNER = [sys.executable, "-m", "deepspeed.launcher.runner"]
+TRAIN = ["--module", "cot2align_ds.cli", "train"]
+
+# Each stub appends one line per call to $STUB_LOG: its name, then every argument in brackets.
+_RECORD = 'echo "$(basename "$0")$(printf " [%s]" "$@")" >> "$STUB_LOG"\n'
+STUBS = {
+    "scontrol": _RECORD
+    + 'if [[ "$1" == show ]]; then printf "%s\\n" node01 node02 node03 | head -n "$STUB_NODES"; fi\n',
+    # deepspeed: keep a copy of the hostfile; with STUB_WAIT, run until a requeue is recorded.
+    "deepspeed": _RECORD
+    + 'for ((i = 1; i < $#; i++)); do [[ "${!i}" == --hostfile ]] && j=$((i + 1)) && '
+    + 'cp "${!j}" "$STUB_LOG.hostfile"; done\n'
+    + "for ((t = 0; t < 400 && ${STUB_WAIT:-0}; t++)); do "
+    + 'grep -q "^scontrol \\\\[requeue" "$STUB_LOG" && exit 7; sleep 0.05; done\n',
+    # srun: drop its own options, then run the command once per node as SLURM would.
+    "srun": _RECORD
+    + 'while [[ "$1" == --* ]]; do [[ "$1" == *=* ]] && shift || shift 2; done\n'
+    + 'for ((n = 0; n < STUB_NODES; n++)); do SLURM_NODEID=$n "$@" || exit; done\n',
+    "sbatch": _RECORD + 'cat > "$STUB_LOG.script"; echo "Submitted batch job 99"\n',
+}
+
+
+@pytest.fixture()
+def stubs(tmp_path) -> dict[str, str]:
+    """An environment whose PATH starts with the stubs, plus a SLURM job on three nodes."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in STUBS.items():
+        path = bin_dir / name
+        path.write_text("#!/usr/bin/env bash\n" + body)
+        path.chmod(0o755)
+    submit = tmp_path / "submit"
+    submit.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
+    env.update(
+        PATH=f"{bin_dir}{os.pathsep}{env['PATH']}",
+        STUB_LOG=str(tmp_path / "calls.log"),
+        STUB_NODES="3",
+        SLURM_JOB_ID="4321",
+        SLURM_JOB_NODELIST="node[01-03]",
+        SLURM_SUBMIT_DIR=str(submit),
+        GPUS_PER_NODE="4",
+    )
+    return env
+
+
+def _calls(env: dict[str, str], name: str) -> list[list[str]]:
+    log = Path(env["STUB_LOG"])
+    lines = log.read_text().splitlines() if log.exists() else []
+    return [line.split(" ", 1)[1][1:-1].split("] [") for line in lines if line.startswith(name)]
+
+
+def _sbatch(env: dict[str, str], *args: str, script: Path | None = None):
+    command = ["bash", str(script or SBATCH_TEMPLATE), *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+
+
+# -- the scripts ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS, ids=lambda p: p.name)
+def test_launchers_parse_and_are_executable(launcher):
+    result = subprocess.run(["bash", "-n", str(launcher)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert os.access(launcher, os.X_OK)
+    assert "set -euo pipefail" in launcher.read_text()
+
+
+def test_local_sh_passes_config_and_arguments_through(stubs):
+    env = {**stubs, "GPUS": "2", "MASTER_PORT": "29111"}
+    args = ["my run.yaml", "--set", "train.lr=1e-4", "--overwrite"]
+    result = subprocess.run(["bash", str(LOCAL_SH), *args], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    [call] = _calls(stubs, "deepspeed")
+    expected = ["--master_port", "29111", "--num_gpus", "2", *TRAIN, "--config", "my run.yaml"]
+    assert call == expected + args[1:]
+
+
+def test_local_sh_without_gpus_lets_deepspeed_detect_and_picks_a_free_port(stubs):
+    result = subprocess.run(["bash", str(LOCAL_SH), "cfg.yaml"], env=stubs, capture_output=True)
+    assert result.returncode == 0
+    [call] = _calls(stubs, "deepspeed")
+    assert call[0] == "--master_port" and call[1].isdigit() and "--num_gpus" not in call
+
+
+def test_local_sh_needs_a_config(stubs):
+    result = subprocess.run(["bash", str(LOCAL_SH), "--set", "x=1"], env=stubs, capture_output=True)
+    assert result.returncode == 2 and b"usage" in result.stderr
+    assert _calls(stubs, "deepspeed") == []
+
+
+def test_sbatch_header_requeues_and_signals_the_batch_shell():
+    header = [
+        line for line in SBATCH_TEMPLATE.read_text().splitlines() if line.startswith("#SBATCH")
+    ]
+    assert "#SBATCH --requeue" in header
+    assert "#SBATCH --signal=B:USR1@120" in header
+    assert "#SBATCH --open-mode=append" in header  # a restart appends to the same log
+
+
+def test_sbatch_multinode_pdsh_one_launcher_with_hostfile(stubs):
+    result = _sbatch({**stubs, "DS_MULTINODE": "pdsh"}, "cfg.yaml", "--set", "train.lr=1e-4")
+    assert result.returncode == 0, result.stderr
+    [call] = _calls(stubs, "deepspeed")  # one launcher for the whole job
+    hostfile = str(Path(stubs["SLURM_SUBMIT_DIR"]) / ".cot2align" / "hostfile-4321")
+    port = str(20000 + 4321 % 40000)
+    assert call == [
+        "--hostfile", hostfile, "--master_addr", "node01", "--master_port", port,
+        *TRAIN, "--config", "cfg.yaml", "--set", "train.lr=1e-4",
+    ]  # fmt: skip
+    written = Path(stubs["STUB_LOG"] + ".hostfile").read_text()
+    assert written == "node01 slots=4\nnode02 slots=4\nnode03 slots=4\n"
+    assert not Path(hostfile).exists()  # removed when the job ends
+
+
+def test_sbatch_multinode_srun_one_launcher_per_node_with_node_rank(stubs):
+    result = _sbatch({**stubs, "DS_MULTINODE": "srun"}, "cfg.yaml", "--set", "a.b=two words")
+    assert result.returncode == 0, result.stderr
+    [srun] = _calls(stubs, "srun")
+    assert srun[:6] == ["--nodes", "3", "--ntasks-per-node", "1", "--kill-on-bad-exit=1", "bash"]
+    calls = _calls(stubs, "deepspeed")
+    assert [call[:3] for call in calls] == [["--no_ssh", "--node_rank", str(n)] for n in range(3)]
+    assert all(call[-2:] == ["--set", "a.b=two words"] for call in calls)
+    assert all(call[call.index("--master_addr") + 1] == "node01" for call in calls)
+
+
+def test_sbatch_single_node_uses_num_gpus_and_no_hostfile(stubs):
+    result = _sbatch({**stubs, "STUB_NODES": "1", "SLURM_JOB_NODELIST": "node01"}, "cfg.yaml")
+    assert result.returncode == 0, result.stderr
+    [call] = _calls(stubs, "deepspeed")
+    assert call[:4] == ["--num_gpus", "4", "--master_port", "24321"] and "--hostfile" not in call
+
+
+def test_sbatch_restart_adds_resume_auto_once(stubs):
+    stubs["DS_MULTINODE"] = "pdsh"  # one launcher call per job
+    first = _sbatch(stubs, "cfg.yaml")
+    restarted = _sbatch({**stubs, "SLURM_RESTART_COUNT": "1"}, "cfg.yaml")
+    chosen = _sbatch({**stubs, "SLURM_RESTART_COUNT": "2"}, "cfg.yaml", "--resume", "latest")
+    assert first.returncode == restarted.returncode == chosen.returncode == 0
+    calls = _calls(stubs, "deepspeed")
+    assert "--resume" not in calls[0]
+    assert calls[1][-2:] == ["--resume", "auto"]
+    assert calls[2][-2:] == ["--resume", "latest"] and calls[2].count("--resume") == 1
+
+
+def test_sbatch_usr1_requeues_the_job_once_and_keeps_the_exit_status(stubs):
+    env = {**stubs, "STUB_WAIT": "1", "DS_MULTINODE": "pdsh"}
+    process = subprocess.Popen(["bash", str(SBATCH_TEMPLATE), "cfg.yaml"], env=env, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not _calls(stubs, "deepspeed") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGUSR1)
+        process.send_signal(signal.SIGUSR1)
+        assert process.wait(timeout=30) == 7  # the launcher's status, not the trap's
+    finally:
+        process.kill()
+    assert _calls(stubs, "scontrol").count(["requeue", "4321"]) == 1
+
+
+def test_sbatch_outside_slurm_fails_in_one_line(stubs):
+    env = {k: v for k, v in stubs.items() if not k.startswith("SLURM_")}
+    result = _sbatch(env, "cfg.yaml")
+    assert result.returncode != 0 and "sbatch" in result.stderr
+    assert _calls(stubs, "deepspeed") == []
+
+
+# -- render_launch ----------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def config_file(tmp_path) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        yaml.safe_dump({"student": {"name_or_path": "s"}, "distill": {"method": "sft"}})
+    )
+    return path
+
+
+def test_render_one_node_runs_the_deepspeed_launcher_locally(config_file):
+    plan = render_launch(
+        config_file,
+        gpus_per_node=2,
+        extra_args=["--set", "train.lr=0.1"],
+        env={"MASTER_PORT": "29500"},
+    )
+    assert plan.mode == "local" and plan.hostfile_path is None and plan.stdin is None
+    assert plan.argv == [
+        *DEEPSPEED_RUNNER, "--master_port", "29500", "--num_gpus", "2",
+        *TRAIN, "--config", str(config_file), "--set", "train.lr=0.1",
+    ]  # fmt: skip
+
+
+def test_render_two_nodes_from_a_slurm_allocation(config_file):
+    env = {"SLURM_JOB_NODELIST": "gpu[07-09]", "SLURM_JOB_ID": "123", "SLURM_GPUS_ON_NODE": "8"}
+    plan = render_launch(config_file, nodes=2, env=env)
+    assert plan.mode == "allocation"
+    assert plan.hostfile_text == "gpu07 slots=8\ngpu08 slots=8\n"
+    assert plan.argv == [
+        *DEEPSPEED_RUNNER, "--hostfile", str(plan.hostfile_path), "--master_addr", "gpu07",
+        "--master_port", "20123", *TRAIN, "--config", str(config_file),
+    ]  # fmt: skip
+    assert "gpu07 slots=8" in plan.describe()
+
+
+def test_render_two_nodes_without_an_allocation_fails_in_one_line(config_file):
+    with pytest.raises(LaunchError, match="needs a SLURM allocation") as error:
+        render_launch(config_file, nodes=2, env={})
+    assert "\n" not in str(error.value)
+    with pytest.raises(LaunchError, match="allocation has 1"):
+        render_launch(config_file, nodes=2, gpus_per_node=8, env={"SLURM_JOB_NODELIST": "a1"})
+
+
+def test_render_slurm_script_sets_the_header_and_bakes_the_arguments(config_file):
+    args = ["--set", "train.lr=1e-4", "--set", "tracking.run_name=two words"]
+    plan = render_launch(
+        config_file, nodes=2, gpus_per_node=4, slurm=True, extra_args=args, env={},
+        partition="gpu", time="12:00:00", job_name="paperA",
+    )  # fmt: skip
+    assert plan.mode == "slurm" and plan.argv == ["sbatch"]
+    header = [line for line in plan.stdin.splitlines() if line.startswith("#SBATCH")]
+    for line in ("--nodes=2", "--gpus-per-node=4", "--partition=gpu", "--time=12:00:00"):
+        assert f"#SBATCH {line}" in header
+    assert "#SBATCH --job-name=paperA" in header and "#SBATCH --job-name=cot2align" not in header
+    assert "#SBATCH --requeue" in header
+    assert f"set -- {shlex.join([str(config_file), *args])}" in plan.stdin
+
+
+def test_rendered_slurm_script_runs_with_its_baked_arguments(config_file, stubs, tmp_path):
+    plan = render_launch(config_file, nodes=3, slurm=True, extra_args=["--overwrite"], env={})
+    script = tmp_path / "rendered.sbatch"
+    script.write_text(plan.stdin)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    result = _sbatch({**stubs, "DS_MULTINODE": "pdsh"}, script=script)
+    assert result.returncode == 0, result.stderr
+    [call] = _calls(stubs, "deepspeed")
+    assert call[-3:] == ["--config", str(config_file), "--overwrite"]
+
+
+def test_render_sbatch_script_inserts_missing_directives_inside_the_header():
+    template = "#!/bin/bash\n#SBATCH --nodes=1\n#SBATCH --requeue\necho body\n"
+    script = render_sbatch_script(template, "c.yaml", [], {"nodes": "4", "account": "proj"})
+    assert script.splitlines() == [
+        "#!/bin/bash", "#SBATCH --nodes=4", "#SBATCH --requeue", "#SBATCH --account=proj",
+        "# Rendered by `cot2align launch --slurm`: the run's arguments.", "set -- c.yaml",
+        "echo body",
+    ]  # fmt: skip
+
+
+def test_bad_config_fails_before_anything_is_submitted(config_file, stubs, monkeypatch):
+    monkeypatch.setenv("PATH", stubs["PATH"])
+    with pytest.raises(ConfigError, match="unknown key 'lrr'"):
+        run_launch(config_file, slurm=True, extra_args=["--set", "train.lrr=1"], env=stubs)
+    with pytest.raises(ConfigError, match="no such file"):
+        run_launch("missing.yaml", slurm=True, env=stubs)
+    assert _calls(stubs, "sbatch") == []
+    assert run_launch(config_file, slurm=True, env=stubs, echo=lambda _: None) == 0
+    assert len(_calls(stubs, "sbatch")) == 1
+    assert "#SBATCH --requeue" in Path(stubs["STUB_LOG"] + ".script").read_text()
+
+
+def test_dry_run_prints_and_runs_nothing(config_file, stubs, monkeypatch):
+    monkeypatch.setenv("PATH", stubs["PATH"])
+    printed: list[str] = []
+    assert run_launch(config_file, slurm=True, dry_run=True, env=stubs, echo=printed.append) == 0
+    assert _calls(stubs, "sbatch") == []
+    assert printed[0].startswith("sbatch\n# batch script") and "set -- " in printed[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--config", "other.yaml"], "give the config once"),
+        (["--set"], "--set needs a value"),
+    ],
+)
+def test_extra_args_are_checked(config_file, args, fragment):
+    with pytest.raises(LaunchError, match=fragment):
+        render_launch(config_file, extra_args=args, env={})
+
+
+def test_scheduler_options_need_slurm(config_file):
+    with pytest.raises(LaunchError, match="--slurm submissions only"):
+        render_launch(config_file, partition="gpu", env={})
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "hosts"),
+    [
+        ("node01", ["node01"]),
+        ("node[01-03,07]", ["node01", "node02", "node03", "node07"]),
+        ("a[8-10],b1", ["a8", "a9", "a10", "b1"]),
+        ("r[1-2]n[09-10]", ["r1n09", "r1n10", "r2n09", "r2n10"]),
+        ("gpu-[001-002]-x", ["gpu-001-x", "gpu-002-x"]),
+    ],
+)
+def test_expand_nodelist_without_scontrol(nodelist, hosts):
+    assert expand_nodelist(nodelist, use_scontrol=False) == hosts
+
+
+@pytest.mark.parametrize("nodelist", ["node[01-", "node[a-b]", ""])
+def test_expand_nodelist_rejects_what_it_cannot_parse(nodelist):
+    with pytest.raises(LaunchError):
+        expand_nodelist(nodelist, use_scontrol=False)

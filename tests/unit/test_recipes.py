@@ -1,0 +1,139 @@
+"""Every shipped recipe validates, and the paper recipes say what METHOD.md section 5 says."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoConfig
+
+from cot2align_ds.config import load_config, shipped_recipes
+from cot2align_ds.plan import estimate_memory
+
+PAPER = {
+    # recipe: (student, teacher, method, kd_rate, lr, epochs, LoRA)
+    "paper_A": (
+        "openai-community/gpt2", "Qwen/Qwen1.5-1.8B", "dskd_cma", 0.5, 5e-4, 20, False,
+    ),
+    "paper_A_same": (
+        "openai-community/gpt2", "openai-community/gpt2-xl", "vanilla_kd", 0.7, 5e-4, 20, False,
+    ),
+    "paper_B": (
+        "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", "mistralai/Mistral-7B-v0.1",
+        "dskd_cma", 0.5, 1e-3, 10, True,
+    ),
+    "paper_B_same": (
+        "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", "meta-llama/Llama-2-7b-hf",
+        "vanilla_kd", 0.55, 1e-3, 10, True,
+    ),
+    "paper_C": (
+        "openai-community/gpt2-xl", "Qwen/Qwen2.5-7B-Instruct", "dskd_cma", 0.6, 1e-3, 10, True,
+    ),
+}  # fmt: skip
+# kd_rate ranges of the reference scripts (METHOD.md section 5).
+KD_RATE_RANGES = {
+    "paper_A": (0.5, 0.5),
+    "paper_A_same": (0.7, 0.7),
+    "paper_B": (0.5, 0.9),
+    "paper_B_same": (0.55, 0.6),
+    "paper_C": (0.6, 0.9),
+}
+
+# The hub models' published configs, so the memory check runs offline.
+HUB_CONFIGS = {
+    "openai-community/gpt2": ("gpt2", {}),
+    "openai-community/gpt2-xl": ("gpt2", {"n_embd": 1600, "n_layer": 48, "n_head": 25}),
+    "Qwen/Qwen1.5-1.8B": (
+        "qwen2",
+        {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5504,
+         "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16,
+         "tie_word_embeddings": False},
+    ),
+    "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T": (
+        "llama",
+        {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
+         "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4},
+    ),
+    "mistralai/Mistral-7B-v0.1": (
+        "mistral",
+        {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+         "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8},
+    ),
+    "meta-llama/Llama-2-7b-hf": (
+        "llama",
+        {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+         "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32},
+    ),
+    "Qwen/Qwen2.5-7B-Instruct": (
+        "qwen2",
+        {"vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
+         "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+         "tie_word_embeddings": False},
+    ),
+}  # fmt: skip
+
+
+def test_paper_recipes_are_shipped():
+    assert set(PAPER) <= set(shipped_recipes())
+
+
+@pytest.mark.parametrize("recipe", shipped_recipes())
+def test_every_shipped_recipe_validates(recipe):
+    config = load_config(recipe)
+    assert config.student is not None
+
+
+@pytest.mark.parametrize("recipe", PAPER)
+def test_paper_recipe_matches_the_settings_table(recipe):
+    student, teacher, method, kd_rate, lr, epochs, lora = PAPER[recipe]
+    config = load_config(recipe)
+    assert config.student.name_or_path == student
+    assert config.teacher.name_or_path == teacher
+    assert config.distill.method == method
+    assert config.distill.kd_rate == kd_rate
+    low, high = KD_RATE_RANGES[recipe]
+    assert low <= config.distill.kd_rate <= high
+    assert (config.train.lr, config.train.epochs) == (lr, epochs)
+    if lora:
+        assert (config.student.lora.r, config.student.lora.alpha) == (256, 8)
+    else:
+        assert config.student.lora is None
+    assert config.teacher.lora is None
+
+
+@pytest.mark.parametrize("recipe", PAPER)
+def test_paper_recipe_common_settings(recipe):
+    config = load_config(recipe)
+    train, data = config.train, config.data
+    assert train.micro_batch_size * train.grad_accum * 8 == 32  # 32 sequences on 8 GPUs
+    assert (train.weight_decay, train.grad_clip, train.min_lr, train.warmup_steps) == (
+        0.01,
+        1.0,
+        1e-7,
+        0,
+    )
+    assert train.precision == "bf16" and train.projector_lr == 1e-3
+    assert config.distill.temperature == 2.0
+    assert (data.max_total_tokens, data.max_prompt_tokens, data.template) == (512, 256, "alpaca")
+    assert str(data.train_file).startswith("data/dolly/")
+    assert str(data.dev_file).startswith("data/dolly/")
+    assert config.cot2align.enabled and data.cot_records == "non_empty_input"
+    assert config.eval.metric == "rouge_l"
+    assert str(config.output_dir) == f"runs/{recipe}"
+
+
+@pytest.mark.parametrize("recipe", PAPER)
+def test_paper_recipe_fits_8_gpus_of_80_gb_by_the_planner(recipe):
+    config = load_config(recipe)
+    configs = [
+        AutoConfig.for_model(HUB_CONFIGS[spec.name_or_path][0], **HUB_CONFIGS[spec.name_or_path][1])
+        for spec in (config.student, config.teacher)
+    ]
+    plan = estimate_memory(
+        config,
+        world_size=8,
+        gpus_per_node=8,
+        student_config=configs[0],
+        teacher_config=configs[1],
+        gpu_mem_gb=80,
+        cpu_mem_gb=1024,
+    )
+    assert plan.warnings == [], plan.to_table()
