@@ -181,6 +181,59 @@ def demo(
     run_demo_command(output_dir, quick=quick, seed=seed)
 
 
+@app.command("eval")
+@user_errors
+def evaluate(
+    model: Annotated[
+        Path, typer.Option(help="Saved HF model dir, LoRA adapter or ZeRO checkpoint.")
+    ],
+    data: Annotated[list[Path], typer.Option(help="JSONL records (repeatable: one table each).")],
+    output_dir: Annotated[Path, typer.Option(help="Predictions and eval_results.json.")],
+    template: str = "alpaca",
+    seed: Annotated[
+        list[int] | None, typer.Option(help="Repeatable; default 10 20 30 40 50.")
+    ] = None,
+    greedy: Annotated[bool, typer.Option(help="One greedy pass instead of sampling.")] = False,
+    metric: Annotated[list[str] | None, typer.Option(help="rouge_l, exact_match.")] = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    max_prompt_tokens: int = 256,
+    tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer if not next to it.")] = None,
+    base_model: Annotated[str | None, typer.Option(help="Base for adapters/checkpoints.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16.")] = None,
+) -> None:
+    """Evaluate a model with the paper's sampling over seeds (or greedy): ROUGE-L, exact match."""
+    from cot2align_ds.runs import run_eval_command
+
+    run_eval_command(
+        model,
+        data,
+        output_dir=output_dir,
+        template=template,
+        seeds=tuple(seed or (10, 20, 30, 40, 50)),
+        greedy=greedy,
+        metrics=tuple(metric or ("rouge_l", "exact_match")),
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        max_prompt_tokens=max_prompt_tokens,
+        tokenizer_path=tokenizer,
+        base_model=base_model,
+        dtype=dtype,
+    )
+
+
+@app.command()
+@user_errors
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run output directories to compare.")],
+    out: Annotated[Path, typer.Option(help="Where the PNGs and report.md go.")] = Path("report"),
+) -> None:
+    """Plot loss components and eval metrics (PNG) and compare runs side by side (markdown)."""
+    from cot2align_ds.runs import run_report_command
+
+    typer.echo(f"wrote {run_report_command(run_dirs, out)}")
+
+
 @app.command("pair-check")
 @user_errors
 def pair_check(

@@ -77,11 +77,18 @@ def _read_eval_results(path: Path) -> dict[str, dict]:
         results = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ReportError(f"{path}: malformed JSON ({error.msg})") from None
-    if not isinstance(results, dict) or not all(
-        isinstance(stats, dict) and "mean" in stats for stats in results.values()
-    ):
+    if not isinstance(results, dict):
         raise ReportError(f'{path}: expected {{"metric": {{"mean": .., "std": ..}}}}')
-    return results
+    flat: dict[str, dict] = {}
+    for key, value in results.items():
+        # `cot2align eval` nests per dataset: {dataset: {metric: stats}} -> "dataset/metric".
+        if isinstance(value, dict) and "mean" not in value:
+            flat.update({f"{key}/{metric}": stats for metric, stats in value.items()})
+        else:
+            flat[key] = value
+    if not all(isinstance(stats, dict) and "mean" in stats for stats in flat.values()):
+        raise ReportError(f'{path}: expected {{"metric": {{"mean": .., "std": ..}}}}')
+    return flat
 
 
 def load_run(run_dir: Path, name: str) -> RunData:

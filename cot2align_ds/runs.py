@@ -158,3 +158,15 @@ def run_plan_command(config: str, overrides: list[str], **options) -> None:
     from cot2align_ds.plan import run_plan
 
     run_plan(config, overrides, **options)
+
+
+def run_eval_command(model_path: Path, data_files: list[Path], **options) -> dict:
+    from cot2align_ds.eval.commands import run_eval
+
+    return run_eval(model_path, data_files, **options)
+
+
+def run_report_command(run_dirs: list[Path], out_dir: Path) -> Path:
+    from cot2align_ds.eval.commands import run_report
+
+    return run_report(run_dirs, out_dir)

@@ -5,8 +5,8 @@ top_p 1, no top-k, no-repeat n-gram 6, ROUGE-L F x 100, mean and sample std over
 10..50. Greedy decoding is deterministic, so it runs once whatever the seeds.
 
 Model loading goes through a small list of loaders (``CheckpointLoader``): each says whether
-it recognises a path and loads it. Only the Hugging Face directory loader exists today; LoRA
-adapters and DeepSpeed checkpoints register their own loader with ``register_loader``.
+it recognises a path and loads it. Hugging Face model directories are handled here; LoRA
+adapters and DeepSpeed checkpoints register their own loader (``eval/loaders.py``).
 """
 
 from __future__ import annotations
@@ -242,6 +242,7 @@ class LoadOptions:
     dtype: str | torch.dtype | None = None
     trust_remote_code: bool = False
     tokenizer_path: Path | None = None
+    base_model: str | None = None  # architecture/base weights for adapters and ZeRO checkpoints
 
 
 LoadedModel = tuple[PreTrainedModel, PreTrainedTokenizerBase]
@@ -332,8 +333,15 @@ def load_model_for_eval(
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
     tokenizer_path: str | Path | None = None,
+    base_model: str | Path | None = None,
 ) -> LoadedModel:
-    """Load a saved model and its tokenizer in eval mode on ``device``."""
+    """Load a saved model and its tokenizer in eval mode on ``device``.
+
+    ``path``: a Hugging Face model directory, a LoRA adapter directory or a DeepSpeed ZeRO
+    checkpoint. ``base_model`` (hub name or directory) is the model an adapter was trained on,
+    or the architecture of a ZeRO checkpoint; by default it is read from the adapter's config
+    or found next to the checkpoint.
+    """
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path} does not exist; pass a saved model directory")
@@ -342,6 +350,7 @@ def load_model_for_eval(
         dtype=dtype,
         trust_remote_code=trust_remote_code,
         tokenizer_path=None if tokenizer_path is None else Path(tokenizer_path),
+        base_model=None if base_model is None else str(base_model),
     )
     for loader in _LOADERS:
         if loader.matches(path):
@@ -350,3 +359,8 @@ def load_model_for_eval(
         f"{path} is not a model directory (no config.json); pass a saved Hugging Face model "
         "or a DeepSpeed checkpoint"
     )
+
+
+# Registers the LoRA-adapter and DeepSpeed-checkpoint loaders; imported last because they are
+# built from the definitions above.
+from cot2align_ds.eval import loaders as _loaders  # noqa: E402, F401

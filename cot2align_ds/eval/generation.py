@@ -161,11 +161,14 @@ def generate_ids(
     seed: int = 0,
     batch_size: int = 8,
     show_progress: bool = False,
+    synced_gpus: bool | None = None,
 ) -> list[list[int]]:
     """New token ids per prompt (in input order), stopped before the first EOS.
 
     Prompts are batched longest first (less padding; the order is restored); the sampled
     output for one seed therefore depends on ``batch_size`` but is reproducible for a fixed one.
+    ``synced_gpus=True``: a ZeRO-3 model sharded over ranks; every rank keeps stepping until all
+    are done, so every rank must pass the same number of prompts (None: transformers decides).
     """
     if batch_size < 1:
         raise GenerationSettingsError(f"batch_size must be >= 1 (got {batch_size})")
@@ -182,7 +185,8 @@ def generate_ids(
     with bar, _eval_mode(model), _seeded(seed, device), torch.inference_mode():
         for start in range(0, len(order), batch_size):
             indices = order[start : start + batch_size]
-            new_ids = _generate_batch(model, [prompt_ids[i] for i in indices], config, device)
+            batch = [prompt_ids[i] for i in indices]
+            new_ids = _generate_batch(model, batch, config, device, synced_gpus)
             for index, ids in zip(indices, new_ids, strict=True):
                 outputs[index] = _cut_at_eos(ids, eos_token_id)
             bar.update(len(indices))
@@ -194,11 +198,15 @@ def _generate_batch(
     batch_ids: list[list[int]],
     config: GenerationConfig,
     device: torch.device,
+    synced_gpus: bool | None = None,
 ) -> list[list[int]]:
     _check_length(model, max(len(ids) for ids in batch_ids), config.max_new_tokens)
     input_ids, attention_mask = _left_pad(batch_ids, config.pad_token_id, device)
     output = model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        generation_config=config,
+        synced_gpus=synced_gpus,
     )
     return output[:, input_ids.shape[1] :].tolist()
 
@@ -212,6 +220,7 @@ def generate(
     seed: int = 0,
     batch_size: int = 8,
     show_progress: bool = False,
+    synced_gpus: bool | None = None,
 ) -> list[str]:
     """Generated continuations (new text only, stripped), one per prompt, in input order."""
     new_ids = generate_ids(
@@ -222,5 +231,6 @@ def generate(
         seed=seed,
         batch_size=batch_size,
         show_progress=show_progress,
+        synced_gpus=synced_gpus,
     )
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new_ids]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from cot2align_ds.models.lora import apply_lora, save_lora_student
 from cot2align_ds.models.student_module import StudentWithProjectors, param_groups
 from cot2align_ds.tracking import Tracker
 from cot2align_ds.train import checkpointing as ckpt
+from cot2align_ds.train.dev_eval import DevEvaluator
 from cot2align_ds.train.objective import (
     NORMALISER_KEYS,
     ModelAccess,
@@ -161,6 +163,7 @@ class Trainer:
         self._build_engines()
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.skipped_steps = 0
+        self.dev = self._dev_evaluator()
         if resume_tag is not None:
             self._resume(resume_tag)
         self.tracker = Tracker(
@@ -375,8 +378,12 @@ class Trainer:
                     last = self._log(step, values, tokens, wait_s, step_s)
                     tokens, wait_s, step_s = 0, 0.0, 0.0
                 bar.update(1, {k: last[k] for k in ("loss/total",) if k in last})
+                stop = self.dev is not None and self.dev.due(step) and self._evaluate_dev(step)
                 if cfg.save_every and step % cfg.save_every == 0 and step < self.total_steps:
                     self.save_checkpoint()
+                if stop:
+                    self.tracker.summary({"early_stop_step": step})
+                    break
         model_dir = self.save()
         self.tracker.close()
         return TrainResult(self.output_dir, model_dir, self.total_steps, last)
@@ -401,6 +408,39 @@ class Trainer:
         self.tracker.log(metrics, step)
         return metrics
 
+    def _dev_evaluator(self) -> DevEvaluator | None:
+        cfg = self.config
+        if cfg.data.dev_file is None or not (cfg.eval.every_steps or cfg.eval.every_epoch):
+            return None
+        return DevEvaluator(
+            cfg.eval,
+            read_records(cfg.data.dev_file),
+            self.student_tokenizer,
+            template=cfg.data.template,
+            max_prompt_tokens=cfg.data.max_prompt_tokens,
+            output_dir=self.output_dir,
+            is_main=self.ctx.is_main,
+            steps_per_epoch=self.steps_per_epoch,
+        )
+
+    def _evaluate_dev(self, step: int) -> bool:
+        """Dev evaluation (all ranks), best-K checkpoints; returns whether to stop early."""
+        self.student_engine.eval()
+        metrics = self.dev.evaluate(self.student_engine.module.student, step)
+        self.student_engine.train()
+        self.tracker.log(metrics, step)
+        if self.dev.should_keep(metrics):
+            # Best-K live apart from the resumable checkpoints so the two rotations never clash.
+            root, tag = self.output_dir / "best_checkpoints", ckpt.tag_for(step)
+            dse.save_checkpoint(self.student_engine, root, tag)
+            self.dev.register_checkpoint(step, root / tag)
+        dse.barrier()
+        doomed = self.dev.paths_to_delete()
+        if self.ctx.is_main:
+            for path in doomed:
+                shutil.rmtree(path, ignore_errors=True)
+        return self.dev.should_stop
+
     def _check_skipped(self, step: int) -> None:
         """DeepSpeed skips an update whose gradients are non-finite; count them and give up
         after ``train.max_skipped_steps`` rather than train on garbage."""
@@ -424,6 +464,7 @@ class Trainer:
             "world_size": self.ctx.world_size,
             "micro_batch_size": self.config.train.micro_batch_size,
             "grad_accum": self.config.train.grad_accum,
+            "dev_eval": self.dev.state_dict() if self.dev is not None else None,
         }
 
     def save_checkpoint(self) -> None:
@@ -449,6 +490,8 @@ class Trainer:
         dse.load_checkpoint(self.student_engine, root, tag)
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
+        if self.dev is not None and state.get("dev_eval"):
+            self.dev.load_state_dict(state["dev_eval"])
         rng = json.loads((root / tag / f"rng-rank{self.ctx.rank}.json").read_text())
         ckpt.set_rng_state(rng)
 
