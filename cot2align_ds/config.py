@@ -118,6 +118,9 @@ class CoT2AlignConfig(_Strict):
         0.25, ge=0.0, description="the reference divides the summed OT groups by 4"
     )
     cross_cot: bool = Field(True, description="the two Cross-CoT OT directions")
+    main_weight: float = Field(1.0, ge=0.0, description="student main <-> teacher main")
+    cross_std_cot_weight: float = Field(1.0, ge=0.0, description="student standard <-> teacher CoT")
+    cross_cot_std_weight: float = Field(1.0, ge=0.0, description="student CoT <-> teacher standard")
     reference_compat: bool = Field(
         False, description="reproduce the reference code (student CoT <-> teacher standard is 0)"
     )

@@ -158,3 +158,13 @@ def embedding_rows(model: torch.nn.Module) -> int:
     embeddings = model.get_input_embeddings()
     shape = getattr(embeddings.weight, "ds_shape", embeddings.weight.shape)
     return int(shape[0])
+
+
+def check_vocab_fits(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, role: str) -> None:
+    """Token ids past the last embedding row would crash deep inside the forward pass."""
+    rows = embedding_rows(model)
+    if rows < len(tokenizer):
+        raise ModelLoadError(
+            f"{role}: the model has {rows} embedding rows but its tokenizer has {len(tokenizer)} "
+            "tokens; use the tokenizer the model was trained with (or resize its embeddings)"
+        )

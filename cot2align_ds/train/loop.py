@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from cot2align_ds.alignment.offsets import require_offsets
 from cot2align_ds.alignment.vocab_map import mined_vocab_map
 from cot2align_ds.config import ConfigError, RunConfig, config_to_dict
 from cot2align_ds.data.collator import DistillCollator
@@ -31,6 +32,7 @@ from cot2align_ds.engine.ds_config import (
 )
 from cot2align_ds.errors import UserError
 from cot2align_ds.models.loading import (
+    check_vocab_fits,
     config_hidden_size,
     hidden_size_of,
     load_causal_lm,
@@ -219,6 +221,9 @@ class Trainer:
         )
         with dse.zero3_loading(self.student_ds):
             student = load_causal_lm(cfg.student, "student", self.student_tokenizer, precision)
+        check_vocab_fits(student, self.student_tokenizer, "student")
+        if self.teacher_model is not None:
+            check_vocab_fits(self.teacher_model, self.teacher_tokenizer, "teacher")
         if cfg.student.lora is not None:
             student = apply_lora(student, cfg.student.lora)
         teacher_hidden = hidden_size_of(self.teacher_model) if self.teacher_model else 0
@@ -243,6 +248,10 @@ class Trainer:
         cfg = self.config
         if cfg.data.train_file is None:
             raise ConfigError("data.train_file is not set; point it at a JSONL file of records")
+        if self.objective.alignment == "offsets":
+            # The collator aligns by character offsets: a slow tokenizer has none.
+            require_offsets(self.student_tokenizer)
+            require_offsets(self.teacher_tokenizer)
         records = read_records(cfg.data.train_file)
         self.examples = make_examples(
             records, template=cfg.data.template, cot_records=cfg.data.cot_records

@@ -110,10 +110,13 @@ class Objective:
         self.terms += [Term(n, kd_rate, norm) for n, norm in _KD_TERMS[self.method]]
         if cot2align.enabled:
             weight = kd_rate * cot2align.ot_weight
-            self.terms.append(Term("ot_main", weight, "records"))
+            self.terms.append(Term("ot_main", weight * cot2align.main_weight, "records"))
             if cot2align.cross_cot:
-                self.terms.append(Term("ot_cross_std_cot", weight, "cot_records"))
-                self.terms.append(Term("ot_cross_cot_std", weight, "cot_records"))
+                cross = (
+                    ("ot_cross_std_cot", cot2align.cross_std_cot_weight),
+                    ("ot_cross_cot_std", cot2align.cross_cot_std_weight),
+                )
+                self.terms += [Term(n, weight * w, "cot_records") for n, w in cross]
 
     # -- what the loop must provide -------------------------------------------------------------
     @property
