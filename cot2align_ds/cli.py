@@ -174,11 +174,23 @@ def demo(
     ),
     quick: Annotated[bool, typer.Option(help="A one-minute smoke run.")] = False,
     seed: int = 42,
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated base methods, one row each: uld,mined,dskd_cma.")
+    ] = "uld",
+    cot2align_base: Annotated[
+        str, typer.Option(help="Base method of the '+ CoT2Align' row.")
+    ] = "uld",
 ) -> None:
     """Run the embedded offline demo: data, tokenizers, teacher, SFT vs distilled student."""
     from cot2align_ds.runs import run_demo_command
 
-    run_demo_command(output_dir, quick=quick, seed=seed)
+    run_demo_command(
+        output_dir,
+        quick=quick,
+        seed=seed,
+        methods=[m.strip() for m in methods.split(",") if m.strip()],
+        cot2align_base=cot2align_base,
+    )
 
 
 @app.command("eval")

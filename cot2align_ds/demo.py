@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cot2align_ds.config import load_config, validate_config
+from cot2align_ds.config import ConfigError, load_config, validate_config
 from cot2align_ds.data.augment import run_augment
 from cot2align_ds.data.examples import make_examples
 from cot2align_ds.data.records import Record, read_records, write_records, write_text_atomic
@@ -89,7 +89,19 @@ def stage_config(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
     return config
 
 
-def run_demo(output_dir: Path, *, quick: bool = False, seed: int = 42) -> dict[str, dict]:
+DIFFERENT_VOCAB_METHODS = ("uld", "mined", "dskd_cma")
+
+
+def run_demo(
+    output_dir: Path,
+    *,
+    quick: bool = False,
+    seed: int = 42,
+    methods: tuple[str, ...] = ("uld",),
+    cot2align_base: str = "uld",
+) -> dict[str, dict]:
+    """``methods``: base KD methods distilled in their own row; ``cot2align_base``: the one
+    that also gets a "+ CoT2Align" row (trained on the teacher's own rationales)."""
     from cot2align_ds.eval.evaluate import (
         evaluate_records,
         load_model_for_eval,
@@ -130,21 +142,28 @@ def run_demo(output_dir: Path, *, quick: bool = False, seed: int = 42) -> dict[s
             train__epochs=size.student_epochs,
             **common,
         ),
-        "student_uld": stage_config(
+    }
+    for method in dict.fromkeys((*methods, cot2align_base)):
+        if method not in DIFFERENT_VOCAB_METHODS:
+            raise ConfigError(
+                f"--methods: '{method}' does not work across tokenizers; choose from "
+                f"{', '.join(DIFFERENT_VOCAB_METHODS)}"
+            )
+        stages[f"student_{method}"] = stage_config(
             base,
-            output_dir=str(output_dir / "student_uld"),
+            output_dir=str(output_dir / f"student_{method}"),
             student__tokenizer=str(tokenizers["student"]),
             teacher={"name_or_path": str(teacher_dir / "student")},
+            distill__method=method,
             train__epochs=size.student_epochs,
             **common,
-        ),
-    }
+        )
     model_dirs = {}
     for name, raw in stages.items():
         config = validate_config(raw, f"demo stage {name}")
         model_dirs[name] = run_train(config, overwrite=True).model_dir
     # CoT augmentation: the fine-tuned teacher writes its own rationales; CoT2Align trains on
-    # them (paired standard/CoT views, OT on main and Cross-CoT pairs) on top of ULD.
+    # them (paired standard/CoT views, OT on main and Cross-CoT pairs) on top of the base.
     cot_data = run_augment(
         model_dirs["teacher"],
         data["train"],
@@ -157,15 +176,16 @@ def run_demo(output_dir: Path, *, quick: bool = False, seed: int = 42) -> dict[s
         seed=seed,
         show_progress=False,
     ).output_file
+    name = f"student_{cot2align_base}_cot2align"
     cot2align_stage = stage_config(
-        stages["student_uld"],
-        output_dir=str(output_dir / "student_uld_cot2align"),
+        stages[f"student_{cot2align_base}"],
+        output_dir=str(output_dir / name),
         data__train_file=str(cot_data),
         data__cot_records="all",
         cot2align__enabled=True,
     )
-    config = validate_config(cot2align_stage, "demo stage student_uld_cot2align")
-    model_dirs["student_uld_cot2align"] = run_train(config, overwrite=True).model_dir
+    config = validate_config(cot2align_stage, f"demo stage {name}")
+    model_dirs[name] = run_train(config, overwrite=True).model_dir
     test = read_records(data["test"])
     results = {}
     for name, model_dir in model_dirs.items():

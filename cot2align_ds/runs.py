@@ -120,29 +120,35 @@ def run_train_command(
     return run_train(load_config(config, overrides), overwrite=overwrite, resume=resume)
 
 
-def run_demo_command(output_dir: Path, *, quick: bool, seed: int) -> dict:
+def run_demo_command(
+    output_dir: Path, *, quick: bool, seed: int, methods: list[str], cot2align_base: str
+) -> dict:
     from cot2align_ds.demo import run_demo
 
-    if quick is False and output_dir.exists() and not output_dir.is_dir():
+    if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"--output-dir '{output_dir}' is a file; give a directory")
-    results = run_demo(output_dir, quick=quick, seed=seed)
+    results = run_demo(
+        output_dir, quick=quick, seed=seed, methods=tuple(methods), cot2align_base=cot2align_base
+    )
     print_demo_table(results)
     return results
 
 
 def print_demo_table(results: dict) -> None:
+    names = {"uld": "ULD", "mined": "MinED", "dskd_cma": "DSKD-CMA"}
     labels = {
         "teacher": "teacher (Llama-style, byte-level BPE)",
         "student_sft": "student trained alone (SFT)",
-        "student_uld": "student distilled (ULD, cross-tokenizer)",
-        "student_uld_cot2align": "student distilled (ULD + CoT2Align)",
     }
+    for method, name in names.items():
+        labels[f"student_{method}"] = f"student distilled ({name}, cross-tokenizer)"
+        labels[f"student_{method}_cot2align"] = f"student distilled ({name} + CoT2Align)"
     table = Table(title="Exact match on held-out problems (standard prompts)")
     table.add_column("model")
     table.add_column("exact match (%)", justify="right")
-    for key, label in labels.items():
-        if key in results:
-            table.add_row(label, f"{results[key]['exact_match']:.1f}")
+    for key, result in results.items():
+        if key in labels:
+            table.add_row(labels[key], f"{result['exact_match']:.1f}")
     Console().print(table)
     meta = results.get("_meta", {})
     Console().print(f"wall time: {meta.get('wall_s', 0):.0f} s")

@@ -10,12 +10,16 @@ from cot2align_ds.cli import app
 
 
 def test_quick_demo_prints_the_table_from_real_runs(tmp_path):
-    result = CliRunner().invoke(app, ["demo", "--quick", "--output-dir", str(tmp_path)])
+    result = CliRunner().invoke(
+        app, ["demo", "--quick", "--output-dir", str(tmp_path), "--methods", "uld,mined"]
+    )
     assert result.exit_code == 0, result.output
-    for label in ("teacher", "trained alone (SFT)", "distilled (ULD,", "(ULD + CoT2Align)"):
+    labels = ("teacher", "trained alone (SFT)", "(ULD,", "(MinED,", "(ULD + CoT2Align)")
+    for label in labels:
         assert label in result.output
     results = json.loads((tmp_path / "demo_results.json").read_text())
-    for stage in ("teacher", "student_sft", "student_uld", "student_uld_cot2align"):
+    stages = ("teacher", "student_sft", "student_uld", "student_mined", "student_uld_cot2align")
+    for stage in stages:
         assert 0.0 <= results[stage]["exact_match"] <= 100.0
         rows = (tmp_path / stage / "metrics.jsonl").read_text().splitlines()
         assert len(rows) >= 1 and "loss/ce" in json.loads(rows[-1])
