@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import resource
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -183,6 +184,15 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
 
 def engine_device(engine: Any) -> torch.device:
     return engine.device
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak accelerator memory (allocated by torch) and peak host RSS of this process, in MB."""
+    peaks = {"mem/peak_host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        peaks["mem/peak_device_mb"] = accelerator.max_memory_allocated() / 2**20
+    return peaks
 
 
 def global_grad_norm(engine: Any) -> float | None:

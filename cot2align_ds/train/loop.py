@@ -165,6 +165,7 @@ class Trainer:
         self._build_engines()
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.skipped_steps = 0
+        self._logging_next = False
         self.dev = self._dev_evaluator()
         if resume_tag is not None:
             self._resume(resume_tag)
@@ -352,8 +353,9 @@ class Trainer:
         counts = self._window_counts(window)
         totals: dict[str, torch.Tensor] = {}
         projectors = self.student_engine.module.projectors
-        for batch in window:
+        for index, batch in enumerate(window):
             batch = _to_device(batch, self.device)
+            self.objective.collect_diagnostics = self._logging_next and index == len(window) - 1
             outputs = self._forward_all(batch)
             loss, values = self.objective(batch, outputs, projectors, self.access, counts)
             self.student_engine.backward(loss)
@@ -377,6 +379,7 @@ class Trainer:
                 window = [next(batches) for _ in range(cfg.grad_accum)]
                 fetched = time.perf_counter()
                 self._audit(step, window)
+                self._logging_next = step % cfg.log_every == 0 or step == self.total_steps
                 values = self.train_step(window)
                 self.step = step
                 self._check_skipped(step)
@@ -412,6 +415,8 @@ class Trainer:
         metrics["data_wait_share"] = wait_s / max(step_s, 1e-9)
         metrics["epoch"] = step / max(self.steps_per_epoch, 1)
         metrics["skipped_steps"] = float(self.skipped_steps)
+        metrics.update({k: float(v) for k, v in self.objective.diagnostics.items()})
+        metrics.update(dse.peak_memory_mb())
         # A skipped step's NaN loss is reported by _check_skipped; JSON cannot carry NaN.
         metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
         self.tracker.log(metrics, step)

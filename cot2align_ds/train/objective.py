@@ -28,7 +28,8 @@ from cot2align_ds.losses.cross_entropy import cross_entropy_loss
 from cot2align_ds.losses.divergences import kd_divergence
 from cot2align_ds.losses.dskd import dskd_cma_loss, dskd_loss
 from cot2align_ds.losses.mined import mined_loss
-from cot2align_ds.losses.ot import multi_pair_ot_loss
+from cot2align_ds.losses.ot import cost_matrix, multi_pair_ot_loss
+from cot2align_ds.losses.sinkhorn import sinkhorn_log
 from cot2align_ds.losses.uld import uld_loss
 
 NORMALISER_KEYS = ("student_tokens", "teacher_tokens", "records", "cot_records")
@@ -105,6 +106,9 @@ class Objective:
         if self.method == "mined" and teacher_to_student_vocab_W is None:
             raise ValueError("MinED needs the teacher->student vocabulary map")
         self.vocab_map_W = teacher_to_student_vocab_W
+        # Set by the loop before a logged step: OT plan diagnostics cost one extra solve.
+        self.collect_diagnostics = False
+        self.diagnostics: dict[str, torch.Tensor] = {}
         kd_rate = 0.0 if self.method == "sft" else distill.kd_rate
         self.terms = [Term("ce", 1.0 - kd_rate, "student_tokens")]
         self.terms += [Term(n, kd_rate, norm) for n, norm in _KD_TERMS[self.method]]
@@ -249,6 +253,8 @@ class Objective:
                 t_hidden = project(t_hidden.to(s_hidden.dtype))
                 groups.append((s_hidden, t_hidden, student.mask, teacher.mask, pair.weight))
                 names.append(name)
+        if self.collect_diagnostics:
+            self.diagnostics = _plan_diagnostics(groups[len(self.ot.layer_pairs) - 1], self.ot)
         result = multi_pair_ot_loss(
             groups,
             cost=self.ot.cost,
@@ -340,6 +346,28 @@ class _Side:
             self.index[rows],
             self.mask[rows] & valid,
         )
+
+
+@torch.no_grad()
+def _plan_diagnostics(group: tuple, ot: CoT2AlignConfig) -> dict[str, torch.Tensor]:
+    """Marginal error and entropy of the main-view plan at the last configured layer pair."""
+    student, teacher, student_mask, teacher_mask, _ = group
+    cost = cost_matrix(student, teacher, ot.cost, teacher_mask_BT=teacher_mask)
+    _, diagnostics = sinkhorn_log(
+        cost,
+        student_mask,
+        teacher_mask,
+        epsilon=ot.epsilon,
+        num_iters=ot.num_iters,
+        grad_mode="envelope",
+        return_diagnostics=True,
+    )
+    solved = student_mask.any(1) & teacher_mask.any(1)
+    count = solved.sum().clamp_min(1)
+    return {
+        "ot/marginal_error": (diagnostics.marginal_error_B * solved).sum() / count,
+        "ot/plan_entropy": (diagnostics.entropy_B * solved).sum() / count,
+    }
 
 
 def _gather(hidden_BLD: torch.Tensor, index_BK: torch.Tensor) -> torch.Tensor:

@@ -71,3 +71,6 @@ def test_method_lowers_its_loss(workspace, tmp_path, name):
         # cross terms are real transport costs, not masked zeros.
         assert rows[-1]["loss/ot_cross_std_cot"] > 0 and rows[-1]["loss/ot_cross_cot_std"] > 0
         assert "lr/projectors" in rows[-1]
+        # OT plan diagnostics ride along at log steps; peak memory is always logged.
+        assert 0 <= rows[-1]["ot/marginal_error"] < 1e-2 and rows[-1]["ot/plan_entropy"] > 0
+    assert rows[-1]["mem/peak_host_rss_mb"] > 0
