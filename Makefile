@@ -14,8 +14,11 @@ endif
 PY := $(ENV_DIR)/bin/python
 STAMP := $(ENV_DIR)/.cot2align-ds-installed
 CPU_TORCH ?= torch==2.13.0
+# The env's bin on PATH (the `deepspeed` launcher lives there); DeepSpeed's JIT-built ops cached
+# per env, so two envs on one machine never rebuild each other's.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
-	TOKENIZERS_PARALLELISM=false WANDB_MODE=$${WANDB_MODE:-disabled}
+	TOKENIZERS_PARALLELISM=false WANDB_MODE=$${WANDB_MODE:-disabled} \
+	PATH=$(ENV_DIR)/bin:$$PATH TORCH_EXTENSIONS_DIR=$${TORCH_EXTENSIONS_DIR:-$(ENV_DIR)/torch_extensions}
 PYTEST_ARGS ?= -q
 DEMO_ARGS ?=
 

@@ -47,3 +47,17 @@ def tiny_run_config(workspace: dict[str, Path], output_dir: Path, **sections) ->
         else:
             config[section] = values
     return config
+
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for a child CLI process: without this process's rendezvous variables,
+    whose MASTER_PORT the in-process world of one is already bound to."""
+    import os
+
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCH_VARS}
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH", "")]))
+    return env

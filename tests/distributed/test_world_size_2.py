@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from support import STUDENT_ARCH, tiny_run_config
+from support import STUDENT_ARCH, subprocess_env, tiny_run_config
 
 pytestmark = pytest.mark.distributed
 HERE = Path(__file__).resolve().parent
 NO_DROPOUT = {**STUDENT_ARCH, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _port() -> int:
@@ -27,9 +26,7 @@ def _port() -> int:
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parents[1]), env.get("PYTHONPATH", "")])
-    return env
+    return subprocess_env()
 
 
 def _torchrun(args: list[str], nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:

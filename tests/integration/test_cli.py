@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import yaml
-from support import tiny_run_config
+from support import subprocess_env, tiny_run_config
 from typer.testing import CliRunner
 
 from cot2align_ds.cli import app
@@ -53,6 +53,7 @@ def test_show_config_bad_input_is_one_line(args, fragment):
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "cot2align_ds.cli", *args],
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=180,

@@ -5,7 +5,6 @@ engine; and checkpoint directories that are not models."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from support import STUDENT_ARCH, tiny_run_config
+from support import STUDENT_ARCH, subprocess_env, tiny_run_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from cot2align_ds.config import EvalConfig, ModelSpec, config_to_dict, validate_config
@@ -448,9 +447,7 @@ def test_two_ranks_generate_in_lockstep_and_agree(workspace, tmp_path):
     write_records(tmp_path / "dev.jsonl", held)
     (tmp_path / "check.py").write_text(WORLD_SIZE_2_SCRIPT)
     spec = _student_spec(workspace)
-    launch = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {key: value for key, value in os.environ.items() if key not in launch}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), env.get("PYTHONPATH", "")])
+    env = subprocess_env()
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
         f"--master_port={_free_port()}", str(tmp_path / "check.py"),

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from support import tiny_run_config
+from support import subprocess_env, tiny_run_config
 
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.mark.skipif(shutil.which("deepspeed") is None, reason="deepspeed launcher not on PATH")
@@ -23,8 +21,7 @@ def test_local_sh_trains_two_ranks_and_passes_arguments_through(workspace, tmp_p
     config = tmp_path / "local_sh.yaml"
     config.write_text(yaml.safe_dump(tiny_run_config(workspace, run_dir)))
     # The launcher sets the rank variables itself; the session's world-of-one values must not leak.
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env = subprocess_env()
     env["GPUS"] = "2"
     command = ["bash", str(ROOT / "launchers" / "local.sh"), str(config)]
     command += ["--set", "train.max_steps=2", "--set", "tracking.run_name=via local.sh"]

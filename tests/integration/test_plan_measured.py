@@ -13,20 +13,18 @@ tests/unit/test_plan.py.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from support import STUDENT_ARCH, tiny_run_config
+from support import STUDENT_ARCH, subprocess_env, tiny_run_config
 
 from cot2align_ds.config import load_config
 from cot2align_ds.plan import GIB, estimate_memory
 
 ROOT = Path(__file__).resolve().parents[2]
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # Runs `cot2align train` as a child and reports the largest RSS among its waited-for children
 # (ru_maxrss is in KiB on Linux).
 MEASURE = """
@@ -42,8 +40,7 @@ STUDENTS = {
 
 
 def _measure_peak_rss(config_path: Path) -> int:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}  # a fresh world of one
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env = subprocess_env()  # a fresh world of one
     result = subprocess.run(
         [sys.executable, "-c", MEASURE, str(config_path)],
         env=env,

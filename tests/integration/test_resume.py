@@ -15,13 +15,12 @@ from collections import Counter
 import pytest
 import torch
 import yaml
-from support import tiny_run_config
+from support import subprocess_env, tiny_run_config
 
 from cot2align_ds.config import validate_config
 from cot2align_ds.data.records import read_records, write_records
 from cot2align_ds.train import checkpointing as ckpt
 
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 NUM_RECORDS, MICRO_BATCH, STEPS = 16, 4, 10  # 4 steps per epoch, 2.5 epochs
 
 
@@ -52,8 +51,7 @@ def _losses(run_dir):
 
 
 def _cli(*args):
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    return [sys.executable, "-m", "cot2align_ds.cli", *args], env
+    return [sys.executable, "-m", "cot2align_ds.cli", *args], subprocess_env()
 
 
 def test_sigkill_then_resume_matches_the_uninterrupted_run(workspace, tmp_path):
