@@ -60,5 +60,7 @@ format: install
 bench: install
 	$(OFFLINE) $(PY) -m bench.run $(BENCH_ARGS)
 
+-include mk/paper.mk
+
 clean:
 	rm -rf runs/demo runs/demo-quick .pytest_cache .ruff_cache

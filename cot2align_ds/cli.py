@@ -323,6 +323,51 @@ def plan(
     )
 
 
+data_app = typer.Typer(help="Prepare the paper's datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+@user_errors
+def data_prepare(
+    dataset: Annotated[str, typer.Argument(help="dolly, alpaca, sni or dialogsum.")],
+    output_dir: Annotated[Path, typer.Option(help="Where train/dev/test.jsonl are written.")],
+    source: Annotated[
+        Path | None, typer.Option(help="Local JSON/JSONL file or directory instead of the hub.")
+    ] = None,
+    seed: int = 42,
+    train_size: Annotated[int | None, typer.Option(help="Default: the dataset's.")] = None,
+    dev_size: Annotated[int | None, typer.Option(help="Default: the dataset's.")] = None,
+    test_size: Annotated[int | None, typer.Option(help="Default: the dataset's.")] = None,
+    split_mode: Annotated[
+        str, typer.Option(help="auto, resplit (seeded shuffle) or source (its own splits).")
+    ] = "auto",
+    max_prompt_tokens: Annotated[int | None, typer.Option(help="0: no limit.")] = None,
+    max_total_tokens: Annotated[int | None, typer.Option(help="0: no limit.")] = None,
+    tokenizer: Annotated[
+        str | None, typer.Option(help="Count lengths with it (default: characters / 4).")
+    ] = None,
+) -> None:
+    """Load a paper dataset, filter it, split it, write train/dev/test.jsonl and stats."""
+    from cot2align_ds.runs import run_prepare_command
+
+    typer.echo(
+        run_prepare_command(
+            dataset,
+            output_dir,
+            source=source,
+            seed=seed,
+            train_size=train_size,
+            dev_size=dev_size,
+            test_size=test_size,
+            split_mode=split_mode,
+            max_prompt_tokens=max_prompt_tokens,
+            max_total_tokens=max_total_tokens,
+            tokenizer=tokenizer,
+        )
+    )
+
+
 def main() -> None:
     _offline_defaults()
     app()

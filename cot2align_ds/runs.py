@@ -176,3 +176,9 @@ def run_report_command(run_dirs: list[Path], out_dir: Path) -> Path:
     from cot2align_ds.eval.commands import run_report
 
     return run_report(run_dirs, out_dir)
+
+
+def run_prepare_command(dataset: str, output_dir: Path, **options) -> str:
+    from cot2align_ds.data.prepare import run_prepare
+
+    return run_prepare(dataset, output_dir, **options).summary()
