@@ -92,7 +92,7 @@ def _measure(ws, root: Path, name: str, steps: int, workers: int) -> dict[str, f
 
 def run(quick: bool = False) -> list[dict]:
     os.environ.setdefault("WANDB_MODE", "disabled")
-    steps, repeats = (6, 1) if quick else (20, 3)
+    steps, repeats = (6, 1) if quick else (16, 2)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         ws = _workspace(root, 400)
