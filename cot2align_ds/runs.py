@@ -49,7 +49,7 @@ def resolved_configs(config: str, overrides: list[str], world_size: int) -> dict
 
 
 def _hidden_size_or_default(run: RunConfig, role: str) -> int:
-    """Bucket sizes need the hidden size; a model not reachable yet gets a placeholder."""
+    """Bucket sizes need the hidden size; a model not reachable offline is sized as 4096."""
     try:
         return config_hidden_size(getattr(run, role), role)
     except UserError:

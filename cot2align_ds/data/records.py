@@ -64,6 +64,8 @@ def _parse_line(path: Path, line_number: int, raw: bytes) -> Record | None:
         ) from None
     if not isinstance(payload, dict):
         raise RecordError(f"{where}: expected a JSON object per line")
+    if "output" not in payload:
+        raise RecordError(f"{where}: field 'output' is missing; every record needs a gold answer")
     if "id" not in payload:
         payload["id"] = f"{path.stem}-{line_number}"
     try:

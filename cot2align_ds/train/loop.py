@@ -71,9 +71,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# What a run writes before training starts: a run that failed on bad input left only these, and
+# rerunning the same command after fixing the input must not need --overwrite.
+_RESTARTABLE = {"config.json", "vocab_map_cache"}
+
+
 def check_output_dir(config: RunConfig, overwrite: bool) -> Path:
     output_dir = Path(config.output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+    used = output_dir.is_dir() and any(p.name not in _RESTARTABLE for p in output_dir.iterdir())
+    if used and not overwrite:
         raise ConfigError(
             f"output_dir '{output_dir}' is not empty; pass --overwrite or choose another directory"
         )
@@ -331,13 +337,16 @@ class Trainer:
         )
         return ModelOutputs(output.logits, getattr(output, "hidden_states", None))
 
-    def _window_counts(self, window: list[dict]) -> dict[str, float]:
+    def _window_counts(self, window: list[dict]) -> dict[str, torch.Tensor]:
+        """Global counts of the window as device scalars (no host sync)."""
         counts = torch.stack([batch_normalisers(batch) for batch in window]).sum(0)
-        counts = dse.all_reduce_sum(counts.to(self.device))
+        counts = dse.all_reduce_sum(counts.to(self.device, torch.float32))
         # Each rank's backward is averaged over ranks and accumulation steps by DeepSpeed;
         # scaling the normaliser down by that factor makes the gradient the global mean.
         scale = self.ctx.world_size * self.config.train.grad_accum
-        return {k: float(v) / scale for k, v in zip(NORMALISER_KEYS, counts.tolist(), strict=True)}
+        # An empty term (no CoT record anywhere) divides a zero sum by 1/scale: still zero.
+        counts = counts.clamp_min(1.0) / scale
+        return dict(zip(NORMALISER_KEYS, counts.unbind(), strict=True))
 
     def _forward_all(self, batch: dict) -> dict[str, ModelOutputs]:
         """The same forward calls on every rank, whatever the batch holds (ZeRO-3 lockstep)."""

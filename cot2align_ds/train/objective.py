@@ -292,7 +292,7 @@ class Objective:
         outputs: dict[str, ModelOutputs],
         projectors: nn.ModuleDict,
         access: ModelAccess | None,
-        window_counts: dict[str, float],
+        window_counts: dict[str, torch.Tensor],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         student = outputs["student"]
         chunk = self.config.chunk_size
@@ -307,7 +307,7 @@ class Objective:
         total = student.logits.new_zeros((), dtype=torch.float32)
         values = {}
         for term in self.terms:
-            value = sums[term.name] / max(window_counts[term.normaliser], 1.0)
+            value = sums[term.name] / window_counts[term.normaliser]
             values[term.name] = value.detach()
             total = total + term.weight * value
         if "student_standard" in outputs:

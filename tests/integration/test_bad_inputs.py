@@ -1,0 +1,425 @@
+"""The bad-input catalogue (docs/bad_inputs.md), one test per entry, through the real CLI.
+
+Defined outcome of a bad input: exit code 2, exactly one ``error:`` line on stderr naming the
+file / line / field and what to do, no traceback, and nothing already on disk lost (data file,
+DeepSpeed JSON, an existing run directory). Exceptions: an over-long example is truncated and
+trains (entry 5); ``pair-check`` exits 1 with the reason in its report (entry 8).
+
+Failures that happen in-process are driven through Typer's ``CliRunner`` (an uncaught exception
+shows up as ``result.exception``, the in-process form of a traceback); one entry runs the CLI as
+a real subprocess to check the contract on an actual stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from support import TEACHER_ARCH, tiny_run_config
+from typer.testing import CliRunner
+
+from cot2align_ds.cli import app
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[2]
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    code: int
+    stdout: str
+    stderr: str
+    crash: str | None = None  # the traceback of an exception that escaped the CLI
+
+
+def _cli(*args: str) -> Outcome:
+    """In-process run; an exception escaping the ``user_errors`` wrapper is a crash."""
+    result = runner.invoke(app, list(args))
+    crash = None
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        crash = "".join(traceback.format_exception(result.exception))
+    return Outcome(result.exit_code, result.stdout, result.stderr, crash)
+
+
+def _cli_subprocess(*args: str) -> Outcome:
+    """The real console entry point in a fresh process, outside the test's process group."""
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCH_VARS}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-m", "cot2align_ds.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    return Outcome(result.returncode, result.stdout, result.stderr)
+
+
+def assert_user_error(outcome: Outcome, *fragments: str) -> str:
+    """Exit 2, one ``error:`` line containing every fragment, no traceback; returns the line."""
+    assert outcome.crash is None, f"crashed instead of a one-line error:\n{outcome.crash}"
+    assert "Traceback" not in outcome.stderr + outcome.stdout, outcome.stderr[-3000:]
+    errors = [line for line in outcome.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, f"expected one error line, got:\n{outcome.stderr[-3000:]}"
+    assert outcome.code == 2, (outcome.code, errors)
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+    return errors[0]
+
+
+def _pair_check_failure(outcome: Outcome) -> str:
+    """``pair-check`` said NOT OK with exit code 1; its report with rich's line wrapping undone."""
+    assert outcome.crash is None, outcome.crash
+    assert outcome.code == 1, outcome.stdout
+    report = " ".join(outcome.stdout.split())
+    assert report.endswith("NOT OK (1 problem(s))"), report
+    return report
+
+
+def _write_config(tmp_path: Path, config: dict, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _train(tmp_path: Path, config: dict, *args: str) -> Outcome:
+    return _cli("train", "--config", str(_write_config(tmp_path, config)), *args)
+
+
+def _good_lines(workspace, count: int) -> list[bytes]:
+    return workspace["train"].read_bytes().splitlines(keepends=True)[:count]
+
+
+def _data_file(tmp_path: Path, lines: list[bytes], name: str = "train.jsonl") -> Path:
+    path = tmp_path / name
+    path.write_bytes(b"".join(lines))
+    return path
+
+
+def _with_data(workspace, tmp_path: Path, data_file: Path, **sections) -> dict:
+    config = tiny_run_config(workspace, tmp_path / "run", **sections)
+    config["data"]["train_file"] = str(data_file)
+    return config
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder`` with its bytes and modification time."""
+    return {
+        str(path.relative_to(folder)): (path.read_bytes(), path.stat().st_mtime_ns)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def _record(**fields) -> bytes:
+    base = {"id": "x", "instruction": "Add 2 and 3.", "input": "", "output": "5"}
+    return (json.dumps({**base, **fields}) + "\n").encode()
+
+
+# ---------------------------------------------------------------------------------------------
+# 1-4: malformed data files (file:line, field, what to do; the data file is never touched)
+# ---------------------------------------------------------------------------------------------
+
+BAD_LINES = {
+    "malformed_json": (b'{"instruction": "Add 2 and 3.", "output": \n', ["malformed JSON"]),
+    "missing_output": (b'{"instruction": "Add 2 and 3.", "input": ""}\n', ["'output'"]),
+    "empty_output": (_record(output="   "), ["'output' is empty", "gold answer"]),
+    "non_utf8": (b'{"instruction": "Add \xff\xfe 2", "output": "5"}\n', ["not UTF-8", "re-encode"]),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_LINES))
+def test_bad_data_line_names_file_and_line(workspace, tmp_path, kind):
+    bad_line, fragments = BAD_LINES[kind]
+    data = _data_file(tmp_path, [*_good_lines(workspace, 6), bad_line, *_good_lines(workspace, 2)])
+    before = data.read_bytes()
+    # SFT needs no teacher: the data error is the same, the run gets there sooner.
+    config = _with_data(workspace, tmp_path, data, distill={"method": "sft"})
+    assert_user_error(_train(tmp_path, config), f"{data}:7", *fragments)
+    assert data.read_bytes() == before
+
+
+def test_malformed_jsonl_through_a_real_process(workspace, tmp_path):
+    """Entry 1 again as a real process: one error line on the actual stderr among DeepSpeed's
+    own logging, and no traceback."""
+    bad_line = BAD_LINES["malformed_json"][0]
+    data = _data_file(tmp_path, [*_good_lines(workspace, 2), bad_line])
+    config = _with_data(workspace, tmp_path, data, distill={"method": "sft"})
+    outcome = _cli_subprocess("train", "--config", str(_write_config(tmp_path, config)))
+    assert_user_error(outcome, f"{data}:3", "malformed JSON", "fix or remove the line")
+
+
+# ---------------------------------------------------------------------------------------------
+# 5: an example longer than the limits is truncated (prompt from the left, answer from the
+#    right, see data/collator.py) and the run trains
+# ---------------------------------------------------------------------------------------------
+
+
+def test_example_longer_than_the_limits_is_truncated_and_trains(workspace, tmp_path):
+    words = " ".join(f"{i % 97} plus {i % 89}" for i in range(1500))  # ~9k tokens either side
+    lines = [
+        _record(id="long-prompt", instruction=f"Add these: {words}", output="42"),
+        _record(id="long-answer", output=f"Step by step: {words}. So 5"),
+        _record(id="long-both", instruction=words, input=words, output=words),
+        *_good_lines(workspace, 1),
+    ]
+    data = _data_file(tmp_path, lines)
+    # MinED with offset alignment: the truncated answer spans are aligned as well.
+    config = _with_data(
+        workspace,
+        tmp_path,
+        data,
+        distill={"method": "mined", "mined_alignment": "offsets"},
+        train={"max_steps": 2},
+    )
+    outcome = _train(tmp_path, config)
+    assert outcome.crash is None, outcome.crash
+    assert outcome.code == 0, outcome.stderr
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss/total"] for row in rows if "loss/total" in row]
+    assert len(losses) == 2 and all(0.0 < loss < 1e3 for loss in losses)
+    assert (run / "student" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# 6-8: tokenizers and models that cannot work together
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slow_tokenizer_dir(tmp_path_factory) -> Path:
+    """A Python ("slow") tokenizer: ByT5's needs no vocabulary file and has no offset mapping
+    (transformers 5 builds GPT2Tokenizer on the Rust backend, so that one has offsets)."""
+    from transformers import ByT5Tokenizer
+
+    folder = tmp_path_factory.mktemp("slow_tokenizer")
+    ByT5Tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_slow_tokenizer_is_reported_by_pair_check(workspace, slow_tokenizer_dir):
+    """Entry 8: without offsets no alignment can be computed: pair-check exits 1 and says why."""
+    outcome = _cli(
+        "pair-check",
+        "--teacher",
+        str(slow_tokenizer_dir),
+        "--student",
+        str(workspace["student_tok"]),
+    )
+    report = _pair_check_failure(outcome)
+    assert f"PROBLEM: teacher tokenizer '{slow_tokenizer_dir}' has no offset mapping" in report
+    assert "PROBLEM: student" not in report
+
+
+@pytest.fixture(scope="module")
+def no_eos_tokenizer_dir(workspace, tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("no_eos_tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(workspace["student_tok"])
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_tokenizer_without_eos_is_reported_by_pair_check(workspace, no_eos_tokenizer_dir):
+    outcome = _cli(
+        "pair-check", "--teacher", str(workspace["teacher"]), "--student", str(no_eos_tokenizer_dir)
+    )
+    report = _pair_check_failure(outcome)
+    assert "PROBLEM: student tokenizer has no EOS token" in report
+    assert "PROBLEM: teacher" not in report
+
+
+def test_tokenizer_without_eos_is_one_line_in_train(workspace, tmp_path, no_eos_tokenizer_dir):
+    config = tiny_run_config(workspace, tmp_path / "run")
+    config["student"]["tokenizer"] = str(no_eos_tokenizer_dir)
+    assert_user_error(
+        _train(tmp_path, config), "student.tokenizer", str(no_eos_tokenizer_dir), "no EOS token"
+    )
+
+
+def test_slow_tokenizer_with_offset_alignment_is_one_line(workspace, tmp_path, slow_tokenizer_dir):
+    """Entry 6: MinED with offset alignment refuses a tokenizer without offsets up front (it
+    used to crash in the collator, inside the DataLoader, on ``encoded["offset_mapping"]``)."""
+    config = tiny_run_config(
+        workspace,
+        tmp_path / "run",
+        teacher={"name_or_path": str(workspace["teacher"]), "tokenizer": str(slow_tokenizer_dir)},
+        distill={"method": "mined", "mined_alignment": "offsets"},
+        train={"max_steps": 1},
+    )
+    assert_user_error(
+        _train(tmp_path, config), str(slow_tokenizer_dir), "no offset mapping", "fast tokenizer"
+    )
+
+
+@pytest.fixture(scope="module")
+def short_teacher_dir(workspace, tmp_path_factory) -> Path:
+    """The workspace teacher's tokenizer (400 tokens) on a model with 64 embedding rows."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("short_teacher")
+    arch = dict(TEACHER_ARCH)
+    config = AutoConfig.for_model(arch.pop("model_type"), vocab_size=64, **arch)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder, safe_serialization=True)
+    AutoTokenizer.from_pretrained(workspace["teacher_tok"]).save_pretrained(folder)
+    return folder
+
+
+def test_model_with_fewer_embedding_rows_than_tokens_is_one_line(
+    workspace, tmp_path, short_teacher_dir
+):
+    """Entry 7: refused when the model loads (it used to fail in the teacher's embedding lookup
+    with "index out of range" at the first step)."""
+    config = tiny_run_config(
+        workspace, tmp_path / "run", teacher={"name_or_path": str(short_teacher_dir)}
+    )
+    assert_user_error(_train(tmp_path, config), "teacher", "64 embedding rows", "400 tokens")
+
+
+# ---------------------------------------------------------------------------------------------
+# 9-10: configurations that contradict each other or the data
+# ---------------------------------------------------------------------------------------------
+
+
+def test_deepspeed_json_contradicting_the_run_config(workspace, tmp_path):
+    raw = json.loads((REPO / "ds_configs" / "student_zero3.json").read_text())
+    raw["train_micro_batch_size_per_gpu"] = 8
+    ds_file = tmp_path / "student_mb8.json"
+    ds_file.write_text(json.dumps(raw, indent=2))
+    before = ds_file.read_bytes()
+    config = tiny_run_config(
+        workspace,
+        tmp_path / "run",
+        distill={"method": "sft"},
+        deepspeed={"student_config": str(ds_file), "dist_timeout_s": 120},
+    )
+    assert_user_error(
+        _train(tmp_path, config),
+        str(ds_file),
+        "'train_micro_batch_size_per_gpu'=8",
+        "train.micro_batch_size=4",
+        '"auto"',
+    )
+    assert ds_file.read_bytes() == before
+
+
+@pytest.mark.parametrize(("num_records", "grad_accum"), [(3, 1), (6, 2)])
+def test_dataset_smaller_than_one_accumulation_window(workspace, tmp_path, num_records, grad_accum):
+    data = _data_file(tmp_path, _good_lines(workspace, num_records))
+    config = _with_data(
+        workspace,
+        tmp_path,
+        data,
+        distill={"method": "sft"},
+        train={"micro_batch_size": 4, "grad_accum": grad_accum, "max_steps": 1},
+    )
+    assert_user_error(
+        _train(tmp_path, config),
+        "data.train_file",
+        f"{num_records} examples",
+        f"train.grad_accum={grad_accum}",
+        "add data or shrink the batch",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 11: the config file itself (the --set forms are in test_cli.py::test_show_config_bad_input_*)
+# ---------------------------------------------------------------------------------------------
+
+BAD_CONFIGS = {
+    "missing_file": (None, ["no such file and no shipped recipe"]),
+    "invalid_yaml": ("train: {max_steps: 2\n", ["invalid YAML", "fix the syntax"]),
+    "unknown_key": ({"train": {"max_stpes": 2}}, ["train.max_stpes", "unknown key"]),
+    "wrong_type": ({"train": {"lr": "fast"}}, ["train.lr", "'fast'"]),
+    "conflicting_values": (
+        {"data": {"max_prompt_tokens": 200, "max_total_tokens": 160}},
+        ["max_prompt_tokens must be smaller than max_total_tokens"],
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_CONFIGS))
+def test_bad_config_file_is_one_line(workspace, tmp_path, kind):
+    change, fragments = BAD_CONFIGS[kind]
+    path = tmp_path / "run.yaml"
+    if isinstance(change, str):
+        path.write_text(change)
+    elif isinstance(change, dict):
+        config = tiny_run_config(workspace, tmp_path / "run")
+        for section, values in change.items():
+            config[section].update(values)
+        path.write_text(yaml.safe_dump(config))
+    outcome = _cli("train", "--config", str(path))
+    assert_user_error(outcome, str(path), *fragments)
+    assert not (tmp_path / "run").exists()  # validated before anything is written
+
+
+# ---------------------------------------------------------------------------------------------
+# 12-13: an existing run directory is never touched by a refused run
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def existing_run(tmp_path) -> Path:
+    """A run directory with a finished-looking run and one complete checkpoint."""
+    run = tmp_path / "run"
+    (run / "student").mkdir(parents=True)
+    (run / "student" / "model.safetensors").write_bytes(b"\x00weights\x01")
+    (run / "config.json").write_text('{"train": {"lr": 0.001}}\n')
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss/total": 2.5}\n')
+    checkpoint = run / "checkpoints" / "step-000050"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "rng-rank0.json").write_text("{}")
+    (run / "checkpoints" / "step-000050.complete").write_text('{"step": 50}')
+    return run
+
+
+def test_non_empty_output_dir_without_overwrite_or_resume(workspace, tmp_path, existing_run):
+    before = _snapshot(existing_run)
+    config = tiny_run_config(workspace, existing_run)
+    assert_user_error(_train(tmp_path, config), str(existing_run), "--overwrite")
+    assert _snapshot(existing_run) == before
+
+
+def test_resume_from_a_checkpoint_that_does_not_exist(workspace, tmp_path, existing_run):
+    before = _snapshot(existing_run)
+    config = tiny_run_config(workspace, existing_run)
+    assert_user_error(
+        _train(tmp_path, config, "--resume", "step-000099"),
+        "--resume step-000099",
+        "complete: step-000050",
+        "--resume auto",
+    )
+    assert _snapshot(existing_run) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# 14: after a bad-input error, fixing the input and running the same command again works
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rerun_after_fixing_bad_data_needs_no_overwrite(workspace, tmp_path):
+    data = _data_file(tmp_path, [*_good_lines(workspace, 4), BAD_LINES["missing_output"][0]])
+    config = _with_data(workspace, tmp_path, data, train={"max_steps": 1})
+    assert_user_error(_train(tmp_path, config), f"{data}:5")
+    data.write_bytes(b"".join(_good_lines(workspace, 4)))  # the user fixes the data
+    outcome = _train(tmp_path, config)
+    assert outcome.crash is None, outcome.crash
+    assert outcome.code == 0, outcome.stderr
+    assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
