@@ -41,11 +41,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from cot2align_ds.config import ModelSpec, RunConfig, load_config
-from cot2align_ds.engine.ds_config import (
-    load_ds_config,
-    resolve_student_ds_config,
-    resolve_teacher_ds_config,
-)
+from cot2align_ds.engine.ds_config import resolve_run_ds_configs
 from cot2align_ds.errors import UserError
 from cot2align_ds.losses.sinkhorn import sinkhorn_problem_bytes
 from cot2align_ds.models.loading import load_tokenizer, model_config
@@ -750,30 +746,13 @@ def _student_param_counts(
 
 
 def _resolve_ds(run: RunConfig, world_size: int, student: ModelSize, teacher: ModelSize | None):
-    train = run.train
-    raw, path = load_ds_config(run.deepspeed.student_config)
-    student_ds = resolve_student_ds_config(
-        raw,
-        path,
-        micro_batch_size=train.micro_batch_size,
-        grad_accum=train.grad_accum,
+    resolved = resolve_run_ds_configs(
+        run,
         world_size=world_size,
-        precision=train.precision,
-        grad_clip=train.grad_clip,
-        hidden_size=student.hidden_size,
+        student_hidden=student.hidden_size,
+        teacher_hidden=teacher.hidden_size if teacher is not None else None,
     )
-    if teacher is None:
-        return student_ds, None
-    raw, path = load_ds_config(run.deepspeed.teacher_config)
-    teacher_ds = resolve_teacher_ds_config(
-        raw,
-        path,
-        micro_batch_size=train.micro_batch_size,
-        world_size=world_size,
-        precision=train.precision,
-        hidden_size=teacher.hidden_size,
-    )
-    return student_ds, teacher_ds
+    return resolved.student, resolved.teacher
 
 
 def estimate_memory(

@@ -9,42 +9,26 @@ from rich.console import Console
 from rich.table import Table
 
 from cot2align_ds.config import ConfigError, RunConfig, config_to_dict, load_config
-from cot2align_ds.engine.ds_config import (
-    load_ds_config,
-    resolve_student_ds_config,
-    resolve_teacher_ds_config,
-)
+from cot2align_ds.engine.ds_config import resolve_run_ds_configs
 from cot2align_ds.errors import UserError
 from cot2align_ds.models.loading import config_hidden_size
 
 
 def resolved_configs(config: str, overrides: list[str], world_size: int) -> dict[str, Any]:
     run = load_config(config, overrides)
-    resolved: dict[str, Any] = {"run": config_to_dict(run)}
-    train = run.train
-    raw, path = load_ds_config(run.deepspeed.student_config)
-    resolved["student_deepspeed_path"] = str(path)
-    resolved["student_deepspeed"] = resolve_student_ds_config(
-        raw,
-        path,
-        micro_batch_size=train.micro_batch_size,
-        grad_accum=train.grad_accum,
+    has_teacher = run.teacher is not None and run.distill.method != "sft"
+    ds = resolve_run_ds_configs(
+        run,
         world_size=world_size,
-        precision=train.precision,
-        grad_clip=train.grad_clip,
-        hidden_size=_hidden_size_or_default(run, "student"),
+        student_hidden=_hidden_size_or_default(run, "student"),
+        teacher_hidden=_hidden_size_or_default(run, "teacher") if has_teacher else None,
     )
-    if run.teacher is not None and run.distill.method != "sft":
-        raw, path = load_ds_config(run.deepspeed.teacher_config)
-        resolved["teacher_deepspeed_path"] = str(path)
-        resolved["teacher_deepspeed"] = resolve_teacher_ds_config(
-            raw,
-            path,
-            micro_batch_size=train.micro_batch_size,
-            world_size=world_size,
-            precision=train.precision,
-            hidden_size=_hidden_size_or_default(run, "teacher"),
-        )
+    resolved: dict[str, Any] = {"run": config_to_dict(run)}
+    resolved["student_deepspeed_path"] = str(ds.student_path)
+    resolved["student_deepspeed"] = ds.student
+    if ds.teacher is not None:
+        resolved["teacher_deepspeed_path"] = str(ds.teacher_path)
+        resolved["teacher_deepspeed"] = ds.teacher
     return resolved
 
 

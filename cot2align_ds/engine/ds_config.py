@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cot2align_ds.config import ConfigError
+from cot2align_ds.config import ConfigError, RunConfig
 
 _REPO_DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 _RUN_CONFIG_OWNED = ("optimizer", "scheduler")
@@ -124,3 +125,43 @@ def resolve_teacher_ds_config(
     _settle_precision(ds, precision, path)
     _fill_buckets(zero, hidden_size)
     return ds
+
+
+@dataclass(frozen=True)
+class RunDeepSpeedConfigs:
+    """Both engines' resolved DeepSpeed configs for a run (teacher None for SFT runs)."""
+
+    student: dict[str, Any]
+    student_path: Path
+    teacher: dict[str, Any] | None = None
+    teacher_path: Path | None = None
+
+
+def resolve_run_ds_configs(
+    run: RunConfig, *, world_size: int, student_hidden: int, teacher_hidden: int | None
+) -> RunDeepSpeedConfigs:
+    """Resolve the run's student and (when ``teacher_hidden`` is given) teacher JSON."""
+    train = run.train
+    raw, student_path = load_ds_config(run.deepspeed.student_config)
+    student = resolve_student_ds_config(
+        raw,
+        student_path,
+        micro_batch_size=train.micro_batch_size,
+        grad_accum=train.grad_accum,
+        world_size=world_size,
+        precision=train.precision,
+        grad_clip=train.grad_clip,
+        hidden_size=student_hidden,
+    )
+    if teacher_hidden is None:
+        return RunDeepSpeedConfigs(student, student_path)
+    raw, teacher_path = load_ds_config(run.deepspeed.teacher_config)
+    teacher = resolve_teacher_ds_config(
+        raw,
+        teacher_path,
+        micro_batch_size=train.micro_batch_size,
+        world_size=world_size,
+        precision=train.precision,
+        hidden_size=teacher_hidden,
+    )
+    return RunDeepSpeedConfigs(student, student_path, teacher, teacher_path)

@@ -227,8 +227,7 @@ def _student_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _wrap_lora(architecture: _Architecture, path: Path) -> torch.nn.Module:
     """The peft model the weights were saved from (LoRA trained under DeepSpeed)."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
+    from cot2align_ds.models.lora import apply_lora
 
     lora = architecture.lora
     if lora is None:
@@ -236,14 +235,8 @@ def _wrap_lora(architecture: _Architecture, path: Path) -> torch.nn.Module:
             f"{path}: the checkpoint holds LoRA weights but {architecture.where} has no LoRA "
             "settings; evaluate it with the run's config.json next to it"
         )
-    peft_config = PeftLoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(architecture.model, peft_config)
+    # The same wrapping as training, so parameter names match the checkpoint's.
+    return apply_lora(architecture.model, lora)
 
 
 def _tied_to_loaded(model: torch.nn.Module, names: set[str], loaded: set[str]) -> set[str]:

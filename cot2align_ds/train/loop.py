@@ -25,11 +25,7 @@ from cot2align_ds.data.collator import DistillCollator
 from cot2align_ds.data.examples import Example, make_examples
 from cot2align_ds.data.records import read_records, write_text_atomic
 from cot2align_ds.engine import deepspeed_engines as dse
-from cot2align_ds.engine.ds_config import (
-    load_ds_config,
-    resolve_student_ds_config,
-    resolve_teacher_ds_config,
-)
+from cot2align_ds.engine.ds_config import resolve_run_ds_configs
 from cot2align_ds.errors import UserError
 from cot2align_ds.models.loading import (
     check_vocab_fits,
@@ -199,33 +195,19 @@ class Trainer:
         self.objective = Objective(
             cfg.distill, cfg.cot2align, teacher_to_student_vocab_W=self._vocab_map()
         )
-        if self.objective.needs_teacher:
-            raw, path = load_ds_config(cfg.deepspeed.teacher_config)
-            probe = config_hidden_size(cfg.teacher, "teacher")
-            self.teacher_ds = resolve_teacher_ds_config(
-                raw,
-                path,
-                micro_batch_size=cfg.train.micro_batch_size,
-                world_size=self.ctx.world_size,
-                precision=precision,
-                hidden_size=probe,
-            )
+        needs_teacher = self.objective.needs_teacher
+        ds = resolve_run_ds_configs(
+            cfg,
+            world_size=self.ctx.world_size,
+            student_hidden=config_hidden_size(cfg.student, "student"),
+            teacher_hidden=config_hidden_size(cfg.teacher, "teacher") if needs_teacher else None,
+        )
+        self.student_ds, self.teacher_ds = ds.student, ds.teacher
+        if needs_teacher:
             with dse.zero3_loading(self.teacher_ds):
                 self.teacher_model = load_causal_lm(
                     cfg.teacher, "teacher", self.teacher_tokenizer, precision
                 )
-        raw, path = load_ds_config(cfg.deepspeed.student_config)
-        student_hidden = config_hidden_size(cfg.student, "student")
-        self.student_ds = resolve_student_ds_config(
-            raw,
-            path,
-            micro_batch_size=cfg.train.micro_batch_size,
-            grad_accum=cfg.train.grad_accum,
-            world_size=self.ctx.world_size,
-            precision=precision,
-            grad_clip=cfg.train.grad_clip,
-            hidden_size=student_hidden,
-        )
         with dse.zero3_loading(self.student_ds):
             student = load_causal_lm(cfg.student, "student", self.student_tokenizer, precision)
         check_vocab_fits(student, self.student_tokenizer, "student")

@@ -1,0 +1,338 @@
+"""The small reasoning benchmark (issue 8): does CoT augmentation + Cross-CoT OT improve
+reasoning transfer over the base cross-tokenizer methods?
+
+One shared pipeline (data, tokenizers, teacher SFT on gold standard + CoT views, CoT
+augmentation by that teacher), then every cell of ``CELLS`` distils a fresh student for each
+seed. The seed varies the student's initialisation and data order only: data, tokenizers,
+teacher and rationales are shared, so differences between cells come from the method. Students
+are evaluated with standard prompts, greedy decoding, exact match, on a held-out split of the
+training distribution (ID) and on a split with more reasoning steps (OOD).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from cot2align_ds.config import ConfigError, load_config, validate_config
+from cot2align_ds.data.augment import run_augment
+from cot2align_ds.data.records import read_records, write_records, write_text_atomic
+from cot2align_ds.data.synthetic import ArithmeticTaskSpec, make_split
+from cot2align_ds.demo import TEACHER_ARCHITECTURE, make_tokenizers, stage_config
+from cot2align_ds.eval.metrics import aggregate_seeds
+from cot2align_ds.train.loop import run_train
+
+RECIPE = "reasoning_bench"
+DATA_SEED = 1234  # data and teacher are fixed across student seeds (see module docstring)
+TEACHER_SEED = 7
+FULL_SEEDS = (11, 22, 33)
+QUICK_SEEDS = (11, 22)
+ID_TASK = ArithmeticTaskSpec(num_steps=2, max_start=9, max_operand=5)
+OOD_TASK = ArithmeticTaskSpec(num_steps=3, max_start=9, max_operand=5)
+
+
+@dataclass(frozen=True)
+class BenchSize:
+    num_train: int
+    num_test: int
+    teacher_epochs: int
+    student_epochs: int
+    teacher_max_steps: int | None
+    student_max_steps: int | None
+
+
+FULL = BenchSize(1200, 200, 4, 2, None, None)
+QUICK = BenchSize(96, 16, 1, 1, 2, 2)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell: a base method plus what CoT2Align adds (``cot2align`` = config keys)."""
+
+    name: str
+    method: str
+    cot_data: bool = False  # train on the teacher's rationales (data.cot_records=all)
+    cot2align: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+
+_C2A = {"enabled": True}
+CELLS: tuple[Cell, ...] = (
+    Cell("sft", "sft", label="SFT only (no teacher)"),
+    Cell("uld", "uld", label="ULD"),
+    Cell("mined", "mined", label="MinED"),
+    Cell("dskd_cma", "dskd_cma", label="DSKD-CMA"),
+    Cell("uld+cot2align", "uld", True, _C2A, "ULD + CoT2Align"),
+    Cell("mined+cot2align", "mined", True, _C2A, "MinED + CoT2Align"),
+    Cell("dskd_cma+cot2align", "dskd_cma", True, _C2A, "DSKD-CMA + CoT2Align"),
+    Cell("dskd_cma+cot_no_ot", "dskd_cma", True, {}, "DSKD-CMA + CoT data, no OT"),
+    Cell(
+        "dskd_cma+ot_no_cot",
+        "dskd_cma",
+        False,
+        {"enabled": True, "cross_cot": False},
+        "DSKD-CMA + OT, no CoT data",
+    ),
+    Cell(
+        "dskd_cma+cot2align_no_cross",
+        "dskd_cma",
+        True,
+        {"enabled": True, "cross_cot": False},
+        "DSKD-CMA + CoT2Align without Cross-CoT",
+    ),
+    Cell(
+        "dskd_cma+cot2align_refcompat",
+        "dskd_cma",
+        True,
+        {"enabled": True, "reference_compat": True},
+        "DSKD-CMA + CoT2Align (reference-compat)",
+    ),
+)
+CELLS_BY_NAME = {cell.name: cell for cell in CELLS}
+
+
+def expected_ot_terms(cell: Cell) -> set[str]:
+    """The OT loss keys a cell's metrics.jsonl must (and must only) contain."""
+    if not cell.cot2align.get("enabled"):
+        return set()
+    if not cell.cot2align.get("cross_cot", True):
+        return {"loss/ot_main"}
+    return {"loss/ot_main", "loss/ot_cross_std_cot", "loss/ot_cross_cot_std"}
+
+
+def make_bench_data(out: Path, size: BenchSize) -> dict[str, Path]:
+    """Train/dev/test in distribution, and an OOD test with more steps than training."""
+    splits = {
+        "train": make_split(size.num_train, ID_TASK, DATA_SEED, "train"),
+        "dev": make_split(max(size.num_test // 2, 8), ID_TASK, DATA_SEED + 1, "dev"),
+        "test_id": make_split(size.num_test, ID_TASK, DATA_SEED + 2, "test-id"),
+        "test_ood": make_split(size.num_test, OOD_TASK, DATA_SEED + 3, "test-ood"),
+    }
+    paths = {}
+    for name, records in splits.items():
+        paths[name] = out / "data" / f"{name}.jsonl"
+        write_records(paths[name], records)
+    return paths
+
+
+def _timed_train(raw: dict[str, Any], where: str) -> tuple[Path, float]:
+    started = time.perf_counter()
+    model_dir = run_train(validate_config(raw, where), overwrite=True).model_dir
+    return model_dir, time.perf_counter() - started
+
+
+@dataclass
+class Shared:
+    """What every cell builds on: base config, data, teacher and its rationales."""
+
+    base: dict[str, Any]
+    data: dict[str, Path]
+    tokenizers: dict[str, Path]
+    teacher_dir: Path
+    cot_file: Path
+    size: BenchSize
+    timings: dict[str, float] = field(default_factory=dict)
+    augment_stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _train_teacher(out: Path, base: dict, data: dict, tokenizers: dict, size: BenchSize):
+    # The teacher learns standard and CoT views from the gold rationales (cot_records=all).
+    raw = stage_config(
+        base,
+        output_dir=str(out / "teacher"),
+        student={"architecture": TEACHER_ARCHITECTURE, "tokenizer": str(tokenizers["teacher"])},
+        teacher=None,
+        distill__method="sft",
+        data__cot_records="all",
+        data__train_file=str(data["train"]),
+        data__dev_file=str(data["dev"]),
+        train__epochs=size.teacher_epochs,
+        train__max_steps=size.teacher_max_steps,
+        train__seed=TEACHER_SEED,
+    )
+    return _timed_train(raw, "reasoning-bench teacher")
+
+
+def build_shared(out: Path, size: BenchSize) -> Shared:
+    base = load_config(RECIPE).model_dump(mode="json")
+    data = make_bench_data(out, size)
+    tokenizers = make_tokenizers(out, read_records(data["train"]), base["data"]["template"])
+    teacher_dir, teacher_s = _train_teacher(out, base, data, tokenizers, size)
+    started = time.perf_counter()
+    augment = run_augment(
+        teacher_dir,
+        data["train"],
+        out / "augment",
+        template=base["data"]["template"],
+        selection="all",
+        max_prompt_tokens=base["data"]["max_prompt_tokens"],
+        max_total_tokens=base["data"]["max_total_tokens"],
+        batch_size=64,
+        seed=TEACHER_SEED,
+        show_progress=False,
+    )
+    shared = Shared(base, data, tokenizers, teacher_dir, augment.output_file, size)
+    shared.timings = {"teacher_train_s": teacher_s, "augment_s": time.perf_counter() - started}
+    shared.augment_stats = asdict(augment.stats)
+    return shared
+
+
+def cell_config(shared: Shared, cell: Cell, seed: int, run_dir: Path) -> dict[str, Any]:
+    """The run config of one (cell, seed): the recipe plus what the cell changes."""
+    teacher = None if cell.method == "sft" else {"name_or_path": str(shared.teacher_dir)}
+    train_file = shared.cot_file if cell.cot_data else shared.data["train"]
+    return stage_config(
+        shared.base,
+        output_dir=str(run_dir),
+        student__tokenizer=str(shared.tokenizers["student"]),
+        teacher=teacher,
+        distill__method=cell.method,
+        data__train_file=str(train_file),
+        data__dev_file=str(shared.data["dev"]),
+        data__cot_records="all" if cell.cot_data else "none",
+        cot2align={**shared.base["cot2align"], "enabled": False, **cell.cot2align},
+        train__epochs=shared.size.student_epochs,
+        train__max_steps=shared.size.student_max_steps,
+        train__seed=seed,
+        tracking__run_name=f"reasoning_bench_{cell.name}_seed{seed}",
+    )
+
+
+def evaluate_model(model_dir: Path, shared: Shared) -> dict[str, float]:
+    """Exact match (%) on the ID and OOD tests: standard prompts, greedy decoding."""
+    from cot2align_ds.eval.evaluate import evaluate_records, load_model_for_eval
+
+    model, tokenizer = load_model_for_eval(model_dir)
+    scores = {}
+    for split in ("id", "ood"):
+        result = evaluate_records(
+            model,
+            tokenizer,
+            read_records(shared.data[f"test_{split}"]),
+            template=shared.base["data"]["template"],
+            greedy=True,
+            metrics=("exact_match",),
+            batch_size=64,
+            max_new_tokens=8,
+            max_prompt_tokens=shared.base["data"]["max_prompt_tokens"],
+        )
+        scores[f"exact_match_{split}"] = result.summary()["exact_match"]["mean"]
+    return scores
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
+
+
+def _summarise(per_seed: list[dict[str, float]]) -> dict[str, dict]:
+    keys = ("exact_match_id", "exact_match_ood")
+    return {key: aggregate_seeds([run[key] for run in per_seed]).to_dict() for key in keys}
+
+
+def run_cell(shared: Shared, cell: Cell, seeds: Sequence[int], cell_dir: Path) -> dict:
+    """Train + evaluate one cell for every seed; per-seed and aggregated eval_results.json."""
+    per_seed, train_s = [], []
+    for seed in seeds:
+        run_dir = cell_dir / f"seed{seed}"
+        raw = cell_config(shared, cell, seed, run_dir)
+        model_dir, seconds = _timed_train(raw, f"reasoning-bench {cell.name} seed {seed}")
+        scores = evaluate_model(model_dir, shared)
+        _write_json(run_dir / "eval_results.json", _summarise([scores]))
+        per_seed.append(scores)
+        train_s.append(seconds)
+    summary = _summarise(per_seed)
+    _write_json(cell_dir / "eval_results.json", summary)
+    return {**summary, "label": cell.label, "seeds": list(seeds), "train_s_per_seed": train_s}
+
+
+def _fmt(stats: dict) -> str:
+    return f"{stats['mean']:.1f} ± {stats['std']:.1f}"
+
+
+def results_table(results: dict) -> str:
+    """Markdown: one row per cell, mean ± std over seeds of ID and OOD exact match."""
+    teacher = results["teacher"]
+    lines = [
+        "| cell | exact match ID (%) | exact match OOD (%) | train s / seed |",
+        "|---|---|---|---|",
+        f"| teacher (reference, seed {TEACHER_SEED}) | {teacher['exact_match_id']:.1f} "
+        f"| {teacher['exact_match_ood']:.1f} | {results['timings']['teacher_train_s']:.0f} |",
+    ]
+    for name, cell in results["cells"].items():
+        mean_s = sum(cell["train_s_per_seed"]) / len(cell["train_s_per_seed"])
+        lines.append(
+            f"| {cell['label']} (`{name}`) | {_fmt(cell['exact_match_id'])} "
+            f"| {_fmt(cell['exact_match_ood'])} | {mean_s:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(results: dict, path: Path) -> None:
+    """Grouped bars (ID, OOD) with the std over seeds as error bars."""
+    names = list(results["cells"])
+    figure = Figure(figsize=(max(6.0, 0.8 * len(names)), 4.5))
+    axes = figure.subplots()
+    for offset, key in ((-0.2, "exact_match_id"), (0.2, "exact_match_ood")):
+        stats = [results["cells"][name][key] for name in names]
+        positions = [index + offset for index in range(len(names))]
+        means, stds = [s["mean"] for s in stats], [s["std"] for s in stats]
+        axes.bar(positions, means, 0.4, yerr=stds, capsize=3, label=key.rsplit("_", 1)[-1])
+    axes.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=7)
+    axes.set_ylabel("exact match (%)")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=110)
+
+
+def _pick_cells(cells: Sequence[str] | None) -> list[Cell]:
+    if cells is None:
+        return list(CELLS)
+    unknown = [name for name in cells if name not in CELLS_BY_NAME]
+    if unknown:
+        raise ConfigError(f"cells: unknown {unknown}; choose from {', '.join(CELLS_BY_NAME)}")
+    return [CELLS_BY_NAME[name] for name in cells]
+
+
+def _header(quick: bool, seeds: Sequence[int], size: BenchSize) -> str:
+    return (
+        f"# Reasoning benchmark ({'quick' if quick else 'full'})\n\n"
+        f"Exact match on {size.num_test} held-out problems: ID = {ID_TASK.num_steps} steps "
+        f"(as in training), OOD = {OOD_TASK.num_steps} steps. Standard prompts, greedy decoding; "
+        f"mean ± sample std over student seeds {list(seeds)} (data, teacher and rationales "
+        "shared across seeds).\n\n"
+    )
+
+
+def run_reasoning_bench(
+    output_dir: Path,
+    *,
+    quick: bool,
+    seeds: Sequence[int] | None = None,
+    cells: Sequence[str] | None = None,
+) -> dict:
+    """Run the grid; write per-cell runs, ``results.json``, ``results.md`` and ``results.png``."""
+    started = time.perf_counter()
+    chosen, size = _pick_cells(cells), QUICK if quick else FULL
+    seeds = tuple(seeds or (QUICK_SEEDS if quick else FULL_SEEDS))
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    shared = build_shared(output_dir, size)
+    results: dict[str, Any] = {"quick": quick, "size": asdict(size), "seeds": list(seeds)}
+    results["teacher"] = evaluate_model(shared.teacher_dir, shared)
+    results["augment"] = shared.augment_stats
+    results["cells"] = {}
+    for cell in chosen:
+        cell_dir = output_dir / "cells" / cell.name
+        results["cells"][cell.name] = run_cell(shared, cell, seeds, cell_dir)
+    results["timings"] = {**shared.timings, "wall_s": time.perf_counter() - started}
+    _write_json(output_dir / "results.json", results)
+    plot_results(results, output_dir / "results.png")
+    table = _header(quick, seeds, size) + results_table(results)
+    write_text_atomic(output_dir / "results.md", table + "\n![results](results.png)\n")
+    return results
