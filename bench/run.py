@@ -4,13 +4,15 @@ Each module's ``run(quick)`` returns rows ``{section, case, ours, peer, peer_nam
 target}`` measured in the same process run (peers interleaved, medians of repeats), so the
 ratio ``ours / peer`` is meaningful on a noisy shared machine even when absolute numbers are not.
 
-Usage: ``python -m bench.run [--quick] [--only ot,vocab_loss,alignment,step] [--json FILE]``.
+Usage: ``python -m bench.run [--quick] [--gpu] [--only ot,vocab_loss,alignment,step] [--json FILE]``.
+``--gpu`` is passed to the suites whose ``run`` accepts ``gpu=`` (issue-size runs on CUDA).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import platform
 import time
@@ -24,6 +26,9 @@ SUITES = {
     "vocab_loss": "bench.bench_vocab_loss",
     "ot": "bench.bench_ot",
     "step": "bench.bench_step",
+    "breakdown": "bench.bench_breakdown",
+    "ot_calls": "bench.bench_ot_calls",
+    "teacher": "bench.bench_teacher",
 }
 
 
@@ -38,12 +43,16 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, int | float) else str(value)
 
 
-def collect(names: list[str], quick: bool) -> tuple[list[dict], dict[str, float]]:
+def collect(
+    names: list[str], quick: bool, gpu: bool = False
+) -> tuple[list[dict], dict[str, float]]:
     rows, seconds = [], {}
     for name in names:
         started = time.perf_counter()
         module = importlib.import_module(SUITES[name])
-        rows += [{"suite": name, **row} for row in module.run(quick=quick)]
+        # Only suites with a GPU path take the flag; the others run as they always do.
+        extra = {"gpu": gpu} if gpu and "gpu" in inspect.signature(module.run).parameters else {}
+        rows += [{"suite": name, **row} for row in module.run(quick=quick, **extra)]
         seconds[name] = time.perf_counter() - started
     return rows, seconds
 
@@ -76,12 +85,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", default=",".join(SUITES))
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--gpu", action="store_true", help="issue-size GPU runs where supported")
     args = parser.parse_args()
     names = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = sorted(set(names) - set(SUITES))
     if unknown:
         parser.error(f"unknown suite(s) {unknown}; choose from {sorted(SUITES)}")
-    rows, seconds = collect(names, args.quick)
+    rows, seconds = collect(names, args.quick, args.gpu)
     print_table(rows, seconds, args.quick)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:

@@ -1,0 +1,222 @@
+"""Where one distillation step spends its time (tiny models, world size 1, ZeRO-3 engines).
+
+A ``Trainer`` is built in-process from ``bench_step``'s workspace and run config, and the bench
+installs timing wrappers on its instance (no package code changes): ``trainer._forward_teacher``,
+``trainer._forward_student``, ``objective._kd_sums`` (the vocabulary-space KD loss),
+``objective._ot_sums`` (all CoT2Align OT problems) and ``student_engine.backward`` /
+``student_engine.step``. The bench drives the steps itself the way ``Trainer.train`` does
+(fetch the window, then ``train_step``), so "data wait" is the time blocked on the DataLoader.
+"other" is the rest of the step: the CE loss, normalisers, host-to-device moves, bookkeeping.
+Phases never nest (the objective calls neither forward), so shares sum to exactly 1.
+
+Each row's peer is the whole step (share = ours / peer). For the CoT2Align cases a target row
+checks the issue's "OT loss under 10% of the step", and a step-time row compares against the
+base method measured in the same run (target <= 2.2x). The trainers of all cases are alive
+together and their steps alternate, so a noisy neighbour hits every case alike.
+
+Timing uses ``time.perf_counter()``: correct on CPU, where every op is synchronous. On a GPU the
+wrappers would need a device synchronize at each boundary (not done here: this suite is CPU).
+Torch is pinned to one thread while timing (restored afterwards) for the reason ``bench_ot``
+gives: on a shared 2-core machine a descheduled OpenMP thread stalls every parallel region.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.bench_step import _config, _workspace
+
+SECTION = "breakdown"
+PHASES = ("data_wait", "teacher_fwd", "student_fwd", "kd_loss", "ot_loss", "backward_step", "other")
+CASES = {
+    "uld": ("uld", False),
+    "uld+cot2align": ("uld", True),
+    "dskd_cma": ("dskd_cma", False),
+    "dskd_cma+cot2align": ("dskd_cma", True),
+}
+BASE = {"uld+cot2align": "uld", "dskd_cma+cot2align": "dskd_cma"}
+OT_SHARE_TARGET = 0.10
+
+
+class PhaseTimer:
+    """Accumulates wall time per phase for the step in progress."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+
+    def wrap(self, phase: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[phase] += time.perf_counter() - started
+
+        return timed
+
+
+class _Case:
+    """One live Trainer with timing wrappers; ``step()`` runs one optimizer step."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+        self.timer = PhaseTimer()
+        wrap = self.timer.wrap
+        # Instance attributes shadow the methods: _forward_all and Objective.__call__ look them
+        # up through self, so the wrappers see every call.
+        trainer._forward_student = wrap("student_fwd", trainer._forward_student)
+        if trainer.teacher_engine is not None:
+            trainer._forward_teacher = wrap("teacher_fwd", trainer._forward_teacher)
+        objective = trainer.objective
+        objective._kd_sums = wrap("kd_loss", objective._kd_sums)
+        objective._ot_sums = wrap("ot_loss", objective._ot_sums)
+        engine = trainer.student_engine
+        engine.backward = wrap("backward_step", engine.backward)
+        engine.step = wrap("backward_step", engine.step)
+        self.batches = trainer._batches()
+        trainer.student_engine.train()
+
+    def step(self) -> dict[str, float]:
+        """One step as ``Trainer.train`` runs it; returns seconds per phase and in total."""
+        self.timer.reset()
+        accumulation = self.trainer.config.train.grad_accum
+        started = time.perf_counter()
+        window = [next(self.batches) for _ in range(accumulation)]
+        fetched = time.perf_counter()
+        self.trainer.train_step(window)
+        total = time.perf_counter() - started
+        seconds = dict(self.timer.seconds, data_wait=fetched - started)
+        seconds["other"] = total - sum(v for k, v in seconds.items() if k != "other")
+        # Same count as the loop's tokens_per_s (student main view), so the per-token ratio
+        # below matches bench_step's: CoT2Align's main view holds the longer CoT records.
+        tokens = sum(int(batch["student"]["attention_mask"].sum()) for batch in window)
+        return {**seconds, "total": total, "tokens": float(tokens)}
+
+
+def _trainer(ws: dict, root: Path, name: str, tiny: bool) -> Any:
+    from cot2align_ds.config import validate_config
+    from cot2align_ds.engine import deepspeed_engines as dse
+    from cot2align_ds.train.loop import Trainer
+
+    method, cot2align = CASES[name]
+    out = root / f"run-{name}"
+    config = _config(ws, out, method, cot2align, steps=1000, workers=1)
+    if tiny:
+        config["train"]["micro_batch_size"] = 4
+        config["student"]["architecture"] = {**config["student"]["architecture"], "n_embd": 32}
+    out.mkdir(parents=True, exist_ok=True)
+    return Trainer(validate_config(config), out, dse.init_distributed(300), None)
+
+
+def measure(
+    cases: list[str], steps: int, warmup: int, tiny: bool = False
+) -> dict[str, list[dict[str, float]]]:
+    """Per case, the per-phase seconds of each timed step (steps of all cases interleaved)."""
+    import torch
+
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    threads = torch.get_num_threads()
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        ws = _workspace(root, 64 if tiny else 400)
+        live = {name: _Case(_trainer(ws, root, name, tiny)) for name in cases}
+        torch.set_num_threads(1)
+        try:
+            for index in range(warmup + steps):
+                for name, case in live.items():
+                    seconds = case.step()
+                    if index >= warmup:  # first steps pay for allocator growth and worker start
+                        samples[name].append(seconds)
+        finally:
+            torch.set_num_threads(threads)
+            for case in live.values():
+                case.batches.close()
+                case.trainer.tracker.close()
+    return samples
+
+
+def _median_phases(runs: list[dict[str, float]]) -> dict[str, float]:
+    # Shares from summed seconds (not medians of shares) so that they add up to 1 exactly.
+    totals = {key: sum(run[key] for run in runs) for key in runs[0]}
+    medians = {
+        "step_median": statistics.median(run["total"] for run in runs),
+        "per_1k_tokens": 1000 * totals["total"] / totals["tokens"],
+    }
+    return {**totals, **medians}
+
+
+def rows_from(samples: dict[str, list[dict[str, float]]]) -> list[dict]:
+    rows = []
+    summary = {name: _median_phases(runs) for name, runs in samples.items()}
+    for name, phases in summary.items():
+        for phase in PHASES:
+            is_ot_target = phase == "ot_loss" and "cot2align" in name
+            rows.append(
+                {
+                    "section": SECTION,
+                    "case": f"{name} {phase} share",
+                    "unit": "s (summed)",
+                    "ours": phases[phase],
+                    "peer": phases["total"],
+                    "peer_name": "whole step",
+                    "target": f"< {OT_SHARE_TARGET:.0%} of step" if is_ot_target else "report",
+                }
+            )
+        base = BASE.get(name)
+        if base in summary:
+            rows.append(
+                {
+                    "section": SECTION,
+                    "case": f"{name} step time per student token",
+                    "unit": "s/1k tok",
+                    "ours": phases["per_1k_tokens"],
+                    "peer": summary[base]["per_1k_tokens"],
+                    "peer_name": base,
+                    "target": "<= 2.2x base",
+                }
+            )
+            rows.append(
+                {
+                    "section": SECTION,
+                    "case": f"{name} step time (median, longer CoT rows included)",
+                    "unit": "s/step",
+                    "ours": phases["step_median"],
+                    "peer": summary[base]["step_median"],
+                    "peer_name": base,
+                    "target": "report",
+                }
+            )
+    return rows
+
+
+def run(quick: bool = False, tiny: bool = False) -> list[dict]:
+    """``tiny``: smaller models and batch, two cases, for the smoke test (seconds, not minutes)."""
+    if tiny:
+        cases, steps, warmup = ["uld", "uld+cot2align"], 2, 1
+    elif quick:
+        cases, steps, warmup = list(CASES), 6, 2
+    else:
+        cases, steps, warmup = list(CASES), 16, 3
+    return rows_from(measure(cases, steps, warmup, tiny=tiny))
+
+
+if __name__ == "__main__":
+    import sys
+
+    from bench.run import print_table
+
+    quick = "--quick" in sys.argv
+    rows = run(quick, tiny="--tiny" in sys.argv)
+    print_table([{"suite": SECTION, **r} for r in rows], {}, quick)

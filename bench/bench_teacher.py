@@ -1,0 +1,336 @@
+"""Teacher engine: ZeRO-3 with CPU parameter offload vs resident parameters.
+
+CPU mode (default): the same Llama teacher (hidden 256, 4 layers; tiny: hidden 64, 2 layers,
+random weights) built under ``zero3_loading`` and wrapped by ``build_teacher_engine`` with
+``teacher_zero3_offload_cpu.json`` and with ``teacher_zero3_resident.json``; no-grad forward on
+the same batch. Rows: forward seconds per 1k tokens and peak host RSS above a baseline (engine
+build + forwards). Each configuration runs in its own child process (``--child``) so that one
+engine's freed memory cannot hide the other's peak; the child starts with
+``MALLOC_MMAP_THRESHOLD_=65536`` (big tensors are their own mmaps, returned when freed), resets
+the kernel's peak mark (``/proc/self/clear_refs``) after imports and reports VmHWM - VmRSS. The
+children run one after another (offload, resident; full mode adds resident, offload and takes
+medians), so the time ratio is less interleaved than other suites': read it with that in mind.
+On a CPU-only machine "offload to CPU" moves nothing across a bus; the row shows the bookkeeping
+cost of the offload path, not the PCIe cost the GPU mode estimates.
+
+GPU mode (``--gpu``, needs CUDA; never runs on the CPU dev machine): sizes from the issue, see
+``gpu_rows``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+SECTION = "teacher"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {
+    "offload_cpu": "teacher_zero3_offload_cpu.json",
+    "resident": "teacher_zero3_resident.json",
+}
+SIZES = {  # (hidden, layers, vocab, batch, sequence)
+    "tiny": (64, 2, 512, 2, 32),
+    "cpu": (256, 4, 4096, 8, 128),
+}
+
+
+def _llama(hidden: int, layers: int, vocab: int, intermediate: int | None = None) -> dict:
+    return {
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": intermediate or 3 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": max(hidden // 64, 1),
+        "num_key_value_heads": max(hidden // 64, 1),
+        "max_position_embeddings": 4096,
+        "vocab_size": vocab,
+        "tie_word_embeddings": False,
+    }
+
+
+def build_engine(config_name: str, architecture: dict, batch: int, precision: str) -> Any:
+    """A teacher engine exactly as the Trainer builds one (zero.Init loading, then the engine)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cot2align_ds.engine import deepspeed_engines as dse
+    from cot2align_ds.engine.ds_config import load_ds_config, resolve_teacher_ds_config
+    from cot2align_ds.models.loading import torch_dtype
+
+    raw, path = load_ds_config(config_name)
+    ds = resolve_teacher_ds_config(
+        raw,
+        path,
+        micro_batch_size=batch,
+        world_size=1,
+        precision=precision,
+        hidden_size=architecture["hidden_size"],
+    )
+    kwargs = dict(architecture)
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    torch.manual_seed(0)
+    with dse.zero3_loading(ds):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(precision))
+    return dse.build_teacher_engine(model, ds)
+
+
+def _forward_seconds(engine: Any, input_ids, repeats: int, synchronize=lambda: None) -> float:
+    import torch
+
+    mask = torch.ones_like(input_ids)
+    times = []
+    with torch.no_grad():
+        for index in range(repeats + 1):
+            synchronize()
+            started = time.perf_counter()
+            engine(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            synchronize()
+            if index:  # the first call pays for allocator growth and hook setup
+                times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _proc_status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def child(config_key: str, size: str, repeats: int) -> dict[str, float]:
+    """Build one engine and time its forward; runs in its own process (see module doc)."""
+    import torch
+
+    from cot2align_ds.engine import deepspeed_engines as dse
+
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    torch.set_num_threads(1)  # see bench_ot: stable per-core numbers on a shared machine
+    dse.init_distributed(300)
+    hidden, layers, vocab, batch, sequence = SIZES[size]
+    input_ids = torch.randint(
+        0, vocab, (batch, sequence), generator=torch.Generator().manual_seed(0)
+    )
+    Path("/proc/self/clear_refs").write_text("5")
+    baseline_kb = _proc_status_kb("VmRSS")
+    engine = build_engine(CONFIGS[config_key], _llama(hidden, layers, vocab), batch, "fp32")
+    seconds = _forward_seconds(engine, input_ids, repeats)
+    peak_kb = _proc_status_kb("VmHWM")
+    return {
+        "seconds": seconds,
+        "tokens": batch * sequence,
+        "rss_mb": (peak_kb - baseline_kb) / 1024,
+    }
+
+
+def _run_child(config_key: str, size: str, repeats: int) -> dict[str, float]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "bench.bench_teacher", "--child", config_key, "--size", size]
+    done = subprocess.run(
+        [*command, "--repeats", str(repeats)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"teacher bench child failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def cpu_rows(quick: bool, tiny: bool) -> list[dict]:
+    size = "tiny" if tiny else "cpu"
+    repeats = 2 if tiny else (4 if quick else 8)
+    order = ["offload_cpu", "resident"] if tiny or quick else ["offload_cpu", "resident"] * 2
+    samples: dict[str, list[dict[str, float]]] = {key: [] for key in CONFIGS}
+    for key in order:
+        samples[key].append(_run_child(key, size, repeats))
+    median = {
+        key: {m: statistics.median(run[m] for run in runs) for m in runs[0]}
+        for key, runs in samples.items()
+    }
+    hidden, layers, *_ = SIZES[size]
+    model = f"llama h{hidden} x{layers}"
+    offload, resident = median["offload_cpu"], median["resident"]
+    return [
+        {
+            "section": SECTION,
+            "case": f"{model} forward, CPU offload vs resident",
+            "unit": "s/1k tok",
+            "ours": 1000 * offload["seconds"] / offload["tokens"],
+            "peer": 1000 * resident["seconds"] / resident["tokens"],
+            "peer_name": "resident",
+            "target": "report",
+        },
+        {
+            "section": SECTION,
+            "case": f"{model} peak host RSS delta, CPU offload vs resident",
+            "unit": "MB",
+            "ours": offload["rss_mb"],
+            "peer": resident["rss_mb"],
+            "peer_name": "resident",
+            "target": "report",
+        },
+    ]
+
+
+# -- GPU mode -------------------------------------------------------------------------------------
+# Dense bf16 peak FLOP/s by device name substring (first match wins; datasheet, no sparsity).
+PEAK_BF16_FLOPS = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+)
+GPU_STUDENT = {  # ~0.5B (Qwen2-0.5B shapes)
+    "model_type": "qwen2",
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": True,
+}
+GPU_TEACHER = _llama(4096, 32, 32000, intermediate=11008)  # ~7B (Llama-2-7B shapes)
+GPU_TEACHER["num_attention_heads"] = GPU_TEACHER["num_key_value_heads"] = 32
+GPU_BATCH, GPU_SEQUENCE = 8, 512
+
+
+def peak_flops(device_name: str) -> float | None:
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in device_name), None)
+
+
+def host_to_device_bandwidth(num_bytes: int = 1 << 30) -> float:
+    """Bytes/s of one pinned host -> device copy (what an offloaded teacher streams per forward)."""
+    import torch
+
+    host = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
+    device = torch.empty_like(host, device="cuda")
+    device.copy_(host, non_blocking=True)  # warm-up
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    device.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    return num_bytes / (time.perf_counter() - started)
+
+
+def gpu_rows() -> list[dict]:
+    """One CoT2Align step's pieces at the issue's sizes, bf16: offloaded ~7B teacher forward
+    (x2: main and cross view), ~0.5B ZeRO-3 student forward + backward + step (x2), the OT loss
+    on 8 x (20-120)-position answers at the student width. Weights are random (zero.Init)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bench.bench_ot_calls import batched_call, make_groups
+    from cot2align_ds.engine import deepspeed_engines as dse
+    from cot2align_ds.engine.ds_config import load_ds_config, resolve_student_ds_config
+
+    dse.init_distributed(1800)
+    sync = torch.cuda.synchronize
+    ids = torch.randint(0, 32000, (GPU_BATCH, GPU_SEQUENCE), device="cuda")
+    teacher = build_engine(CONFIGS["offload_cpu"], GPU_TEACHER, GPU_BATCH, "bf16")
+    teacher_params = sum(p.ds_numel for p in teacher.module.parameters())
+    teacher_s = _forward_seconds(teacher, ids, repeats=3, synchronize=sync)
+    bandwidth = host_to_device_bandwidth()
+    pcie_bound_s = teacher_params * 2 / bandwidth  # bf16: every weight crosses the bus once
+
+    raw, path = load_ds_config("student_zero3.json")
+    ds = resolve_student_ds_config(
+        raw, path, micro_batch_size=GPU_BATCH, grad_accum=1, world_size=1, precision="bf16",
+        grad_clip=1.0, hidden_size=GPU_STUDENT["hidden_size"],
+    )  # fmt: skip
+    kwargs = dict(GPU_STUDENT)
+    with dse.zero3_loading(ds):
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.for_model(kwargs.pop("model_type"), **kwargs), dtype=torch.bfloat16
+        )
+    student = dse.build_student_engine(
+        model, ds, [{"params": list(model.parameters()), "lr": 1e-5}], [lambda _: 1.0]
+    )
+    student_params = sum(p.ds_numel for p in student.module.parameters())
+    times = []
+    for index in range(4):
+        sync()
+        started = time.perf_counter()
+        loss = student(input_ids=ids % GPU_STUDENT["vocab_size"], labels=ids).loss
+        student.backward(loss)
+        student.step()
+        sync()
+        if index:
+            times.append(time.perf_counter() - started)
+    student_s = statistics.median(times)
+
+    groups = [tuple(t.cuda() if torch.is_tensor(t) else t for t in g) for g in make_groups(8, 896)]
+    ot_times = []
+    for index in range(4):
+        sync()
+        started = time.perf_counter()
+        batched_call(groups)
+        sync()
+        if index:
+            ot_times.append(time.perf_counter() - started)
+    ot_s = statistics.median(ot_times)
+
+    # A CoT2Align step: two teacher forwards, two student passes (main + cross view), one OT.
+    step_s = 2 * teacher_s + 2 * student_s + ot_s
+    tokens_per_s = 2 * GPU_BATCH * GPU_SEQUENCE / step_s
+    name = torch.cuda.get_device_name()
+    peak = peak_flops(name)
+    row = {"section": SECTION, "target": "report"}
+    return [
+        {**row, "case": f"GPU {name}: student tokens/s (CoT2Align step)", "unit": "tok/s",
+         "ours": tokens_per_s, "peer": "-", "peer_name": "-"},
+        {**row, "case": "student MFU (6 N tokens/s / peak bf16)", "unit": "fraction",
+         "ours": 6 * student_params * tokens_per_s / peak if peak else "-",
+         "peer": 1.0, "peer_name": f"peak {peak:.3g} FLOP/s" if peak else "unknown GPU"},
+        {**row, "case": "OT time per step", "unit": "s", "ours": ot_s, "peer": step_s,
+         "peer_name": "whole step", "target": "< 10% of step"},
+        {**row, "case": "offloaded teacher forward vs PCIe bound", "unit": "s", "ours": teacher_s,
+         "peer": pcie_bound_s, "peer_name": f"{teacher_params * 2 / 1e9:.1f} GB / {bandwidth / 1e9:.1f} GB/s"},
+        {**row, "case": "peak GPU memory", "unit": "GB", "ours": torch.cuda.max_memory_allocated() / 1e9,
+         "peer": torch.cuda.get_device_properties(0).total_memory / 1e9, "peer_name": "device total"},
+    ]  # fmt: skip
+
+
+def run(quick: bool = False, tiny: bool = False, gpu: bool = False) -> list[dict]:
+    if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("bench teacher --gpu needs CUDA; this machine has none")
+        return gpu_rows()
+    return cpu_rows(quick, tiny)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", choices=sorted(CONFIGS))
+    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--gpu", action="store_true")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.size, args.repeats)))
+        return
+    from bench.run import print_table
+
+    rows = run(args.quick, tiny=args.tiny, gpu=args.gpu)
+    print_table([{"suite": SECTION, **r} for r in rows], {}, args.quick)
+
+
+if __name__ == "__main__":
+    main()

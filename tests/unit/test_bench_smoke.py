@@ -1,0 +1,101 @@
+"""The new bench suites run end to end in their tiny configurations and return sane rows."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import pytest
+
+ROW_KEYS = {"section", "case", "ours", "peer", "peer_name", "unit", "target"}
+
+
+def _check_rows(rows: list[dict], section: str) -> None:
+    assert rows, f"{section}: no rows"
+    for row in rows:
+        assert set(row) >= ROW_KEYS, row
+        assert row["section"] == section
+        assert isinstance(row["ours"], float) and math.isfinite(row["ours"]), row
+        assert isinstance(row["peer"], float) and row["peer"] > 0, row
+
+
+def test_breakdown_shares_sum_to_one_and_cot2align_has_ot_time():
+    from bench import bench_breakdown
+
+    rows = bench_breakdown.run(quick=True, tiny=True)
+    _check_rows(rows, "breakdown")
+    shares: dict[str, dict[str, float]] = defaultdict(dict)
+    for row in rows:
+        if row["case"].endswith(" share"):
+            case, phase, _ = row["case"].rsplit(" ", 2)
+            assert row["ours"] >= 0.0, row  # a negative "other" means phases overlapped
+            shares[case][phase] = row["ours"] / row["peer"]
+    assert set(shares) == {"uld", "uld+cot2align"}
+    for case, by_phase in shares.items():
+        assert set(by_phase) == set(bench_breakdown.PHASES), case
+        assert sum(by_phase.values()) == pytest.approx(1.0, abs=1e-6), case
+        # The wrappers saw the forwards and the backward: those dominate any real step.
+        for phase in ("teacher_fwd", "student_fwd", "backward_step"):
+            assert by_phase[phase] > 0.02, (case, phase, by_phase)
+    assert shares["uld"]["ot_loss"] == 0.0
+    assert shares["uld+cot2align"]["ot_loss"] > 0.0
+    targets = [r for r in rows if "step time per student token" in r["case"]]
+    assert [r["peer_name"] for r in targets] == ["uld"]
+
+
+def test_ot_calls_rows():
+    from bench import bench_ot_calls
+
+    rows = bench_ot_calls.run(quick=True, tiny=True)
+    _check_rows(rows, "ot_calls")
+    assert rows[0]["ours"] > 0.0
+
+
+def test_ot_calls_groups_are_ragged_per_view():
+    from bench.bench_ot_calls import make_groups
+
+    groups = make_groups(batch=8, hidden=4)
+    assert len(groups) == 6
+    main, cross_std_cot, cross_cot_std = groups[0], groups[2], groups[4]
+    # Student standard answers are shorter than the CoT answers the other views align.
+    assert cross_std_cot[0].shape[1] <= 40 < main[0].shape[1]
+    assert cross_cot_std[1].shape[1] < main[1].shape[1]
+    for student, teacher, student_mask, teacher_mask, _ in groups:
+        assert student_mask.shape == student.shape[:2] and teacher_mask.shape == teacher.shape[:2]
+        assert student_mask.any(1).all() and teacher_mask.any(1).all()
+
+
+def test_teacher_rows_cpu():
+    from bench import bench_teacher
+
+    rows = bench_teacher.run(quick=True, tiny=True)
+    _check_rows(rows, "teacher")
+    memory = next(r for r in rows if r["unit"] == "MB")
+    assert memory["ours"] > 0.0 and memory["peer"] > 0.0
+
+
+def test_peak_flops_table():
+    from bench.bench_teacher import peak_flops
+
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("Some unknown GPU") is None
+
+
+def test_run_passes_gpu_only_to_suites_that_take_it(monkeypatch):
+    from bench import run as bench_run
+
+    calls = {}
+
+    class _Suite:
+        def __init__(self, name: str, takes_gpu: bool) -> None:
+            if takes_gpu:
+                self.run = lambda quick, gpu=False: calls.setdefault(name, gpu) and []
+            else:
+                self.run = lambda quick: calls.setdefault(name, None) or []
+
+    suites = {"a": _Suite("a", True), "b": _Suite("b", False)}
+    monkeypatch.setattr(bench_run, "SUITES", {"a": "a", "b": "b"})
+    monkeypatch.setattr(bench_run.importlib, "import_module", suites.__getitem__)
+    bench_run.collect(["a", "b"], quick=True, gpu=True)
+    assert calls == {"a": True, "b": None}
