@@ -61,6 +61,7 @@ bench: install
 	$(OFFLINE) $(PY) -m bench.run $(BENCH_ARGS)
 
 -include mk/paper.mk
+-include mk/reproduce.mk
 
 clean:
-	rm -rf runs/demo runs/demo-quick .pytest_cache .ruff_cache
+	rm -rf runs/demo runs/demo-quick runs/reasoning_bench-quick .pytest_cache .ruff_cache

@@ -246,6 +246,20 @@ def report(
     typer.echo(f"wrote {run_report_command(run_dirs, out)}")
 
 
+@app.command("reasoning-bench")
+@user_errors
+def reasoning_bench(
+    output_dir: Annotated[Path, typer.Option(help="Where everything is written.")] = Path(
+        "runs/reasoning_bench"
+    ),
+    quick: Annotated[bool, typer.Option(help="Tiny sizes, 2 seeds (~1 min).")] = False,
+) -> None:
+    """Small reasoning benchmark: base methods vs + CoT2Align and ablations, ID and OOD."""
+    from cot2align_ds.runs import run_reasoning_bench_command
+
+    run_reasoning_bench_command(output_dir, quick=quick)
+
+
 @app.command("pair-check")
 @user_errors
 def pair_check(

@@ -47,7 +47,7 @@ class BenchSize:
     student_max_steps: int | None
 
 
-FULL = BenchSize(1200, 200, 4, 2, None, None)
+FULL = BenchSize(1200, 200, 8, 2, None, None)
 QUICK = BenchSize(96, 16, 1, 1, 2, 2)
 
 
@@ -141,7 +141,9 @@ class Shared:
     augment_stats: dict[str, Any] = field(default_factory=dict)
 
 
-def _train_teacher(out: Path, base: dict, data: dict, tokenizers: dict, size: BenchSize):
+def _train_teacher(
+    out: Path, base: dict, data: dict, tokenizers: dict, size: BenchSize
+) -> tuple[Path, float]:
     # The teacher learns standard and CoT views from the gold rationales (cot_records=all).
     raw = stage_config(
         base,
@@ -204,9 +206,14 @@ def cell_config(shared: Shared, cell: Cell, seed: int, run_dir: Path) -> dict[st
     )
 
 
-def evaluate_model(model_dir: Path, shared: Shared) -> dict[str, float]:
-    """Exact match (%) on the ID and OOD tests: standard prompts, greedy decoding."""
-    from cot2align_ds.eval.evaluate import evaluate_records, load_model_for_eval
+def evaluate_model(model_dir: Path, shared: Shared, out_dir: Path) -> dict[str, float]:
+    """Exact match (%) on the ID and OOD tests: standard prompts, greedy decoding; the
+    predictions are kept (``predictions_{id,ood}.jsonl``) to see what a score is made of."""
+    from cot2align_ds.eval.evaluate import (
+        evaluate_records,
+        load_model_for_eval,
+        write_predictions,
+    )
 
     model, tokenizer = load_model_for_eval(model_dir)
     scores = {}
@@ -222,6 +229,7 @@ def evaluate_model(model_dir: Path, shared: Shared) -> dict[str, float]:
             max_new_tokens=8,
             max_prompt_tokens=shared.base["data"]["max_prompt_tokens"],
         )
+        write_predictions(out_dir / f"predictions_{split}.jsonl", result)
         scores[f"exact_match_{split}"] = result.summary()["exact_match"]["mean"]
     return scores
 
@@ -242,7 +250,7 @@ def run_cell(shared: Shared, cell: Cell, seeds: Sequence[int], cell_dir: Path) -
         run_dir = cell_dir / f"seed{seed}"
         raw = cell_config(shared, cell, seed, run_dir)
         model_dir, seconds = _timed_train(raw, f"reasoning-bench {cell.name} seed {seed}")
-        scores = evaluate_model(model_dir, shared)
+        scores = evaluate_model(model_dir, shared, run_dir)
         _write_json(run_dir / "eval_results.json", _summarise([scores]))
         per_seed.append(scores)
         train_s.append(seconds)
@@ -324,7 +332,7 @@ def run_reasoning_bench(
     output_dir.mkdir(parents=True, exist_ok=True)
     shared = build_shared(output_dir, size)
     results: dict[str, Any] = {"quick": quick, "size": asdict(size), "seeds": list(seeds)}
-    results["teacher"] = evaluate_model(shared.teacher_dir, shared)
+    results["teacher"] = evaluate_model(shared.teacher_dir, shared, output_dir / "teacher")
     results["augment"] = shared.augment_stats
     results["cells"] = {}
     for cell in chosen:

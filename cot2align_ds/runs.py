@@ -166,3 +166,13 @@ def run_prepare_command(dataset: str, output_dir: Path, **options) -> str:
     from cot2align_ds.data.prepare import run_prepare
 
     return run_prepare(dataset, output_dir, **options).summary()
+
+
+def run_reasoning_bench_command(output_dir: Path, *, quick: bool) -> dict:
+    from cot2align_ds.reasoning_bench import run_reasoning_bench
+
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"--output-dir '{output_dir}' is a file; give a directory")
+    results = run_reasoning_bench(output_dir, quick=quick)
+    Console().print((output_dir / "results.md").read_text(), markup=False)
+    return results

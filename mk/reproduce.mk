@@ -1,0 +1,27 @@
+# The small reasoning benchmark (issue 8). The Makefile includes this file
+# (`-include mk/reproduce.mk`) and provides PY, OFFLINE and the `install` target.
+#
+#   make reproduce-small         the full grid: every cell x 3 seeds (budget: <= 60 min on 2 CPU cores)
+#   make reproduce-small-quick   the same pipeline, tiny sizes and 2 seeds (~1-2 min)
+#
+# Results: $(REPRODUCE_ROOT)/results.md (table), results.png (plot), results.json (with wall
+# time), and one run directory per cell and seed under cells/<cell>/seed<N>/.
+
+ifndef REPRODUCE_MK_INCLUDED
+REPRODUCE_MK_INCLUDED := 1
+# Wherever this file is included, it never becomes the default goal of a bare `make`.
+reproduce_default_goal := $(.DEFAULT_GOAL)
+
+REPRODUCE_ROOT ?= runs/reasoning_bench
+REPRODUCE_QUICK_ROOT ?= runs/reasoning_bench-quick
+
+.PHONY: reproduce-small reproduce-small-quick
+
+reproduce-small: install
+	$(OFFLINE) $(PY) -m cot2align_ds.cli reasoning-bench --output-dir $(REPRODUCE_ROOT)
+
+reproduce-small-quick: install
+	$(OFFLINE) $(PY) -m cot2align_ds.cli reasoning-bench --output-dir $(REPRODUCE_QUICK_ROOT) --quick
+
+.DEFAULT_GOAL := $(reproduce_default_goal)
+endif
