@@ -370,14 +370,15 @@ class Trainer:
                 window = [next(batches) for _ in range(cfg.grad_accum)]
                 fetched = time.perf_counter()
                 self._audit(step, window)
-                self._logging_next = step % cfg.log_every == 0 or step == self.total_steps
+                log_now = step % cfg.log_every == 0 or step == self.total_steps
+                self._logging_next = log_now  # the objective collects OT diagnostics then
                 values = self.train_step(window)
                 self.step = step
                 self._check_skipped(step)
                 tokens += sum(int(b["student"]["attention_mask"].sum()) for b in window)
                 wait_s += fetched - started
                 step_s += time.perf_counter() - started
-                if step % cfg.log_every == 0 or step == self.total_steps:
+                if log_now:
                     last = self._log(step, values, tokens, wait_s, step_s)
                     tokens, wait_s, step_s = 0, 0.0, 0.0
                 bar.update(1, {k: last[k] for k in ("loss/total",) if k in last})
