@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .masking import fill_masked
 from .sinkhorn import sinkhorn_log
 
 COST_KINDS = ("attention", "cosine", "euclidean")
@@ -91,7 +92,7 @@ def ot_loss(
     num_iters: int = 100,
     grad_mode: str = "truncated",
     num_grad_iters: int = 10,
-    absorb_every: int = 10,
+    absorb_every: int | None = None,
     memory_budget_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed OT transport cost over the batch, and the number of problems it covers.
@@ -115,7 +116,7 @@ def ot_loss(
         student_hidden_BSD, teacher_hidden_BTD, student_mask_BS, teacher_mask_BT, cost
     )
     solver = _solver_options(
-        epsilon, num_iters, grad_mode, num_grad_iters, absorb_every, memory_budget_bytes
+        epsilon, num_iters, grad_mode, num_grad_iters, absorb_every, memory_budget_bytes, cost
     )
     per_problem_B, solvable_B = _solve_transport(
         cost_BST, student_mask_BS.bool(), teacher_mask_BT.bool(), solver
@@ -133,7 +134,7 @@ def multi_pair_ot_loss(
     num_iters: int = 100,
     grad_mode: str = "truncated",
     num_grad_iters: int = 10,
-    absorb_every: int = 10,
+    absorb_every: int | None = None,
     memory_budget_bytes: int | None = None,
 ) -> MultiPairOT:
     """OT losses of several problem groups (layer pairs x views) in ONE batched Sinkhorn call.
@@ -158,7 +159,7 @@ def multi_pair_ot_loss(
     max_student = max(c.shape[1] for c in costs)
     max_teacher = max(c.shape[2] for c in costs)
     solver = _solver_options(
-        epsilon, num_iters, grad_mode, num_grad_iters, absorb_every, memory_budget_bytes
+        epsilon, num_iters, grad_mode, num_grad_iters, absorb_every, memory_budget_bytes, cost
     )
     per_problem_B, solvable_B = _solve_transport(
         torch.cat([_pad_to(c, max_student, max_teacher) for c in costs]),
@@ -174,8 +175,14 @@ def multi_pair_ot_loss(
     return MultiPairOT(loss_sum, group_sums_G, group_counts_G.to(group_sums_G.dtype))
 
 
-def _solver_options(epsilon, num_iters, grad_mode, num_grad_iters, absorb_every, budget):
+# Bounds on max C - min C of the bounded costs: lets the solver choose its absorption interval
+# without measuring the range (a device synchronisation).
+_COST_RANGE = {"attention": 1.0, "cosine": 2.0}
+
+
+def _solver_options(epsilon, num_iters, grad_mode, num_grad_iters, absorb_every, budget, cost):
     return {
+        "cost_range": _COST_RANGE.get(cost),
         "epsilon": epsilon,
         "num_iters": num_iters,
         "grad_mode": grad_mode,
@@ -188,8 +195,8 @@ def _solver_options(epsilon, num_iters, grad_mode, num_grad_iters, absorb_every,
 def _masked_cost(student_BSD, teacher_BTD, student_mask_BS, teacher_mask_BT, kind):
     # Padded positions may hold anything (models can emit NaN there); zeroing them keeps the cost
     # finite, so that 0 * cost stays 0 in the loss and in its gradient.
-    student_BSD = torch.where(student_mask_BS.bool()[:, :, None], student_BSD, 0.0)
-    teacher_BTD = torch.where(teacher_mask_BT.bool()[:, :, None], teacher_BTD, 0.0)
+    student_BSD = fill_masked(student_BSD, student_mask_BS.bool()[:, :, None], 0.0)
+    teacher_BTD = fill_masked(teacher_BTD, teacher_mask_BT.bool()[:, :, None], 0.0)
     return cost_matrix(student_BSD, teacher_BTD, kind, teacher_mask_BT=teacher_mask_BT)
 
 

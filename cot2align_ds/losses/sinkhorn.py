@@ -21,14 +21,23 @@ After an absorption every column of K sums to at most b_j, so no entry overflows
 underflows fp32 stays zero until the next absorption, and a row or column whose current mass is
 below ~1e-19 takes a damped step. Both can only happen far from the fixed point (tiny epsilon,
 early iterations) and slow it down there; they never change the fixed point.
-``absorb_every=1`` absorbs after every iteration. Everything accumulates in fp32 (fp64 inputs
+``absorb_every=1`` absorbs after every iteration.
+
+``absorb_every=None`` (the default) picks the interval from the kernel's dynamic range
+``R = (max C - min C) / epsilon`` over the real entries. When ``R <= 20`` every kernel entry is within
+``e^-20`` of its column maximum, so the scalings stay within ``e^(+-2R)`` of the marginals' scale and
+neither over- nor underflows fp32 for any realistic length: one absorption per phase is enough
+(the reference setting, attention cost at epsilon=10, has R <= 0.1). Otherwise it absorbs every 10
+iterations. ``cost_range`` is a known bound on ``max C - min C`` (1 for the attention cost, 2 for
+cosine); without it the range is measured, which costs one device synchronisation per call. Everything accumulates in fp32 (fp64 inputs
 stay fp64); masked rows and columns carry exactly zero mass; a problem with no real position on
 either side gets an all-zero plan.
 
 Gradient modes (``grad_mode``):
 
-- ``"unrolled"``: autograd through every iteration, the reference behaviour. Saved memory grows
-  with the iteration count (one B*S*T kernel per absorption block).
+- ``"unrolled"``: autograd through every iteration, the reference behaviour. Each absorption
+  block saves one B*S*T kernel (its backward runs on vectors), so saved memory grows with the
+  iteration count only when the kernel's range forces intermediate absorptions.
 - ``"envelope"``: all iterations under ``torch.no_grad()``; the plan is returned detached, so a loss
   ``sum(P * C)`` gets the gradient ``P*`` with respect to C. That is the exact gradient of the
   *regularised* objective ``<P, C> - epsilon H(P)``, not of the transport cost ``<P*(C), C>``.
@@ -63,6 +72,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .masking import fill_masked
+
 GRAD_MODES = ("unrolled", "envelope", "truncated")
 
 # Stands in for log(0) on padded entries: finite, so masked arithmetic never produces NaN, and so
@@ -94,7 +105,8 @@ def sinkhorn_log(
     grad_mode: str = "truncated",
     num_grad_iters: int = 10,
     tol: float | None = None,
-    absorb_every: int = 10,
+    absorb_every: int | None = None,
+    cost_range: float | None = None,
     memory_budget_bytes: int | None = None,
     return_diagnostics: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, SinkhornDiagnostics]:
@@ -110,7 +122,10 @@ def sinkhorn_log(
         num_grad_iters: differentiated iterations in ``"truncated"`` mode.
         tol: if set, stop once every problem's column-marginal L1 error is <= tol, checked at each
             absorption; this synchronises with the host and is meant for evaluation.
-        absorb_every: iterations between absorptions of the scalings into the log-domain kernel.
+        absorb_every: iterations between absorptions of the scalings into the log-domain kernel;
+            None chooses from the kernel's dynamic range (module docstring).
+        cost_range: optional known bound on ``max C - min C`` over real entries, used by the
+            automatic ``absorb_every`` instead of measuring it (which synchronises the device).
         memory_budget_bytes: if set, solve the problems in chunks whose working memory fits the
             budget (see ``sinkhorn_chunk_size``); differentiated chunks are recomputed in backward.
         return_diagnostics: also return a ``SinkhornDiagnostics``.
@@ -119,10 +134,16 @@ def sinkhorn_log(
         plan_BST (fp32 or fp64), zero at masked entries; plus diagnostics when asked.
     """
     _check_args(cost_BST, student_mask_BS, teacher_mask_BT, epsilon, grad_mode)
-    _check_counts(num_iters=num_iters, num_grad_iters=num_grad_iters, absorb_every=absorb_every)
+    _check_counts(num_iters=num_iters, num_grad_iters=num_grad_iters)
+    if absorb_every is not None:
+        _check_counts(absorb_every=absorb_every)
     num_problems, num_student, num_teacher = cost_BST.shape
     if num_problems == 0:
         return _empty_result(cost_BST, return_diagnostics)
+    if absorb_every is None:
+        absorb_every = automatic_absorb_every(
+            cost_BST, student_mask_BS, teacher_mask_BT, epsilon, num_iters, tol, cost_range
+        )
     num_grad = {"unrolled": num_iters, "envelope": 0}.get(grad_mode, min(num_grad_iters, num_iters))
     chunk = num_problems
     if memory_budget_bytes is not None:
@@ -143,6 +164,32 @@ def sinkhorn_log(
         return plan_BST
     masks = _problem_masks(student_mask_BS, teacher_mask_BT)
     return plan_BST, _diagnose(cost_BST, *masks, epsilon, plan_BST, f_BS, g_BT, iters)
+
+
+# Kernel dynamic range (in units of epsilon) up to which plain scaling iterations are safe in fp32
+# without intermediate absorptions: see the module docstring.
+SAFE_LOG_RANGE = 20.0
+_DEFAULT_ABSORB_EVERY = 10
+
+
+def automatic_absorb_every(
+    cost_BST, student_mask_BS, teacher_mask_BT, epsilon, num_iters, tol=None, cost_range=None
+) -> int:
+    """Absorption interval: ``num_iters`` when the kernel's range allows it, else 10.
+
+    With ``tol`` set, convergence is checked at absorptions, so the interval stays 10.
+    """
+    if tol is not None:
+        return _DEFAULT_ABSORB_EVERY
+    if cost_range is None:
+        pair_mask_BST = student_mask_BS.bool()[:, :, None] & teacher_mask_BT.bool()[:, None, :]
+        if not bool(pair_mask_BST.any()):
+            return num_iters
+        real = cost_BST.detach()[pair_mask_BST]
+        cost_range = float(real.max() - real.min())
+    if not math.isfinite(cost_range) or cost_range / epsilon > SAFE_LOG_RANGE:
+        return _DEFAULT_ABSORB_EVERY
+    return max(num_iters, 1)
 
 
 def sinkhorn_problem_bytes(
@@ -249,31 +296,44 @@ def _solve_chunk(cost_BST, student_mask_BS, teacher_mask_BT, options):
     """Warm phase without autograd, then the differentiated phase; plan, potentials, iterations."""
     student_mask_BS, teacher_mask_BT = _problem_masks(student_mask_BS, teacher_mask_BT)
     num_warm = options.num_iters - options.num_grad
-    with torch.no_grad():
+    differentiated = options.num_grad > 0 and torch.is_grad_enabled() and cost_BST.requires_grad
+    recompute = differentiated and options.recompute
+    problem = None
+    if options.num_grad > 0 and not recompute:
+        # Built once with autograd; the warm phase runs on a detached view of the same log-kernel.
         problem = _Problem(cost_BST, student_mask_BS, teacher_mask_BT, options.epsilon)
-        f_BS, g_BT = problem.initial_potentials()
+    with torch.no_grad():
+        if problem is None:
+            warm = _Problem(cost_BST, student_mask_BS, teacher_mask_BT, options.epsilon)
+        else:
+            warm = problem.detached()
+        f_BS, g_BT = warm.initial_potentials()
         plan_BST, iters = None, 0
         if num_warm > 0:
-            plan_BST, f_BS, g_BT, iters = problem.iterate(
+            plan_BST, f_BS, g_BT, iters = warm.iterate(
                 f_BS, g_BT, num_warm, absorb_every=options.absorb_every, tol=options.tol
             )
     if options.num_grad == 0:
         return plan_BST, f_BS, g_BT, iters
-    # The warm phase's log-kernel and plan buffer are not needed any more: release them first.
-    del problem, plan_BST
-    args = (cost_BST, student_mask_BS, teacher_mask_BT, f_BS, g_BT, options)
-    if options.recompute and torch.is_grad_enabled() and cost_BST.requires_grad:
+    # The warm phase's plan buffer is not needed any more: release it first.
+    del warm, plan_BST
+    if recompute:
         # Chunks exist to bound memory: keep only one chunk's autograd graph alive at a time.
+        args = (cost_BST, student_mask_BS, teacher_mask_BT, f_BS, g_BT, options)
         plan_BST, f_BS, g_BT, grad_iters = checkpoint(
             _differentiated_phase, *args, use_reentrant=False
         )
     else:
-        plan_BST, f_BS, g_BT, grad_iters = _differentiated_phase(*args)
+        plan_BST, f_BS, g_BT, grad_iters = _iterate_differentiated(problem, f_BS, g_BT, options)
     return plan_BST, f_BS, g_BT, iters + grad_iters
 
 
 def _differentiated_phase(cost_BST, student_mask_BS, teacher_mask_BT, f_BS, g_BT, options):
     problem = _Problem(cost_BST, student_mask_BS, teacher_mask_BT, options.epsilon)
+    return _iterate_differentiated(problem, f_BS, g_BT, options)
+
+
+def _iterate_differentiated(problem, f_BS, g_BT, options):
     # In truncated mode the differentiated tail always runs in full; unrolled honours tol.
     tol = options.tol if options.num_grad == options.num_iters else None
     return problem.iterate(
@@ -307,8 +367,8 @@ class _Problem:
         dtype = torch.promote_types(cost_BST.dtype, torch.float32)
         self.student_mask_BS, self.teacher_mask_BT = student_mask_BS, teacher_mask_BT
         self.pair_mask_BST = student_mask_BS[:, :, None] & teacher_mask_BT[:, None, :]
-        self.log_kernel_BST = torch.where(
-            self.pair_mask_BST, cost_BST.to(dtype) / -epsilon, _LOG_ZERO
+        self.log_kernel_BST = fill_masked(
+            cost_BST.to(dtype) / -epsilon, self.pair_mask_BST, _LOG_ZERO
         )
         self.a_B1S = _uniform(student_mask_BS, dtype)[:, None, :]
         self.b_B1T = _uniform(teacher_mask_BT, dtype)[:, None, :]
@@ -317,6 +377,14 @@ class _Problem:
         self.tiny = torch.finfo(dtype).tiny ** 0.5
         self.inplace = not (torch.is_grad_enabled() and self.log_kernel_BST.requires_grad)
         self._buffer_BST = None
+
+    def detached(self):
+        """The same problem on the detached log-kernel, for iterations without autograd."""
+        twin = object.__new__(_Problem)
+        twin.__dict__.update(self.__dict__)
+        twin.log_kernel_BST = self.log_kernel_BST.detach()
+        twin.inplace, twin._buffer_BST = True, None
+        return twin
 
     def initial_potentials(self):
         """f = 0 and a column stabiliser g (column maxima of the kernel become exp(0) = 1)."""

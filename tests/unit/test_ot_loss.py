@@ -276,3 +276,21 @@ def test_multi_pair_equals_separate_calls_with_gradients(grad_mode):
     assert_close(result.loss_sum, separate_total, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError):
         multi_pair_ot_loss([])
+
+
+def test_fill_masked_matches_where_in_value_and_gradient():
+    from cot2align_ds.losses.masking import fill_masked
+
+    generator = torch.Generator().manual_seed(0)
+    x_BSD = torch.randn(3, 5, 4, generator=generator)
+    keep_BS1 = torch.rand(3, 5, 1, generator=generator) > 0.4
+    x_BSD[~keep_BS1.expand_as(x_BSD)] = float("nan")  # hidden: never reaches output or gradient
+    weights_BSD = torch.randn(3, 5, 4, generator=generator)
+    ours = x_BSD.clone().requires_grad_()
+    peer = x_BSD.clone().requires_grad_()
+    (fill_masked(ours, keep_BS1, -3.0) * weights_BSD).nansum().backward()
+    expected = torch.where(keep_BS1, peer, -3.0)
+    (expected * weights_BSD).nansum().backward()
+    assert torch.equal(fill_masked(x_BSD, keep_BS1, -3.0), expected.detach())
+    assert torch.equal(ours.grad, peer.grad)
+    assert torch.isfinite(ours.grad).all()

@@ -10,7 +10,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from cot2align_ds.losses.sinkhorn import sinkhorn_chunk_size, sinkhorn_log, sinkhorn_problem_bytes
+from cot2align_ds.losses.sinkhorn import (
+    automatic_absorb_every,
+    sinkhorn_chunk_size,
+    sinkhorn_log,
+    sinkhorn_problem_bytes,
+)
 
 F64 = torch.float64
 
@@ -41,7 +46,7 @@ def _lengths(student_mask_BS, teacher_mask_BT, b):
 
 @pytest.mark.parametrize("epsilon", [0.05, 0.5, 10.0])
 @pytest.mark.parametrize("num_iters", [3, 200])
-@pytest.mark.parametrize("absorb_every", [1, 10])
+@pytest.mark.parametrize("absorb_every", [1, 10, None])
 def test_matches_pot_on_ragged_problems(epsilon, num_iters, absorb_every):
     # Equal at a fixed iteration count, converged or not: same iteration as POT's sinkhorn_log.
     cost_BST, student_mask_BS, teacher_mask_BT = _ragged_problem()
@@ -147,7 +152,7 @@ def test_empty_problems_give_zero_plan_and_finite_gradient(grad_mode):
     assert diagnostics.entropy_B[1:3].abs().sum() == 0
 
 
-@pytest.mark.parametrize("absorb_every", [1, 7, 10])
+@pytest.mark.parametrize("absorb_every", [1, 7, 10, None])
 def test_unrolled_gradient_matches_pot_autograd(absorb_every):
     # 20 iterations at epsilon=0.5 is far from converged: this checks the custom backward of the
     # scaling blocks step by step, not a fixed-point identity.
@@ -360,3 +365,35 @@ def test_empty_batch_and_invalid_arguments():
             sinkhorn_log(cost_BST, student_mask_BS, teacher_mask_BT, **kwargs)
     with pytest.raises(ValueError):
         sinkhorn_log(cost_BST, student_mask_BS[:, :3], teacher_mask_BT, epsilon=1.0, num_iters=3)
+
+
+def test_automatic_absorption_interval_follows_the_kernel_range():
+    cost_BST, student_mask_BS, teacher_mask_BT = _ragged_problem()
+    masks = (student_mask_BS, teacher_mask_BT)
+    # Attention cost at the reference epsilon: one absorption for the whole run.
+    assert automatic_absorb_every(cost_BST, *masks, 10.0, 100) == 100
+    assert automatic_absorb_every(cost_BST, *masks, 10.0, 100, cost_range=1.0) == 100
+    # A known range wider than 20 epsilons, a measured one, or a tolerance: every 10.
+    assert automatic_absorb_every(cost_BST, *masks, 0.01, 100, cost_range=1.0) == 10
+    assert automatic_absorb_every(cost_BST * 100, *masks, 0.1, 100) == 10
+    assert automatic_absorb_every(cost_BST, *masks, 10.0, 100, tol=1e-6) == 10
+    # NaN at masked entries does not enter the measured range; NaN at a real one is not "safe".
+    pair_mask_BST = student_mask_BS[:, :, None] & teacher_mask_BT[:, None, :]
+    padded_BST = cost_BST.masked_fill(~pair_mask_BST, float("nan"))
+    assert automatic_absorb_every(padded_BST, *masks, 1.0, 50) == 50
+    padded_BST[0, 0, 0] = float("nan")
+    assert automatic_absorb_every(padded_BST, *masks, 1.0, 50) == 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_automatic_absorption_stays_finite_on_a_wide_kernel(dtype):
+    # Range / epsilon = 400: plain scaling would underflow fp32 (exp(-400)); auto must absorb.
+    cost_BST, student_mask_BS, teacher_mask_BT = _ragged_problem(seed=3)
+    cost_BST = (cost_BST * 40.0).to(dtype)
+    kwargs = dict(epsilon=0.1, num_iters=60, grad_mode="envelope")
+    auto_BST = sinkhorn_log(cost_BST, student_mask_BS, teacher_mask_BT, **kwargs)
+    every_BST = sinkhorn_log(cost_BST, student_mask_BS, teacher_mask_BT, absorb_every=1, **kwargs)
+    assert torch.isfinite(auto_BST).all()
+    # fp32: the two absorption schedules round differently; plans have total mass 1.
+    atol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert_close(auto_BST, every_BST, rtol=0, atol=atol)
