@@ -30,16 +30,19 @@ def _env() -> dict[str, str]:
 
 
 def _torchrun(args: list[str], nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
+    port = _port()
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         f"--nproc_per_node={nproc}",
-        f"--master_port={_port()}",
+        f"--master_port={port}",
         *args,
     ]
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, _failure(result)
+    # DeepSpeed's CPU all-reduce workspace (~70 MB of RAM each) must not outlive the run.
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return result
 
 
