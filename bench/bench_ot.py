@@ -264,37 +264,21 @@ def _memory_child(cases: list[list]) -> list[float] | None:
     """Peak RSS above baseline (MB) per case; None when the peak mark cannot be reset."""
     import torch
 
+    from bench.memory import PeakRSS
+
     torch.set_num_threads(NUM_THREADS)
     results = []
     for name, num_iters, positions in cases:
         call = _callable(name, num_iters)
         call(*_inputs(1, 8, seed=1))  # warm-up: kernels, thread pools, POT's backend
         inputs = _inputs(4, positions)
-        if not _reset_peak() and len(cases) > 1:
+        with PeakRSS() as peak:
+            call(*inputs)
+        if not peak.resettable and len(cases) > 1:
             return None  # the parent falls back to one child per case
-        baseline_kb = _status_kb("VmRSS")
-        call(*inputs)
-        results.append((_status_kb("VmHWM") - baseline_kb) / 1024)
+        results.append(peak.mb)
         del inputs
     return results
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False if unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """End-to-end distillation step on tiny models (world size 1, ZeRO-3 student + offloaded teacher).
 
-For each method: student tokens/s over the timed steps (setup excluded) and the share of step
+For each method: student tokens/s over the timed steps (setup excluded), the share of step
 time spent waiting for the DataLoader (alignment and tokenization run in worker processes, so
-this should stay small). Peers: each base KD method against SFT, and each "+ CoT2Align" against
+this should stay small), and the peak host memory of the whole run (engines, teacher, steps)
+above the process's memory when the run started (``bench.memory.PeakRSS``; big frees go back to
+the OS, and a warm-up run takes the one-time costs). DataLoader workers are separate processes
+and are not counted. Peers: each base KD method against SFT, and each "+ CoT2Align" against
 its base method (target from the issue: at most 2.2x the base step, since CoT2Align adds two
 forward passes for the cross views). Same data, same models, same seed, runs interleaved.
 """
@@ -80,22 +83,34 @@ def _config(ws: dict, out: Path, method: str, cot2align: bool, steps: int, worke
 
 
 def _measure(ws, root: Path, name: str, steps: int, workers: int) -> dict[str, float]:
+    from bench.memory import PeakRSS
     from cot2align_ds.config import validate_config
     from cot2align_ds.train.loop import run_train
 
     method, cot2align = CASES[name]
     out = root / f"run-{name}"
-    run_train(validate_config(_config(ws, out, method, cot2align, steps, workers)), overwrite=True)
+    config = validate_config(_config(ws, out, method, cot2align, steps, workers))
+    with PeakRSS() as peak:
+        run_train(config, overwrite=True)
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    return {"tokens_per_s": last["tokens_per_s"], "data_wait_share": last["data_wait_share"]}
+    return {
+        "tokens_per_s": last["tokens_per_s"],
+        "data_wait_share": last["data_wait_share"],
+        "peak_rss_mb": peak.mb,
+    }
 
 
 def run(quick: bool = False) -> list[dict]:
+    from bench.memory import return_big_frees_to_the_os
+
     os.environ.setdefault("WANDB_MODE", "disabled")
     steps, repeats = (6, 1) if quick else (16, 2)
+    return_big_frees_to_the_os()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         ws = _workspace(root, 400)
+        # One-time costs (process group, JIT ops, thread pools) stay out of every measured case.
+        _measure(ws, root, "dskd_cma+cot2align", 1, workers=1)
         samples: dict[str, list[dict]] = {name: [] for name in CASES}
         for _ in range(repeats):  # interleaved: each repeat runs every case once
             for name in CASES:
@@ -116,6 +131,18 @@ def run(quick: bool = False) -> list[dict]:
                 "peer": 1000 / medians[peer]["tokens_per_s"],
                 "peer_name": peer,
                 "target": "<= 2.2x base" if "cot2align" in name else "report",
+            }
+        )
+    for name, peer in {"sft": None, **PEERS}.items():
+        rows.append(
+            {
+                "section": "step",
+                "case": f"{name} peak host memory (run minus its start)",
+                "unit": "MB",
+                "ours": medians[name]["peak_rss_mb"],
+                "peer": medians[peer]["peak_rss_mb"] if peer else "-",
+                "peer_name": peer or "-",
+                "target": "report",
             }
         )
     for name in CASES:

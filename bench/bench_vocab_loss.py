@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -76,44 +75,17 @@ def _forward_backward(call, student, teacher, labels) -> None:
 def _child(loss: str, vocab: int, batch: int, positions: int, chunk_size: int | None) -> dict:
     import torch
 
+    from bench.memory import PeakRSS
+
     torch.set_num_threads(2)
     call = _loss_call(loss, chunk_size)
     _forward_backward(call, *_inputs(vocab, 1, 4, seed=1))  # warm-up, small
     student, teacher, labels = _inputs(vocab, batch, positions)
-    baseline_kb = _reset_peak_rss_kb()
-    start = time.perf_counter()
-    _forward_backward(call, student, teacher, labels)
-    elapsed_ms = (time.perf_counter() - start) * 1e3
-    return {"ms": elapsed_ms, "mb": (_peak_rss_kb() - baseline_kb) / 1024}
-
-
-def _proc_status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss_kb() -> int:
-    """Reset the peak-RSS mark to the current RSS (Linux clear_refs) and return it, in kB."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        current = _proc_status_kb("VmRSS")
-        if current is not None:
-            return current
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _peak_rss_kb() -> int:
-    peak = _proc_status_kb("VmHWM")
-    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with PeakRSS() as peak:
+        start = time.perf_counter()
+        _forward_backward(call, student, teacher, labels)
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+    return {"ms": elapsed_ms, "mb": peak.mb}
 
 
 def _spawn(loss: str, vocab: int, batch: int, positions: int, chunk_size: int | None) -> dict:

@@ -99,3 +99,21 @@ def test_run_passes_gpu_only_to_suites_that_take_it(monkeypatch):
     monkeypatch.setattr(bench_run.importlib, "import_module", suites.__getitem__)
     bench_run.collect(["a", "b"], quick=True, gpu=True)
     assert calls == {"a": True, "b": None}
+
+
+def test_peak_rss_sees_a_temporary_allocation_and_resets_between_cases():
+    import torch
+
+    from bench.memory import PeakRSS, return_big_frees_to_the_os
+
+    return_big_frees_to_the_os()
+    with PeakRSS() as big:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+        del block
+    with PeakRSS() as small:
+        block = torch.ones(4 * 2**20 // 4)  # 4 MB
+        del block
+    if not big.resettable:
+        pytest.skip("no /proc/self/clear_refs here: the peak cannot be reset")
+    assert 60 <= big.mb < 100
+    assert small.mb < 20  # the 64 MB peak before it does not count
