@@ -253,11 +253,22 @@ def reasoning_bench(
         "runs/reasoning_bench"
     ),
     quick: Annotated[bool, typer.Option(help="Tiny sizes, 2 seeds (~1 min).")] = False,
+    probes: Annotated[
+        bool,
+        typer.Option(
+            "--probes",
+            help="Run the single-seed diagnostic probes instead of the grid, on the data, "
+            "teacher and rationales already in --output-dir (built first if absent).",
+        ),
+    ] = False,
+    probe: Annotated[
+        list[str] | None, typer.Option(help="With --probes: run only these (repeatable).")
+    ] = None,
 ) -> None:
     """Small reasoning benchmark: base methods vs + CoT2Align and ablations, ID and OOD."""
     from cot2align_ds.runs import run_reasoning_bench_command
 
-    run_reasoning_bench_command(output_dir, quick=quick)
+    run_reasoning_bench_command(output_dir, quick=quick, probes=probes, probe_names=probe)
 
 
 @app.command("pair-check")

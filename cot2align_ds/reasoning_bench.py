@@ -185,6 +185,46 @@ def build_shared(out: Path, size: BenchSize) -> Shared:
     return shared
 
 
+SHARED_FILE = "shared.json"
+
+
+def save_shared(out: Path, shared: Shared) -> None:
+    """Record what ``build_shared`` made, so that probes can reuse it (``load_shared``)."""
+    payload = {
+        "data": {k: str(v) for k, v in shared.data.items()},
+        "tokenizers": {k: str(v) for k, v in shared.tokenizers.items()},
+        "teacher_dir": str(shared.teacher_dir),
+        "cot_file": str(shared.cot_file),
+        "size": asdict(shared.size),
+        "timings": shared.timings,
+        "augment_stats": shared.augment_stats,
+    }
+    _write_json(out / SHARED_FILE, payload)
+
+
+def load_shared(out: Path, size: BenchSize) -> Shared | None:
+    """The shared pipeline an earlier run left in ``out`` at this size; None if absent/partial."""
+    path = out / SHARED_FILE
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    paths = [*saved["data"].values(), *saved["tokenizers"].values()]
+    paths += [saved["teacher_dir"], saved["cot_file"]]
+    if saved["size"] != asdict(size) or not all(Path(p).exists() for p in paths):
+        return None
+    base = load_config(RECIPE).model_dump(mode="json")
+    shared = Shared(
+        base,
+        {k: Path(v) for k, v in saved["data"].items()},
+        {k: Path(v) for k, v in saved["tokenizers"].items()},
+        Path(saved["teacher_dir"]),
+        Path(saved["cot_file"]),
+        size,
+    )
+    shared.timings, shared.augment_stats = saved["timings"], saved["augment_stats"]
+    return shared
+
+
 def cell_config(shared: Shared, cell: Cell, seed: int, run_dir: Path) -> dict[str, Any]:
     """The run config of one (cell, seed): the recipe plus what the cell changes."""
     teacher = None if cell.method == "sft" else {"name_or_path": str(shared.teacher_dir)}
@@ -206,9 +246,20 @@ def cell_config(shared: Shared, cell: Cell, seed: int, run_dir: Path) -> dict[st
     )
 
 
-def evaluate_model(model_dir: Path, shared: Shared, out_dir: Path) -> dict[str, float]:
+# Generation budgets: a direct answer is a number; a CoT answer at 2-3 steps is ~40 tokens.
+STANDARD_NEW_TOKENS = 8
+COT_NEW_TOKENS = 96
+
+
+def evaluate_model(
+    model_dir: Path, shared: Shared, out_dir: Path, *, cot_prompts: bool = False
+) -> dict[str, float]:
     """Exact match (%) on the ID and OOD tests: standard prompts, greedy decoding; the
-    predictions are kept (``predictions_{id,ood}.jsonl``) to see what a score is made of."""
+    predictions are kept (``predictions_{id,ood}.jsonl``) to see what a score is made of.
+
+    ``cot_prompts`` adds ``exact_match_id_cot``: the ID test prompted with the CoT template and
+    the answer read after "the answer is" (a diagnostic of what the student learnt from the
+    rationales; the benchmark's protocol is standard prompts)."""
     from cot2align_ds.eval.evaluate import (
         evaluate_records,
         load_model_for_eval,
@@ -216,8 +267,9 @@ def evaluate_model(model_dir: Path, shared: Shared, out_dir: Path) -> dict[str, 
     )
 
     model, tokenizer = load_model_for_eval(model_dir)
+    views = [("id", "standard"), ("ood", "standard")] + ([("id", "cot")] if cot_prompts else [])
     scores = {}
-    for split in ("id", "ood"):
+    for split, view in views:
         result = evaluate_records(
             model,
             tokenizer,
@@ -226,11 +278,13 @@ def evaluate_model(model_dir: Path, shared: Shared, out_dir: Path) -> dict[str, 
             greedy=True,
             metrics=("exact_match",),
             batch_size=64,
-            max_new_tokens=8,
+            max_new_tokens=COT_NEW_TOKENS if view == "cot" else STANDARD_NEW_TOKENS,
             max_prompt_tokens=shared.base["data"]["max_prompt_tokens"],
+            prompt_view=view,
         )
-        write_predictions(out_dir / f"predictions_{split}.jsonl", result)
-        scores[f"exact_match_{split}"] = result.summary()["exact_match"]["mean"]
+        suffix = "_cot" if view == "cot" else ""
+        write_predictions(out_dir / f"predictions_{split}{suffix}.jsonl", result)
+        scores[f"exact_match_{split}{suffix}"] = result.summary()["exact_match"]["mean"]
     return scores
 
 
@@ -331,6 +385,7 @@ def run_reasoning_bench(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     shared = build_shared(output_dir, size)
+    save_shared(output_dir, shared)
     results: dict[str, Any] = {"quick": quick, "size": asdict(size), "seeds": list(seeds)}
     results["teacher"] = evaluate_model(shared.teacher_dir, shared, output_dir / "teacher")
     results["augment"] = shared.augment_stats
@@ -344,3 +399,159 @@ def run_reasoning_bench(
     table = _header(quick, seeds, size) + results_table(results)
     write_text_atomic(output_dir / "results.md", table + "\n![results](results.png)\n")
     return results
+
+
+# -- Probes: single-seed diagnostics of why a cell scores what it scores ---------------------------
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One diagnostic run on the shared pipeline: a cell plus run-config changes.
+
+    ``changes`` maps dotted run-config keys (``"cot2align.epsilon"``) to values, applied on top of
+    the cell's own config. ``question`` is what the probe asks (the table's first column).
+    """
+
+    name: str
+    cell: Cell
+    changes: dict[str, Any]
+    question: str
+
+
+BIGGER_STUDENT = {"model_type": "gpt2", "n_embd": 128, "n_layer": 4, "n_head": 4}
+_SFT_COT = Cell("sft+cot_data", "sft", True, label="SFT on CoT data (no teacher)")
+_OT_ONLY = CELLS_BY_NAME["dskd_cma+ot_no_cot"]
+_C2A_CELL = CELLS_BY_NAME["dskd_cma+cot2align"]
+PROBES: tuple[Probe, ...] = (
+    Probe("sft_12ep", CELLS_BY_NAME["sft"], {"train.epochs": 12}, "SFT, 6x the steps"),
+    Probe(
+        "sft_wide",
+        CELLS_BY_NAME["sft"],
+        {"student.architecture": BIGGER_STUDENT, "train.epochs": 6},
+        "SFT, teacher-sized student, 3x steps",
+    ),
+    Probe("sft_cot", _SFT_COT, {}, "SFT on standard + CoT data"),
+    Probe(
+        "sft_cot_wide",
+        _SFT_COT,
+        {"student.architecture": BIGGER_STUDENT, "train.epochs": 6},
+        "SFT on standard + CoT data, teacher-sized student, 3x steps",
+    ),
+    Probe("ot_eps1", _OT_ONLY, {"cot2align.epsilon": 1.0}, "OT only: epsilon 1 (sharper plan)"),
+    Probe("ot_eps0.1", _OT_ONLY, {"cot2align.epsilon": 0.1}, "OT only: epsilon 0.1"),
+    Probe("ot_w0.05", _OT_ONLY, {"cot2align.ot_weight": 0.05}, "OT only: OT weight 0.05"),
+    Probe("ot_w1", _OT_ONLY, {"cot2align.ot_weight": 1.0}, "OT only: OT weight 1.0"),
+    Probe(
+        "ot_last_layer",
+        _OT_ONLY,
+        {"cot2align.layer_pairs": [{"student": -1, "teacher": -1}]},
+        "OT only: last layer only",
+    ),
+    Probe(
+        "ot_all_layers",
+        _OT_ONLY,
+        {
+            "cot2align.layer_pairs": [
+                {"student": 0, "teacher": 0},
+                {"student": 1, "teacher": 2},
+                {"student": -1, "teacher": -1},
+            ]
+        },
+        "OT only: embedding, middle and last layers",
+    ),
+    Probe("c2a_iters100", _C2A_CELL, {"cot2align.num_iters": 100}, "CoT2Align: 100 iterations"),
+    Probe("c2a_eps1", _C2A_CELL, {"cot2align.epsilon": 1.0}, "CoT2Align: epsilon 1"),
+    Probe("c2a_w0.05", _C2A_CELL, {"cot2align.ot_weight": 0.05}, "CoT2Align: OT weight 0.05"),
+    Probe("c2a_kd0.9", _C2A_CELL, {"distill.kd_rate": 0.9}, "CoT2Align: kd_rate 0.9"),
+)
+PROBES_BY_NAME = {probe.name: probe for probe in PROBES}
+
+
+def probe_config(shared: Shared, probe: Probe, seed: int, run_dir: Path) -> dict[str, Any]:
+    raw = cell_config(shared, probe.cell, seed, run_dir)
+    for dotted, value in probe.changes.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    raw.setdefault("tracking", {})["run_name"] = f"reasoning_probe_{probe.name}_seed{seed}"
+    return raw
+
+
+def _pick_probes(names: Sequence[str] | None) -> list[Probe]:
+    if names is None:
+        return list(PROBES)
+    unknown = [name for name in names if name not in PROBES_BY_NAME]
+    if unknown:
+        raise ConfigError(f"probes: unknown {unknown}; choose from {', '.join(PROBES_BY_NAME)}")
+    return [PROBES_BY_NAME[name] for name in names]
+
+
+def run_probes(
+    output_dir: Path,
+    *,
+    quick: bool,
+    seeds: Sequence[int] = (FULL_SEEDS[0],),
+    probes: Sequence[str] | None = None,
+) -> dict:
+    """Run the probes on the shared pipeline of ``output_dir`` (built first if absent).
+
+    Writes ``probes/<name>/seed<N>/`` runs, ``probes.json`` and ``probes.md``; every probe is
+    also scored with CoT prompts (``exact_match_id_cot``)."""
+    started = time.perf_counter()
+    chosen, size = _pick_probes(probes), QUICK if quick else FULL
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    shared = load_shared(output_dir, size)
+    if shared is None:
+        shared = build_shared(output_dir, size)
+        save_shared(output_dir, shared)
+    results: dict[str, Any] = {"quick": quick, "seeds": list(seeds), "probes": {}}
+    for probe in chosen:
+        per_seed, train_s = [], []
+        for seed in seeds:
+            run_dir = output_dir / "probes" / probe.name / f"seed{seed}"
+            raw = probe_config(shared, probe, seed, run_dir)
+            model_dir, seconds = _timed_train(raw, f"reasoning-bench probe {probe.name}")
+            scores = evaluate_model(model_dir, shared, run_dir, cot_prompts=True)
+            _write_json(run_dir / "eval_results.json", scores)
+            per_seed.append(scores)
+            train_s.append(seconds)
+        results["probes"][probe.name] = {
+            "question": probe.question,
+            "cell": probe.cell.name,
+            "changes": probe.changes,
+            "scores": {k: [run[k] for run in per_seed] for k in per_seed[0]},
+            "train_s_per_seed": train_s,
+        }
+    results["wall_s"] = time.perf_counter() - started
+    _write_json(output_dir / "probes.json", results)
+    write_text_atomic(output_dir / "probes.md", probes_table(results))
+    return results
+
+
+def probes_table(results: dict) -> str:
+    """Markdown: one row per probe; scores are means over its seeds."""
+    lines = [
+        "| probe | cell | changes | ID (%) | OOD (%) | ID, CoT prompt (%) | train s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, probe in results["probes"].items():
+        means = {k: sum(v) / len(v) for k, v in probe["scores"].items()}
+        changes = ", ".join(f"{k}={_short(v)}" for k, v in probe["changes"].items()) or "-"
+        seconds = sum(probe["train_s_per_seed"]) / len(probe["train_s_per_seed"])
+        lines.append(
+            f"| {probe['question']} (`{name}`) | `{probe['cell']}` | {changes} "
+            f"| {means['exact_match_id']:.1f} | {means['exact_match_ood']:.1f} "
+            f"| {means['exact_match_id_cot']:.1f} | {seconds:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in value.items() if k != "model_type") + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_short(v) for v in value) + "]"
+    return str(value)

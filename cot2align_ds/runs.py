@@ -168,11 +168,23 @@ def run_prepare_command(dataset: str, output_dir: Path, **options) -> str:
     return run_prepare(dataset, output_dir, **options).summary()
 
 
-def run_reasoning_bench_command(output_dir: Path, *, quick: bool) -> dict:
-    from cot2align_ds.reasoning_bench import run_reasoning_bench
+def run_reasoning_bench_command(
+    output_dir: Path,
+    *,
+    quick: bool,
+    probes: bool = False,
+    probe_names: list[str] | None = None,
+) -> dict:
+    from cot2align_ds.reasoning_bench import run_probes, run_reasoning_bench
 
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"--output-dir '{output_dir}' is a file; give a directory")
+    if probe_names and not probes:
+        raise ConfigError("--probe needs --probes")
+    if probes:
+        results = run_probes(output_dir, quick=quick, probes=probe_names or None)
+        Console().print((output_dir / "probes.md").read_text(), markup=False)
+        return results
     results = run_reasoning_bench(output_dir, quick=quick)
     Console().print((output_dir / "results.md").read_text(), markup=False)
     return results

@@ -3,6 +3,7 @@
 #
 #   make reproduce-small         the full grid: every cell x 3 seeds (budget: <= 60 min on 2 CPU cores)
 #   make reproduce-small-quick   the same pipeline, tiny sizes and 2 seeds (~1-2 min)
+#   make reproduce-probes        single-seed diagnostics of the full grid (reasoning_bench.PROBES)
 #
 # Results: $(REPRODUCE_ROOT)/results.md (table), results.png (plot), results.json (with wall
 # time), and one run directory per cell and seed under cells/<cell>/seed<N>/.
@@ -15,10 +16,15 @@ reproduce_default_goal := $(.DEFAULT_GOAL)
 REPRODUCE_ROOT ?= runs/reasoning_bench
 REPRODUCE_QUICK_ROOT ?= runs/reasoning_bench-quick
 
-.PHONY: reproduce-small reproduce-small-quick
+.PHONY: reproduce-small reproduce-small-quick reproduce-probes
 
 reproduce-small: install
 	$(OFFLINE) $(PY) -m cot2align_ds.cli reasoning-bench --output-dir $(REPRODUCE_ROOT)
+
+# Single-seed diagnostics (reasoning_bench.PROBES) on the data, teacher and rationales of
+# $(REPRODUCE_ROOT); builds them first when `make reproduce-small` has not run.
+reproduce-probes: install
+	$(OFFLINE) $(PY) -m cot2align_ds.cli reasoning-bench --output-dir $(REPRODUCE_ROOT) --probes
 
 reproduce-small-quick: install
 	$(OFFLINE) $(PY) -m cot2align_ds.cli reasoning-bench --output-dir $(REPRODUCE_QUICK_ROOT) --quick

@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from cot2align_ds.data.records import Record, write_jsonl_atomic, write_text_atomic
-from cot2align_ds.data.templates import standard_prompt
+from cot2align_ds.data.templates import cot_prompt, standard_prompt
 from cot2align_ds.errors import UserError
 from cot2align_ds.eval.generation import DecodingConfig, generate
 from cot2align_ds.eval.metrics import (
@@ -126,10 +126,13 @@ def evaluate_records(
     no_repeat_ngram_size: int = 6,
     references: Sequence[Sequence[str]] | None = None,
     show_progress: bool = False,
+    prompt_view: str = "standard",
 ) -> EvalResult:
     """Generate for every record's standard prompt under each seed and score the outputs.
 
     ``references`` overrides the gold answers (one list per record; default ``[record.output]``).
+    ``prompt_view="cot"`` prompts with the CoT template instead (a diagnostic: the paper's
+    protocol is standard prompts); the answer is then read after "the answer is".
     Each seed's metric value is the mean over records; ``scores`` aggregates them over seeds.
     """
     for name in metrics:
@@ -145,7 +148,10 @@ def evaluate_records(
         no_repeat_ngram_size=no_repeat_ngram_size,
         max_prompt_tokens=max_prompt_tokens,
     )
-    prompts = [standard_prompt(record, template) for record in records]
+    if prompt_view not in ("standard", "cot"):
+        raise ValueError(f"prompt_view must be 'standard' or 'cot', got {prompt_view!r}")
+    make_prompt = cot_prompt if prompt_view == "cot" else standard_prompt
+    prompts = [make_prompt(record, template) for record in records]
     predictions: list[Prediction] = []
     for seed in run_seeds:
         texts = generate(

@@ -99,3 +99,30 @@ def test_results_files_aggregate_every_cell(bench):
         assert f"(`{cell.name}`)" in table
     stats = on_disk["augment"]
     assert stats["total"] == on_disk["size"]["num_train"] and stats["with_rationale"] > 0
+
+
+def test_probes_reuse_the_shared_pipeline_and_apply_their_changes(bench):
+    from cot2align_ds.reasoning_bench import PROBES_BY_NAME, run_probes
+
+    out, _ = bench
+    teacher_weights = next((out / "teacher").rglob("model.safetensors"))
+    before = teacher_weights.stat().st_mtime_ns
+    results = run_probes(out, quick=True, seeds=(5,), probes=["ot_eps1", "sft_cot"])
+    assert teacher_weights.stat().st_mtime_ns == before  # teacher reused, not retrained
+    assert list(results["probes"]) == ["ot_eps1", "sft_cot"]
+    ot_dir = out / "probes" / "ot_eps1" / "seed5"
+    config = json.loads((ot_dir / "config.json").read_text())
+    assert config["cot2align"]["epsilon"] == 1.0 and config["cot2align"]["enabled"]
+    assert config["cot2align"]["cross_cot"] is False
+    assert _loss_keys(_rows(ot_dir), "loss/ot_") == {"loss/ot_main"}
+    sft_cot = json.loads((out / "probes" / "sft_cot" / "seed5" / "config.json").read_text())
+    assert sft_cot["teacher"] is None and sft_cot["data"]["cot_records"] == "all"
+    for name in ("ot_eps1", "sft_cot"):
+        run_dir = out / "probes" / name / "seed5"
+        scores = json.loads((run_dir / "eval_results.json").read_text())
+        assert set(scores) == {"exact_match_id", "exact_match_ood", "exact_match_id_cot"}
+        cot_predictions = (run_dir / "predictions_id_cot.jsonl").read_text().splitlines()
+        assert len(cot_predictions) == QUICK.num_test
+        assert "step by step" in json.loads(cot_predictions[0])["prompt"]
+    table = (out / "probes.md").read_text()
+    assert PROBES_BY_NAME["ot_eps1"].question in table and "`sft_cot`" in table
