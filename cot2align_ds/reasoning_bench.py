@@ -47,7 +47,7 @@ class BenchSize:
     student_max_steps: int | None
 
 
-FULL = BenchSize(1200, 200, 8, 2, None, None)
+FULL = BenchSize(1200, 200, 8, 4, None, None)
 QUICK = BenchSize(96, 16, 1, 1, 2, 2)
 
 

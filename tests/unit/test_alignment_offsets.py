@@ -79,7 +79,7 @@ def test_token_spans_cover_the_text(toy_teacher_tokenizer, toy_student_tokenizer
 
 def test_unigram_lone_space_marker_becomes_empty(toy_student_tokenizer):
     # "X" is not in the Unigram vocabulary: a lone "▁" (raw offset (0, 1)) precedes "<unk>" (0, 1)
-    text = "Xyz the"
+    text = "Xyz Qq"
     encoding = toy_student_tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
     assert encoding.tokens()[0] == "▁" and encoding["offset_mapping"][:2] == [(0, 1), (0, 1)]
     spans_N2 = token_char_spans(toy_student_tokenizer, text).spans_N2

@@ -44,8 +44,10 @@ def test_toy_pair_is_ok_with_sensible_shares(
     assert sample.num_student_tokens == num_student
     assert sample.one_to_one_share == pytest.approx(one_to_one / num_student)
     assert 0.05 < sample.one_to_one_share < 0.95
-    # the Unigram splits words the BPE keeps whole: its groups are larger
-    assert sample.mean_group_size_student > sample.mean_group_size_teacher >= 1.0
+    # the two segment differently (the Unigram keeps "pens." whole, the BPE splits off the ".";
+    # the BPE keeps some rare words whole that the Unigram splits): some groups span several tokens
+    group_sizes = (sample.mean_group_size_student, sample.mean_group_size_teacher)
+    assert min(group_sizes) >= 1.0 and max(group_sizes) > 1.05
     assert 0 < report.exact_overlap_share < 1 and not report.identical_vocab
     assert report.teacher.byte_level and not report.student.byte_level
     assert json.loads(json.dumps(report.to_dict()))["ok"] is True
