@@ -423,19 +423,19 @@ _SFT_COT = Cell("sft+cot_data", "sft", True, label="SFT on CoT data (no teacher)
 _OT_ONLY = CELLS_BY_NAME["dskd_cma+ot_no_cot"]
 _C2A_CELL = CELLS_BY_NAME["dskd_cma+cot2align"]
 PROBES: tuple[Probe, ...] = (
-    Probe("sft_12ep", CELLS_BY_NAME["sft"], {"train.epochs": 12}, "SFT, 6x the steps"),
+    Probe("sft_12ep", CELLS_BY_NAME["sft"], {"train.epochs": 12}, "SFT, 3x the steps"),
     Probe(
         "sft_wide",
         CELLS_BY_NAME["sft"],
-        {"student.architecture": BIGGER_STUDENT, "train.epochs": 6},
-        "SFT, teacher-sized student, 3x steps",
+        {"student.architecture": BIGGER_STUDENT},
+        "SFT, teacher-sized student",
     ),
     Probe("sft_cot", _SFT_COT, {}, "SFT on standard + CoT data"),
     Probe(
         "sft_cot_wide",
         _SFT_COT,
-        {"student.architecture": BIGGER_STUDENT, "train.epochs": 6},
-        "SFT on standard + CoT data, teacher-sized student, 3x steps",
+        {"student.architecture": BIGGER_STUDENT},
+        "SFT on standard + CoT data, teacher-sized student",
     ),
     Probe("ot_eps1", _OT_ONLY, {"cot2align.epsilon": 1.0}, "OT only: epsilon 1 (sharper plan)"),
     Probe("ot_eps0.1", _OT_ONLY, {"cot2align.epsilon": 0.1}, "OT only: epsilon 0.1"),
