@@ -437,6 +437,10 @@ PROBES: tuple[Probe, ...] = (
         {"student.architecture": BIGGER_STUDENT},
         "SFT on standard + CoT data, teacher-sized student",
     ),
+    Probe("uld_kd0.2", CELLS_BY_NAME["uld"], {"distill.kd_rate": 0.2}, "ULD, kd_rate 0.2"),
+    Probe(
+        "dskd_kd0.2", CELLS_BY_NAME["dskd_cma"], {"distill.kd_rate": 0.2}, "DSKD-CMA, kd_rate 0.2"
+    ),
     Probe("ot_eps1", _OT_ONLY, {"cot2align.epsilon": 1.0}, "OT only: epsilon 1 (sharper plan)"),
     Probe("ot_eps0.1", _OT_ONLY, {"cot2align.epsilon": 0.1}, "OT only: epsilon 0.1"),
     Probe("ot_w0.05", _OT_ONLY, {"cot2align.ot_weight": 0.05}, "OT only: OT weight 0.05"),

@@ -126,3 +126,14 @@ def test_probes_reuse_the_shared_pipeline_and_apply_their_changes(bench):
         assert "step by step" in json.loads(cot_predictions[0])["prompt"]
     table = (out / "probes.md").read_text()
     assert PROBES_BY_NAME["ot_eps1"].question in table and "`sft_cot`" in table
+
+
+def test_probe_selection_errors_are_one_line_config_errors(tmp_path):
+    from cot2align_ds.config import ConfigError
+    from cot2align_ds.runs import run_reasoning_bench_command
+
+    with pytest.raises(ConfigError, match="--probe needs --probes"):
+        run_reasoning_bench_command(tmp_path / "a", quick=True, probe_names=["sft_cot"])
+    with pytest.raises(ConfigError, match=r"probes: unknown \['nope'\]"):
+        run_reasoning_bench_command(tmp_path / "b", quick=True, probes=True, probe_names=["nope"])
+    assert not (tmp_path / "b" / "shared.json").exists()  # nothing built for a bad name
