@@ -5,7 +5,8 @@ time spent waiting for the DataLoader (alignment and tokenization run in worker 
 this should stay small), and the peak host memory of the whole run (engines, teacher, steps)
 above the process's memory when the run started (``bench.memory.PeakRSS``; big frees go back to
 the OS, and a warm-up run takes the one-time costs). DataLoader workers are separate processes
-and are not counted. Peers: each base KD method against SFT, and each "+ CoT2Align" against
+and are not counted. The runs share one process, so pages it already holds can serve part of a
+later run's allocations: read the numbers as lower bounds and compare methods by their ratios. Peers: each base KD method against SFT, and each "+ CoT2Align" against
 its base method (target from the issue: at most 2.2x the base step, since CoT2Align adds two
 forward passes for the cross views). Same data, same models, same seed, runs interleaved.
 """
