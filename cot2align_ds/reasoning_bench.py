@@ -26,6 +26,7 @@ from cot2align_ds.data.records import read_records, write_records, write_text_at
 from cot2align_ds.data.synthetic import ArithmeticTaskSpec, make_split
 from cot2align_ds.demo import TEACHER_ARCHITECTURE, make_tokenizers, stage_config
 from cot2align_ds.eval.metrics import aggregate_seeds
+from cot2align_ds.report import make_report
 from cot2align_ds.train.loop import run_train
 
 RECIPE = "reasoning_bench"
@@ -395,6 +396,8 @@ def run_reasoning_bench(
         results["cells"][cell.name] = run_cell(shared, cell, seeds, cell_dir)
     results["timings"] = {**shared.timings, "wall_s": time.perf_counter() - started}
     _write_json(output_dir / "results.json", results)
+    # The same table and plot as `cot2align report <cells...>` gives for these runs.
+    make_report([output_dir / "cells" / cell.name for cell in chosen], output_dir / "report")
     plot_results(results, output_dir / "results.png")
     table = _header(quick, seeds, size) + results_table(results)
     write_text_atomic(output_dir / "results.md", table + "\n![results](results.png)\n")

@@ -27,6 +27,7 @@ from cot2align_ds.tracking import METRICS_FILENAME
 
 EVAL_RESULTS_FILENAME = "eval_results.json"  # same name as eval.evaluate.EVAL_RESULTS_FILENAME
 REPORT_FILENAME = "report.md"
+EVAL_FIGURE = "eval.png"
 THROUGHPUT_KEY = "tokens_per_s"  # logged by the training loop at every log interval
 _NOT_PLOTTED = ("step", "time")
 _MISSING = "–"
@@ -207,13 +208,39 @@ def _eval_cell(stats: dict | None) -> str:
     return f"{stats['mean']:.2f} ± {stats.get('std', 0.0):.2f} (n={num_seeds})"
 
 
+def _eval_names(runs: Sequence[RunData]) -> list[str]:
+    return list(dict.fromkeys(name for run in runs for name in run.eval_results))
+
+
 def _eval_section(runs: Sequence[RunData]) -> list[str]:
-    names = list(dict.fromkeys(name for run in runs for name in run.eval_results))
+    names = _eval_names(runs)
     if not names:
         return []
     rows = [[name, *(_eval_cell(run.eval_results.get(name)) for run in runs)] for name in names]
     header = ["eval metric (mean ± std over seeds)", *(run.name for run in runs)]
-    return ["## Evaluation", "", *_table(header, rows), ""]
+    return ["## Evaluation", "", *_table(header, rows), "", f"![evaluation]({EVAL_FIGURE})", ""]
+
+
+def _plot_eval(runs: Sequence[RunData], names: Sequence[str], path: Path) -> None:
+    """Grouped bars: one group per run, one bar per eval metric, std over seeds as error bar."""
+    figure = Figure(figsize=(max(6.4, 0.9 * len(runs)), 4.5), layout="constrained")
+    axes = figure.add_subplot()
+    width = 0.8 / len(names)
+    for index, name in enumerate(names):
+        stats = [run.eval_results.get(name) for run in runs]
+        means = [entry["mean"] if entry else math.nan for entry in stats]
+        stds = [entry.get("std", 0.0) if entry else 0.0 for entry in stats]
+        offset = (index - (len(names) - 1) / 2) * width
+        positions = [run_index + offset for run_index in range(len(runs))]
+        axes.bar(positions, means, width, yerr=stds, capsize=3, label=name)
+    labels = [run.name for run in runs]
+    axes.set_xticks(range(len(runs)), labels, rotation=40, ha="right", fontsize=7)
+    axes.set(ylabel="mean ± std over seeds", title="evaluation")
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize="small")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    _write_bytes_atomic(path, buffer.getvalue())
 
 
 def _curves_section(figures: dict[str, str]) -> list[str]:
@@ -226,7 +253,8 @@ def _curves_section(figures: dict[str, str]) -> list[str]:
 
 
 def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
-    """Plot every logged metric of ``run_dirs`` vs step and write ``report.md``; its path."""
+    """Plot every logged metric of ``run_dirs`` vs step, and their eval results as bars
+    (``eval.png``), and write ``report.md``; its path."""
     run_dirs = [Path(run_dir) for run_dir in run_dirs]
     if not run_dirs:
         raise ReportError("no run directories given")
@@ -237,6 +265,8 @@ def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     figures = _figure_names(keys)
     for key, file_name in figures.items():
         _plot_metric(runs, key, out_dir / file_name)
+    if _eval_names(runs):
+        _plot_eval(runs, _eval_names(runs), out_dir / EVAL_FIGURE)
     lines = ["# Run comparison", ""]
     lines += _runs_section(runs) + _eval_section(runs) + _final_section(runs, keys)
     lines += _curves_section(figures)

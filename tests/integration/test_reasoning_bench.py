@@ -97,6 +97,9 @@ def test_results_files_aggregate_every_cell(bench):
             assert summary[key]["per_seed"] == [run[key]["mean"] for run in per_seed]
             assert results["cells"][cell.name][key] == summary[key]
         assert f"(`{cell.name}`)" in table
+    report = (out / "report" / "report.md").read_text()  # what `cot2align report` writes
+    assert (out / "report" / "eval.png").stat().st_size > 1000
+    assert all(f"| {cell.name} |" in report for cell in CELLS)
     stats = on_disk["augment"]
     assert stats["total"] == on_disk["size"]["num_train"] and stats["with_rationale"] > 0
 

@@ -45,7 +45,7 @@ def test_report_has_a_png_per_metric_and_a_side_by_side_table(two_runs, tmp_path
     out_dir = tmp_path / "report"
     report = make_report(two_runs, out_dir)
     assert report == out_dir / "report.md"
-    expected = ["loss_total", "loss_ce", "tokens_per_s", "eval_rouge_l", "loss_ot"]
+    expected = ["loss_total", "loss_ce", "tokens_per_s", "eval_rouge_l", "loss_ot", "eval"]
     assert sorted(p.stem for p in out_dir.glob("*.png")) == sorted(expected)
     for stem in expected:
         image = imread(out_dir / f"{stem}.png")  # a real, decodable PNG
@@ -60,6 +60,7 @@ def test_report_has_a_png_per_metric_and_a_side_by_side_table(two_runs, tmp_path
     assert "| sft | " in text and "| 250 |" in text and "| 300 |" in text
     for stem in expected:
         assert f"]({stem}.png)" in text
+    assert "![evaluation](eval.png)" in text  # the eval bars (mean, std as error bar)
     assert not [p for p in out_dir.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
