@@ -264,11 +264,17 @@ def reasoning_bench(
     probe: Annotated[
         list[str] | None, typer.Option(help="With --probes: run only these (repeatable).")
     ] = None,
+    seed: Annotated[
+        list[int] | None,
+        typer.Option(help="With --probes: student seeds (repeatable; default 11)."),
+    ] = None,
 ) -> None:
     """Small reasoning benchmark: base methods vs + CoT2Align and ablations, ID and OOD."""
     from cot2align_ds.runs import run_reasoning_bench_command
 
-    run_reasoning_bench_command(output_dir, quick=quick, probes=probes, probe_names=probe)
+    run_reasoning_bench_command(
+        output_dir, quick=quick, probes=probes, probe_names=probe, probe_seeds=seed
+    )
 
 
 @app.command("pair-check")

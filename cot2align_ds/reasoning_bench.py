@@ -504,8 +504,10 @@ def run_probes(
 ) -> dict:
     """Run the probes on the shared pipeline of ``output_dir`` (built first if absent).
 
-    Writes ``probes/<name>/seed<N>/`` runs, ``probes.json`` and ``probes.md``; every probe is
-    also scored with CoT prompts (``exact_match_id_cot``)."""
+    Writes ``probes/<name>/seed<N>/`` runs and adds them to ``probes.json`` (runs of other
+    probes and seeds already there are kept, a rerun replaces its own), then rewrites
+    ``probes.md`` from all of it; every probe is also scored with CoT prompts
+    (``exact_match_id_cot``)."""
     started = time.perf_counter()
     chosen, size = _pick_probes(probes), QUICK if quick else FULL
     output_dir = Path(output_dir)
@@ -514,44 +516,54 @@ def run_probes(
     if shared is None:
         shared = build_shared(output_dir, size)
         save_shared(output_dir, shared)
-    results: dict[str, Any] = {"quick": quick, "seeds": list(seeds), "probes": {}}
+    results = _load_probe_results(output_dir / "probes.json", quick)
     for probe in chosen:
-        per_seed, train_s = [], []
+        entry = results["probes"].setdefault(probe.name, {"runs": {}})
+        entry.update(question=probe.question, cell=probe.cell.name, changes=probe.changes)
         for seed in seeds:
             run_dir = output_dir / "probes" / probe.name / f"seed{seed}"
             raw = probe_config(shared, probe, seed, run_dir)
             model_dir, seconds = _timed_train(raw, f"reasoning-bench probe {probe.name}")
             scores = evaluate_model(model_dir, shared, run_dir, cot_prompts=True)
             _write_json(run_dir / "eval_results.json", scores)
-            per_seed.append(scores)
-            train_s.append(seconds)
-        results["probes"][probe.name] = {
-            "question": probe.question,
-            "cell": probe.cell.name,
-            "changes": probe.changes,
-            "scores": {k: [run[k] for run in per_seed] for k in per_seed[0]},
-            "train_s_per_seed": train_s,
-        }
-    results["wall_s"] = time.perf_counter() - started
+            entry["runs"][str(seed)] = {"scores": scores, "train_s": seconds}
+            _write_json(output_dir / "probes.json", results)  # each finished run is kept
+    results["last_wall_s"] = time.perf_counter() - started
     _write_json(output_dir / "probes.json", results)
     write_text_atomic(output_dir / "probes.md", probes_table(results))
     return results
 
 
+def _load_probe_results(path: Path, quick: bool) -> dict[str, Any]:
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("quick") == quick and isinstance(saved.get("probes"), dict):
+            return saved
+    return {"quick": quick, "probes": {}}
+
+
 def probes_table(results: dict) -> str:
-    """Markdown: one row per probe; scores are means over its seeds."""
+    """Markdown: one row per probe, in ``PROBES`` order; scores are mean (± std) over its seeds."""
     lines = [
-        "| probe | cell | changes | ID (%) | OOD (%) | ID, CoT prompt (%) | train s |",
-        "|---|---|---|---|---|---|---|",
+        "| probe | cell | changes | seeds | ID (%) | OOD (%) | ID, CoT prompt (%) | train s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, probe in results["probes"].items():
-        means = {k: sum(v) / len(v) for k, v in probe["scores"].items()}
+    order = {name: index for index, name in enumerate(PROBES_BY_NAME)}
+    for name in sorted(results["probes"], key=lambda n: order.get(n, len(order))):
+        probe = results["probes"][name]
+        runs = [probe["runs"][seed] for seed in sorted(probe["runs"], key=int)]
+        if not runs:
+            continue
+        cells = []
+        for key in ("exact_match_id", "exact_match_ood", "exact_match_id_cot"):
+            stats = aggregate_seeds([run["scores"][key] for run in runs])
+            cells.append(_fmt(stats.to_dict()) if len(runs) > 1 else f"{stats.mean:.1f}")
         changes = ", ".join(f"{k}={_short(v)}" for k, v in probe["changes"].items()) or "-"
-        seconds = sum(probe["train_s_per_seed"]) / len(probe["train_s_per_seed"])
+        seconds = sum(run["train_s"] for run in runs) / len(runs)
+        seeds = ", ".join(sorted(probe["runs"], key=int))
         lines.append(
-            f"| {probe['question']} (`{name}`) | `{probe['cell']}` | {changes} "
-            f"| {means['exact_match_id']:.1f} | {means['exact_match_ood']:.1f} "
-            f"| {means['exact_match_id_cot']:.1f} | {seconds:.0f} |"
+            f"| {probe['question']} (`{name}`) | `{probe['cell']}` | {changes} | {seeds} "
+            f"| {' | '.join(cells)} | {seconds:.0f} |"
         )
     return "\n".join(lines) + "\n"
 

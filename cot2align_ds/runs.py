@@ -174,15 +174,17 @@ def run_reasoning_bench_command(
     quick: bool,
     probes: bool = False,
     probe_names: list[str] | None = None,
+    probe_seeds: list[int] | None = None,
 ) -> dict:
     from cot2align_ds.reasoning_bench import run_probes, run_reasoning_bench
 
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"--output-dir '{output_dir}' is a file; give a directory")
-    if probe_names and not probes:
-        raise ConfigError("--probe needs --probes")
+    if (probe_names or probe_seeds) and not probes:
+        raise ConfigError("--probe and --seed need --probes")
     if probes:
-        results = run_probes(output_dir, quick=quick, probes=probe_names or None)
+        seeds = tuple(probe_seeds) if probe_seeds else (11,)
+        results = run_probes(output_dir, quick=quick, probes=probe_names or None, seeds=seeds)
         Console().print((output_dir / "probes.md").read_text(), markup=False)
         return results
     results = run_reasoning_bench(output_dir, quick=quick)

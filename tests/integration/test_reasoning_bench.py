@@ -113,6 +113,11 @@ def test_probes_reuse_the_shared_pipeline_and_apply_their_changes(bench):
     results = run_probes(out, quick=True, seeds=(5,), probes=["ot_eps1", "sft_cot"])
     assert teacher_weights.stat().st_mtime_ns == before  # teacher reused, not retrained
     assert list(results["probes"]) == ["ot_eps1", "sft_cot"]
+    # A second seed of one probe is added to what is there, not written over it.
+    results = run_probes(out, quick=True, seeds=(6,), probes=["ot_eps1"])
+    assert set(results["probes"]["ot_eps1"]["runs"]) == {"5", "6"}
+    assert set(results["probes"]["sft_cot"]["runs"]) == {"5"}
+    assert "| 5, 6 |" in (out / "probes.md").read_text()
     ot_dir = out / "probes" / "ot_eps1" / "seed5"
     config = json.loads((ot_dir / "config.json").read_text())
     assert config["cot2align"]["epsilon"] == 1.0 and config["cot2align"]["enabled"]
@@ -124,6 +129,7 @@ def test_probes_reuse_the_shared_pipeline_and_apply_their_changes(bench):
         run_dir = out / "probes" / name / "seed5"
         scores = json.loads((run_dir / "eval_results.json").read_text())
         assert set(scores) == {"exact_match_id", "exact_match_ood", "exact_match_id_cot"}
+        assert results["probes"][name]["runs"]["5"]["scores"] == scores
         cot_predictions = (run_dir / "predictions_id_cot.jsonl").read_text().splitlines()
         assert len(cot_predictions) == QUICK.num_test
         assert "step by step" in json.loads(cot_predictions[0])["prompt"]
@@ -135,7 +141,7 @@ def test_probe_selection_errors_are_one_line_config_errors(tmp_path):
     from cot2align_ds.config import ConfigError
     from cot2align_ds.runs import run_reasoning_bench_command
 
-    with pytest.raises(ConfigError, match="--probe needs --probes"):
+    with pytest.raises(ConfigError, match="--probe and --seed need --probes"):
         run_reasoning_bench_command(tmp_path / "a", quick=True, probe_names=["sft_cot"])
     with pytest.raises(ConfigError, match=r"probes: unknown \['nope'\]"):
         run_reasoning_bench_command(tmp_path / "b", quick=True, probes=True, probe_names=["nope"])
