@@ -353,13 +353,14 @@ def plot_results(results: dict, path: Path) -> None:
     figure.savefig(path, format="png", dpi=110)
 
 
-def _pick_cells(cells: Sequence[str] | None) -> list[Cell]:
-    if cells is None:
-        return list(CELLS)
-    unknown = [name for name in cells if name not in CELLS_BY_NAME]
+def _pick(kind: str, names: Sequence[str] | None, by_name: dict[str, Any]) -> list[Any]:
+    """The named entries of ``by_name`` (all of them for None); unknown names are one error."""
+    if names is None:
+        return list(by_name.values())
+    unknown = [name for name in names if name not in by_name]
     if unknown:
-        raise ConfigError(f"cells: unknown {unknown}; choose from {', '.join(CELLS_BY_NAME)}")
-    return [CELLS_BY_NAME[name] for name in cells]
+        raise ConfigError(f"{kind}: unknown {unknown}; choose from {', '.join(by_name)}")
+    return [by_name[name] for name in names]
 
 
 def _header(quick: bool, seeds: Sequence[int], size: BenchSize) -> str:
@@ -381,7 +382,7 @@ def run_reasoning_bench(
 ) -> dict:
     """Run the grid; write per-cell runs, ``results.json``, ``results.md`` and ``results.png``."""
     started = time.perf_counter()
-    chosen, size = _pick_cells(cells), QUICK if quick else FULL
+    chosen, size = _pick("cells", cells, CELLS_BY_NAME), QUICK if quick else FULL
     seeds = tuple(seeds or (QUICK_SEEDS if quick else FULL_SEEDS))
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -486,15 +487,6 @@ def probe_config(shared: Shared, probe: Probe, seed: int, run_dir: Path) -> dict
     return raw
 
 
-def _pick_probes(names: Sequence[str] | None) -> list[Probe]:
-    if names is None:
-        return list(PROBES)
-    unknown = [name for name in names if name not in PROBES_BY_NAME]
-    if unknown:
-        raise ConfigError(f"probes: unknown {unknown}; choose from {', '.join(PROBES_BY_NAME)}")
-    return [PROBES_BY_NAME[name] for name in names]
-
-
 def run_probes(
     output_dir: Path,
     *,
@@ -509,7 +501,7 @@ def run_probes(
     ``probes.md`` from all of it; every probe is also scored with CoT prompts
     (``exact_match_id_cot``)."""
     started = time.perf_counter()
-    chosen, size = _pick_probes(probes), QUICK if quick else FULL
+    chosen, size = _pick("probes", probes, PROBES_BY_NAME), QUICK if quick else FULL
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     shared = load_shared(output_dir, size)
