@@ -58,9 +58,13 @@ def make_data(out: Path, size: DemoSize, seed: int) -> dict[str, Path]:
         "dev": make_split(max(size.num_test // 2, 8), TASK, seed + 1, "dev"),
         "test": make_split(size.num_test, TASK, seed + 2, "test"),
     }
-    paths = {}
+    return write_splits(out, splits)
+
+
+def write_splits(out: Path, splits: dict[str, list[Record]]) -> dict[str, Path]:
+    """Each split to ``out/data/<name>.jsonl``; the paths by split name."""
+    paths = {name: out / "data" / f"{name}.jsonl" for name in splits}
     for name, records in splits.items():
-        paths[name] = out / "data" / f"{name}.jsonl"
         write_records(paths[name], records)
     return paths
 

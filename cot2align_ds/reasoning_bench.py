@@ -22,9 +22,9 @@ from matplotlib.figure import Figure
 
 from cot2align_ds.config import ConfigError, load_config, validate_config
 from cot2align_ds.data.augment import run_augment
-from cot2align_ds.data.records import read_records, write_records, write_text_atomic
+from cot2align_ds.data.records import read_records, write_text_atomic
 from cot2align_ds.data.synthetic import ArithmeticTaskSpec, make_split
-from cot2align_ds.demo import TEACHER_ARCHITECTURE, make_tokenizers, stage_config
+from cot2align_ds.demo import TEACHER_ARCHITECTURE, make_tokenizers, stage_config, write_splits
 from cot2align_ds.eval.metrics import aggregate_seeds
 from cot2align_ds.report import make_report
 from cot2align_ds.train.loop import run_train
@@ -115,11 +115,7 @@ def make_bench_data(out: Path, size: BenchSize) -> dict[str, Path]:
         "test_id": make_split(size.num_test, ID_TASK, DATA_SEED + 2, "test-id"),
         "test_ood": make_split(size.num_test, OOD_TASK, DATA_SEED + 3, "test-ood"),
     }
-    paths = {}
-    for name, records in splits.items():
-        paths[name] = out / "data" / f"{name}.jsonl"
-        write_records(paths[name], records)
-    return paths
+    return write_splits(out, splits)
 
 
 def _timed_train(raw: dict[str, Any], where: str) -> tuple[Path, float]:
@@ -476,15 +472,12 @@ PROBES_BY_NAME = {probe.name: probe for probe in PROBES}
 
 
 def probe_config(shared: Shared, probe: Probe, seed: int, run_dir: Path) -> dict[str, Any]:
-    raw = cell_config(shared, probe.cell, seed, run_dir)
-    for dotted, value in probe.changes.items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    raw.setdefault("tracking", {})["run_name"] = f"reasoning_probe_{probe.name}_seed{seed}"
-    return raw
+    changes = {dotted.replace(".", "__"): value for dotted, value in probe.changes.items()}
+    return stage_config(
+        cell_config(shared, probe.cell, seed, run_dir),
+        **changes,
+        tracking__run_name=f"reasoning_probe_{probe.name}_seed{seed}",
+    )
 
 
 def run_probes(

@@ -1,7 +1,7 @@
 """``torch.where(mask, x, fill)`` with a cheaper backward, for masking padded positions.
 
-Autograd's backward of ``where`` is another ``where`` over a broadcast boolean mask; on CPU that is
-3-4x slower than multiplying by the same mask as floats, and the OT loss masks its inputs and its
+Autograd's backward of ``where`` is another ``where`` over a broadcast boolean mask, which on CPU
+is slower than multiplying by the same mask as floats; the OT loss masks its inputs and its
 log-kernel on every call (``bench/bench_ot.py`` measures the loss end to end).
 """
 
