@@ -136,6 +136,11 @@ class CoT2AlignConfig(_Strict):
         default_factory=lambda: [LayerPair(student=0, teacher=0), LayerPair(student=-1, teacher=-1)]
     )
     memory_budget_mb: float | None = Field(None, gt=0.0, description="Sinkhorn batch chunking")
+    fuse_teacher_views: bool = Field(
+        True,
+        description="one teacher forward for the main and standard views (right-padded to the "
+        "longer): the offloaded teacher's weights cross PCIe once per micro-batch, not twice",
+    )
 
 
 class EvalConfig(_Strict):

@@ -21,12 +21,14 @@ class StudentWithProjectors(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         output_hidden_states: bool = False,
+        logits_to_keep: int = 0,
     ):
         return self.student(
             input_ids=input_ids,
             attention_mask=attention_mask,
             output_hidden_states=output_hidden_states,
             use_cache=False,
+            logits_to_keep=logits_to_keep,
         )
 
 

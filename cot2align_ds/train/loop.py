@@ -39,6 +39,7 @@ from cot2align_ds.models.student_module import StudentWithProjectors, param_grou
 from cot2align_ds.tracking import Tracker
 from cot2align_ds.train import checkpointing as ckpt
 from cot2align_ds.train.dev_eval import DevEvaluator
+from cot2align_ds.train.fused_views import split_outputs, stack_views
 from cot2align_ds.train.objective import (
     NORMALISER_KEYS,
     ModelAccess,
@@ -142,6 +143,14 @@ def build_loader(
             f"fewer than train.grad_accum={config.train.grad_accum}; add data or shrink the batch"
         )
     return loader, sampler
+
+
+def _head_positions(only_hidden: bool) -> dict:
+    """Forward kwargs for a view whose logits no loss reads (Cross-CoT standard views feed only
+    OT on hidden states): the LM head then runs on the last position alone, which saves its
+    (rows, positions, vocab) matmul, a large share of a small model's forward and backward at
+    150k vocabularies."""
+    return {"logits_to_keep": 1} if only_hidden else {}
 
 
 def _to_device(tree, device: torch.device):
@@ -301,21 +310,23 @@ class Trainer:
                 yield batch
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
-    def _forward_student(self, side: dict) -> ModelOutputs:
+    def _forward_student(self, side: dict, only_hidden: bool = False) -> ModelOutputs:
         output = self.student_engine(
             input_ids=side["input_ids"],
             attention_mask=side["attention_mask"],
             output_hidden_states=self.objective.needs_hidden_states,
+            **_head_positions(only_hidden),
         )
         return ModelOutputs(output.logits, getattr(output, "hidden_states", None))
 
     @torch.no_grad()
-    def _forward_teacher(self, side: dict) -> ModelOutputs:
+    def _forward_teacher(self, side: dict, only_hidden: bool = False) -> ModelOutputs:
         output = self.teacher_engine(
             input_ids=side["input_ids"],
             attention_mask=side["attention_mask"],
             output_hidden_states=self.objective.needs_hidden_states,
             use_cache=False,
+            **_head_positions(only_hidden),
         )
         return ModelOutputs(output.logits, getattr(output, "hidden_states", None))
 
@@ -334,10 +345,23 @@ class Trainer:
         """The same forward calls on every rank, whatever the batch holds (ZeRO-3 lockstep)."""
         views = ["", "_standard"] if self.objective.needs_cross_views else [""]
         outputs = {}
-        for view in views:
-            if self.teacher_engine is not None:
-                outputs[f"teacher{view}"] = self._forward_teacher(batch[f"teacher{view}"])
-            outputs[f"student{view}"] = self._forward_student(batch[f"student{view}"])
+        if self.teacher_engine is not None:
+            sides = [batch[f"teacher{view}"] for view in views]
+            if len(sides) > 1 and self.config.cot2align.fuse_teacher_views:
+                parts = split_outputs(self._forward_teacher(stack_views(sides)), sides)
+            else:
+                parts = [
+                    self._forward_teacher(side, only_hidden=bool(view))
+                    for side, view in zip(sides, views, strict=True)
+                ]
+            outputs.update(
+                {f"teacher{view}": part for view, part in zip(views, parts, strict=True)}
+            )
+        outputs["student"] = self._forward_student(batch["student"])
+        if len(views) > 1:
+            outputs["student_standard"] = self._forward_student(
+                batch["student_standard"], only_hidden=True
+            )
         return outputs
 
     def train_step(self, window: list[dict]) -> dict[str, torch.Tensor]:

@@ -30,17 +30,17 @@ def test_breakdown_shares_sum_to_one_and_cot2align_has_ot_time():
             case, phase, _ = row["case"].rsplit(" ", 2)
             assert row["ours"] >= 0.0, row  # a negative "other" means phases overlapped
             shares[case][phase] = row["ours"] / row["peer"]
-    assert set(shares) == {"uld", "uld+cot2align"}
+    assert set(shares) == {"uld on CoT data", "uld+cot2align"}
     for case, by_phase in shares.items():
         assert set(by_phase) == set(bench_breakdown.PHASES), case
         assert sum(by_phase.values()) == pytest.approx(1.0, abs=1e-6), case
         # The wrappers saw the forwards and the backward: those dominate any real step.
         for phase in ("teacher_fwd", "student_fwd", "backward_step"):
             assert by_phase[phase] > 0.02, (case, phase, by_phase)
-    assert shares["uld"]["ot_loss"] == 0.0
+    assert shares["uld on CoT data"]["ot_loss"] == 0.0
     assert shares["uld+cot2align"]["ot_loss"] > 0.0
-    targets = [r for r in rows if "step time per student token" in r["case"]]
-    assert [r["peer_name"] for r in targets] == ["uld"]
+    targets = [r for r in rows if r["target"] == "<= 2.2x base"]
+    assert [r["peer_name"] for r in targets] == ["uld on CoT data"]
 
 
 def test_ot_calls_rows():
