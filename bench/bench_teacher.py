@@ -194,58 +194,84 @@ GPU_STUDENT = {  # ~0.5B (Qwen2-0.5B shapes)
 GPU_TEACHER = _llama(4096, 32, 32000, intermediate=11008)  # ~7B (Llama-2-7B shapes)
 GPU_TEACHER["num_attention_heads"] = GPU_TEACHER["num_key_value_heads"] = 32
 GPU_BATCH, GPU_SEQUENCE = 8, 512
+# The GPU mode's code at toy sizes on CPU, fp32 (``gpu_rows(dry_run=True)``): the tests run it,
+# so the mode is exercised end to end on machines without a GPU.
+DRY_RUN_STUDENT = {
+    **GPU_STUDENT,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "vocab_size": 512,
+}
+DRY_RUN_TEACHER = _llama(64, 2, 512)
+DRY_RUN_BATCH, DRY_RUN_SEQUENCE = 2, 32
 
 
 def peak_flops(device_name: str) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS if key in device_name), None)
 
 
-def host_to_device_bandwidth(num_bytes: int = 1 << 30) -> float:
-    """Bytes/s of one pinned host -> device copy (what an offloaded teacher streams per forward)."""
+def host_to_device_bandwidth(num_bytes: int = 1 << 30, device: str = "cuda") -> float:
+    """Bytes/s of one pinned host -> device copy (what an offloaded teacher streams per forward).
+    On ``device="cpu"`` (dry run) a host-to-host copy."""
     import torch
 
-    host = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
-    device = torch.empty_like(host, device="cuda")
-    device.copy_(host, non_blocking=True)  # warm-up
-    torch.cuda.synchronize()
+    on_gpu = device == "cuda"
+    host = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=on_gpu)
+    target = torch.empty_like(host, device=device)
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    target.copy_(host, non_blocking=True)  # warm-up
+    sync()
     started = time.perf_counter()
-    device.copy_(host, non_blocking=True)
-    torch.cuda.synchronize()
+    target.copy_(host, non_blocking=True)
+    sync()
     return num_bytes / (time.perf_counter() - started)
 
 
-def gpu_rows() -> list[dict]:
+def gpu_rows(dry_run: bool = False) -> list[dict]:
     """One CoT2Align step's pieces at the issue's sizes, bf16: offloaded ~7B teacher forward
     (one call over the main and cross views, and one view alone), ~0.5B ZeRO-3 student forward + backward + step (x2), the OT loss
-    on 8 x (20-120)-position answers at the student width. Weights are random (zero.Init)."""
+    on 8 x (20-120)-position answers at the student width. Weights are random (zero.Init).
+    ``dry_run``: the same steps on CPU at toy sizes in fp32 (no timing claim; tests run it)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from bench.bench_ot_calls import batched_call, make_groups
     from cot2align_ds.engine import deepspeed_engines as dse
     from cot2align_ds.engine.ds_config import load_ds_config, resolve_student_ds_config
+    from cot2align_ds.models.loading import torch_dtype
 
     dse.init_distributed(1800)
-    sync = torch.cuda.synchronize
-    ids = torch.randint(0, 32000, (GPU_BATCH, GPU_SEQUENCE), device="cuda")
-    teacher = build_engine(CONFIGS["offload_cpu"], GPU_TEACHER, GPU_BATCH, "bf16")
+    if dry_run:
+        device, precision, sync = "cpu", "fp32", lambda: None
+        teacher_arch, student_arch = DRY_RUN_TEACHER, DRY_RUN_STUDENT
+        batch, sequence, copy_bytes = DRY_RUN_BATCH, DRY_RUN_SEQUENCE, 1 << 24
+    else:
+        device, precision, sync = "cuda", "bf16", torch.cuda.synchronize
+        teacher_arch, student_arch = GPU_TEACHER, GPU_STUDENT
+        batch, sequence, copy_bytes = GPU_BATCH, GPU_SEQUENCE, 1 << 30
+    ids = torch.randint(0, teacher_arch["vocab_size"], (batch, sequence), device=device)
+    teacher = build_engine(CONFIGS["offload_cpu"], teacher_arch, batch, precision)
     teacher_params = sum(p.ds_numel for p in teacher.module.parameters())
     teacher_s = _forward_seconds(teacher, ids, repeats=3, synchronize=sync)
     # CoT2Align runs the main and standard views through the teacher as one call
     # (cot2align.fuse_teacher_views): the weights cross the bus once for both.
     both_views_s = _forward_seconds(teacher, torch.cat([ids, ids]), repeats=3, synchronize=sync)
-    bandwidth = host_to_device_bandwidth()
-    pcie_bound_s = teacher_params * 2 / bandwidth  # bf16: every weight crosses the bus once
+    bandwidth = host_to_device_bandwidth(copy_bytes, device)
+    weight_bytes = torch_dtype(precision).itemsize
+    pcie_bound_s = teacher_params * weight_bytes / bandwidth  # every weight crosses the bus once
 
     raw, path = load_ds_config("student_zero3.json")
     ds = resolve_student_ds_config(
-        raw, path, micro_batch_size=GPU_BATCH, grad_accum=1, world_size=1, precision="bf16",
-        grad_clip=1.0, hidden_size=GPU_STUDENT["hidden_size"],
+        raw, path, micro_batch_size=batch, grad_accum=1, world_size=1, precision=precision,
+        grad_clip=1.0, hidden_size=student_arch["hidden_size"],
     )  # fmt: skip
-    kwargs = dict(GPU_STUDENT)
+    kwargs = dict(student_arch)
     with dse.zero3_loading(ds):
         model = AutoModelForCausalLM.from_config(
-            AutoConfig.for_model(kwargs.pop("model_type"), **kwargs), dtype=torch.bfloat16
+            AutoConfig.for_model(kwargs.pop("model_type"), **kwargs), dtype=torch_dtype(precision)
         )
     student = dse.build_student_engine(
         model, ds, [{"params": list(model.parameters()), "lr": 1e-5}], [lambda _: 1.0]
@@ -255,7 +281,8 @@ def gpu_rows() -> list[dict]:
     for index in range(4):
         sync()
         started = time.perf_counter()
-        loss = student(input_ids=ids % GPU_STUDENT["vocab_size"], labels=ids).loss
+        student_ids = ids % student_arch["vocab_size"]
+        loss = student(input_ids=student_ids, labels=student_ids).loss
         student.backward(loss)
         student.step()
         sync()
@@ -263,7 +290,8 @@ def gpu_rows() -> list[dict]:
             times.append(time.perf_counter() - started)
     student_s = statistics.median(times)
 
-    groups = [tuple(t.cuda() if torch.is_tensor(t) else t for t in g) for g in make_groups(8, 896)]
+    groups = make_groups(8, student_arch["hidden_size"])
+    groups = [tuple(t.to(device) if torch.is_tensor(t) else t for t in g) for g in groups]
     ot_times = []
     for index in range(4):
         sync()
@@ -277,9 +305,14 @@ def gpu_rows() -> list[dict]:
     # A CoT2Align step: one teacher forward over both views, two student passes (main + cross
     # view), one OT.
     step_s = both_views_s + 2 * student_s + ot_s
-    tokens_per_s = 2 * GPU_BATCH * GPU_SEQUENCE / step_s
-    name = torch.cuda.get_device_name()
+    tokens_per_s = 2 * batch * sequence / step_s
+    name = "CPU dry run" if dry_run else torch.cuda.get_device_name()
     peak = peak_flops(name)
+    if dry_run:
+        memory, capacity = "-", "-"
+    else:
+        memory = torch.cuda.max_memory_allocated() / 1e9
+        capacity = torch.cuda.get_device_properties(0).total_memory / 1e9
     row = {"section": SECTION, "target": "report"}
     return [
         {**row, "case": f"GPU {name}: student tokens/s (CoT2Align step)", "unit": "tok/s",
@@ -290,13 +323,14 @@ def gpu_rows() -> list[dict]:
         {**row, "case": "OT time per step", "unit": "s", "ours": ot_s, "peer": step_s,
          "peer_name": "whole step", "target": "< 0.005 s"},
         {**row, "case": "offloaded teacher forward vs PCIe bound", "unit": "s", "ours": teacher_s,
-         "peer": pcie_bound_s, "peer_name": f"{teacher_params * 2 / 1e9:.1f} GB / {bandwidth / 1e9:.1f} GB/s",
+         "peer": pcie_bound_s,
+         "peer_name": f"{teacher_params * weight_bytes / 1e9:.1f} GB / {bandwidth / 1e9:.1f} GB/s",
          "target": ">= 80% of bound (ratio <= 1.25)"},
         {**row, "case": "one offloaded-teacher forward for both views vs one per view",
          "unit": "s", "ours": both_views_s, "peer": 2 * teacher_s, "peer_name": "two forwards",
          "target": "< 1x"},
-        {**row, "case": "peak GPU memory", "unit": "GB", "ours": torch.cuda.max_memory_allocated() / 1e9,
-         "peer": torch.cuda.get_device_properties(0).total_memory / 1e9, "peer_name": "device total"},
+        {**row, "case": "peak GPU memory", "unit": "GB", "ours": memory, "peer": capacity,
+         "peer_name": "device total"},
     ]  # fmt: skip
 
 

@@ -74,6 +74,19 @@ def test_teacher_rows_cpu():
     assert memory["ours"] > 0.0 and memory["peer"] > 0.0
 
 
+def test_gpu_mode_dry_run_on_cpu():
+    """The --gpu code path end to end at toy sizes (no GPU is lent to the dev machines)."""
+    from bench import bench_teacher
+
+    rows = {row["case"].split(": ")[0]: row for row in bench_teacher.gpu_rows(dry_run=True)}
+    assert rows["GPU CPU dry run"]["ours"] > 0  # student tokens/s of a CoT2Align step
+    assert 0 < rows["OT time per step"]["ours"] < rows["OT time per step"]["peer"]
+    teacher = rows["offloaded teacher forward vs PCIe bound"]
+    assert teacher["ours"] > 0 and teacher["peer"] > 0
+    both = rows["one offloaded-teacher forward for both views vs one per view"]
+    assert both["ours"] > 0 and both["peer"] > 0
+
+
 def test_peak_flops_table():
     from bench.bench_teacher import peak_flops
 
