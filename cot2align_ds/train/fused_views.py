@@ -1,16 +1,16 @@
-"""One forward call per model for several views of a micro-batch (CoT2Align's cross views).
+"""One forward call for several views of a micro-batch (CoT2Align's teacher views).
 
 Legend: V views, B_v rows and L_v positions of view v, N = sum B_v rows, L = max L_v.
 
-CoT2Align needs each model's outputs on the main view and on the standard view of the CoT rows.
-Two calls per model double ZeRO-3's per-call parameter traffic: every forward gathers each
-layer's shards (all-gather across ranks) and, for the CPU-offloaded teacher, moves the whole
-teacher over PCIe, which at 7B scale is most of the teacher's time. So the views are stacked
-along the batch, right-padded to the longest view, and run as one call; each view's outputs are
-then the rows and positions it owns. Right padding under the attention mask leaves every real
-position's outputs as in a call of its own (causal attention only looks left; position ids
-count from 0 on every row), so the losses see the same numbers up to float summation order.
-"""
+CoT2Align needs the teacher's outputs on the main view and on the standard view of the CoT rows.
+Two calls would double ZeRO-3's per-call parameter traffic: every forward gathers each layer's
+shards (all-gather across ranks) and, for the CPU-offloaded teacher, moves the whole teacher over
+PCIe, which at 7B scale is most of the teacher's time. So the views are stacked along the batch,
+right-padded to the longest view, and run as one call; each view's outputs are then the rows and
+positions it owns. Right padding under the attention mask leaves every real position's outputs
+as in a call of its own (causal attention only looks left; position ids count from 0 on every
+row), so the losses see the same numbers up to float summation order. The student keeps two
+calls: it is resident, and its standard view skips the LM head, which one call could not."""
 
 from __future__ import annotations
 
