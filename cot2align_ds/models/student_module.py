@@ -23,12 +23,14 @@ class StudentWithProjectors(nn.Module):
         output_hidden_states: bool = False,
         logits_to_keep: int = 0,
     ):
+        # Passed only when used: an architecture without the argument still trains.
+        head = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
         return self.student(
             input_ids=input_ids,
             attention_mask=attention_mask,
             output_hidden_states=output_hidden_states,
             use_cache=False,
-            logits_to_keep=logits_to_keep,
+            **head,
         )
 
 
