@@ -40,22 +40,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.bench_step import CASES as STEP_CASES
 from bench.bench_step import _config, _workspace
 
 SECTION = "breakdown"
 PHASES = ("data_wait", "teacher_fwd", "student_fwd", "kd_loss", "ot_loss", "backward_step", "other")
-# name: (method, CoT2Align on, CoT-augmented data); see bench_step.CASES for the two peers.
+# The step suite's cases (see bench_step.CASES for the two peers of CoT2Align), plus each
+# CoT2Align case without one of its view optimisations (OPTIMISATIONS below).
 CASES = {
-    "uld": ("uld", False, False),
-    "uld on CoT data": ("uld", False, True),
-    "uld+cot2align": ("uld", True, True),
-    "dskd_cma": ("dskd_cma", False, False),
-    "dskd_cma on CoT data": ("dskd_cma", False, True),
-    "dskd_cma+cot2align": ("dskd_cma", True, True),
-    "uld+cot2align, teacher views apart": ("uld", True, True),
-    "dskd_cma+cot2align, teacher views apart": ("dskd_cma", True, True),
-    "uld+cot2align, full LM head on standard views": ("uld", True, True),
-    "dskd_cma+cot2align, full LM head on standard views": ("dskd_cma", True, True),
+    **{
+        name: STEP_CASES[name]
+        for name in ("uld", "uld on CoT data", "uld+cot2align")
+        + ("dskd_cma", "dskd_cma on CoT data", "dskd_cma+cot2align")
+    },
+    "uld+cot2align, teacher views apart": STEP_CASES["uld+cot2align"],
+    "dskd_cma+cot2align, teacher views apart": STEP_CASES["dskd_cma+cot2align"],
+    "uld+cot2align, full LM head on standard views": STEP_CASES["uld+cot2align"],
+    "dskd_cma+cot2align, full LM head on standard views": STEP_CASES["dskd_cma+cot2align"],
 }
 BASE = {"uld+cot2align": "uld on CoT data", "dskd_cma+cot2align": "dskd_cma on CoT data"}
 STANDARD_DATA_BASE = {"uld+cot2align": "uld", "dskd_cma+cot2align": "dskd_cma"}
