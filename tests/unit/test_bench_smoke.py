@@ -85,6 +85,8 @@ def test_gpu_mode_dry_run_on_cpu():
     assert teacher["ours"] > 0 and teacher["peer"] > 0
     both = rows["one offloaded-teacher forward for both views vs one per view"]
     assert both["ours"] > 0 and both["peer"] > 0
+    headless = rows["student cross-view pass, LM head on the last position vs on all"]
+    assert headless["ours"] > 0 and headless["peer"] > 0
 
 
 def test_peak_flops_table():
