@@ -435,6 +435,20 @@ class _Setting:
         return 2 if cot else 1
 
     @property
+    def teacher_rows_per_call(self) -> int:
+        """Rows in one teacher forward: both views in one call when they are fused."""
+        fused = self.run.cot2align.fuse_teacher_views
+        return self.batch * (self.num_passes if fused else 1)
+
+    @property
+    def logit_rows(self) -> dict[str, int]:
+        """Sequences whose full logits a micro-batch holds, per model: a standard-view pass
+        computes its LM head on the last position only, unless it rides in the fused teacher
+        call."""
+        fused = self.run.cot2align.fuse_teacher_views
+        return {"student": self.batch, "teacher": self.batch * (self.num_passes if fused else 1)}
+
+    @property
     def needs_hidden_states(self) -> bool:
         return self.run.cot2align.enabled or self.run.distill.method in _PROJECTOR_METHODS
 
@@ -587,7 +601,7 @@ def _activation_items(
         # No grad: one layer's working set at a time, plus every hidden state the losses read.
         kept = (teacher.num_layers + 1) * passes * b * s * teacher.hidden_size * p
         kept = kept if setting.needs_hidden_states else 0
-        transient = layer_activation_bytes(teacher, b, s, p)
+        transient = layer_activation_bytes(teacher, setting.teacher_rows_per_call, s, p)
         note = "forward only" + (", hidden states kept" if kept else "")
         items.append(
             MemoryItem("teacher activations", kept + transient, 0, note, "forward/backward")
@@ -629,7 +643,7 @@ def _logit_items(
         if size is None:
             continue
         value = logits_bytes(
-            batch=setting.batch * setting.num_passes,
+            batch=setting.logit_rows[role],
             seq_len=setting.seq_len,
             vocab_size=size.vocab_size,
             bytes_per_value=setting.bytes_per_value,

@@ -301,6 +301,26 @@ def test_ot_term_follows_the_gradient_mode_and_the_cot_views():
     assert doubled == 2 * _item(envelope, "student activations").gpu_bytes
 
 
+def test_cross_views_hold_full_logits_only_where_the_loop_computes_them():
+    main_only = _plan(_run(cot2align={"enabled": True, "cross_cot": False}))
+    cot = {"cot2align": {"enabled": True}, "data": {"cot_records": "all"}}
+    fused = _plan(_run(**cot))
+    apart = _plan(_run(cot2align={"enabled": True, "fuse_teacher_views": False}, data=cot["data"]))
+    # The student's standard-view pass computes its LM head on the last position only.
+    for plan in (fused, apart):
+        assert (
+            _item(plan, "student logits").gpu_bytes == _item(main_only, "student logits").gpu_bytes
+        )
+    # One teacher call over both views holds both views' logits and a twice-as-tall working set.
+    teacher_logits = _item(main_only, "teacher logits").gpu_bytes
+    assert _item(apart, "teacher logits").gpu_bytes == teacher_logits
+    assert teacher_logits < _item(fused, "teacher logits").gpu_bytes <= 2 * teacher_logits
+    assert (
+        _item(apart, "teacher activations").gpu_bytes
+        < _item(fused, "teacher activations").gpu_bytes
+    )
+
+
 @pytest.mark.parametrize(
     ("method", "ot"), [("dskd", False), ("dskd_cma", True), ("uld", True), ("vanilla_kd", False)]
 )
