@@ -231,14 +231,7 @@ def _time_rows(quick: bool) -> list[dict]:
         if threads != NUM_THREADS:
             case += f", {threads} threads"
         rows.append(_row(case, ours, peer, peer_name, "ms", target))
-    torch_threads(NUM_THREADS)
     return rows
-
-
-def torch_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------

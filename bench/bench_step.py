@@ -7,7 +7,8 @@ above the process's memory when the run started (``bench.memory.PeakRSS``; big f
 the OS, and a warm-up run takes the one-time costs). DataLoader workers are separate processes
 and are not counted. Time is measured in this process (runs interleaved); memory in one fresh child process per case
 (``--memory-child``), since in a shared process a later run reuses pages an earlier one freed
-(measured: 17-63 MB per run alone became 1-2 MB with eight runs in one process).
+(measured: 17-63 MB per run with six runs in one process, 1-2 MB with eight; 96-152 MB in a
+fresh process each).
 Peers: each base KD method against SFT on the standard records, and each "+ CoT2Align" against
 its base method on the same CoT-augmented batches (target from the issue: at most 2.2x the base
 step, since CoT2Align adds two forward passes for the cross views and the OT loss); also, per

@@ -85,20 +85,17 @@ def _forward_seconds(engine: Any, input_ids, repeats: int, synchronize=lambda: N
     import torch
 
     mask = torch.ones_like(input_ids)
-    times = []
     with torch.no_grad():
-        for index in range(repeats + 1):
-            synchronize()
-            started = time.perf_counter()
-            engine(input_ids=input_ids, attention_mask=mask, use_cache=False)
-            synchronize()
-            if index:  # the first call pays for allocator growth and hook setup
-                times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        return _median_seconds(
+            lambda: engine(input_ids=input_ids, attention_mask=mask, use_cache=False),
+            synchronize,
+            repeats,
+        )
 
 
 def _median_seconds(work, synchronize, repeats: int = 3) -> float:
-    """Median wall time of ``work()`` over ``repeats`` calls after one warm-up call."""
+    """Median wall time of ``work()`` over ``repeats`` calls after one warm-up call (which pays
+    for allocator growth and hook setup)."""
     times = []
     for index in range(repeats + 1):
         synchronize()
@@ -244,9 +241,11 @@ def host_to_device_bandwidth(num_bytes: int = 1 << 30, device: str = "cuda") -> 
 
 
 def gpu_rows(dry_run: bool = False) -> list[dict]:
-    """One CoT2Align step's pieces at the issue's sizes, bf16: offloaded ~7B teacher forward
-    (one call over the main and cross views, and one view alone), ~0.5B ZeRO-3 student forward + backward + step (x2), the OT loss
-    on 8 x (20-120)-position answers at the student width. Weights are random (zero.Init).
+    """One CoT2Align step's pieces at the issue's sizes, bf16: the offloaded ~7B teacher's forward
+    (one view alone, and one call over the main and cross views); the ~0.5B ZeRO-3 student's
+    forward + backward + step on the main view and on the cross view (LM head on the last
+    position, and on all for comparison); the OT loss on 8 x (20-120)-position answers at the
+    student width. Weights are random (zero.Init).
     ``dry_run``: the same steps on CPU at toy sizes in fp32 (no timing claim; tests run it)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -445,8 +445,7 @@ class _Setting:
         """Sequences whose full logits a micro-batch holds, per model: a standard-view pass
         computes its LM head on the last position only, unless it rides in the fused teacher
         call."""
-        fused = self.run.cot2align.fuse_teacher_views
-        return {"student": self.batch, "teacher": self.batch * (self.num_passes if fused else 1)}
+        return {"student": self.batch, "teacher": self.teacher_rows_per_call}
 
     @property
     def needs_hidden_states(self) -> bool:

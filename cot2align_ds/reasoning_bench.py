@@ -536,7 +536,8 @@ def probes_table(results: dict) -> str:
     order = {name: index for index, name in enumerate(PROBES_BY_NAME)}
     for name in sorted(results["probes"], key=lambda n: order.get(n, len(order))):
         probe = results["probes"][name]
-        runs = [probe["runs"][seed] for seed in sorted(probe["runs"], key=int)]
+        seeds = sorted(probe["runs"], key=int)
+        runs = [probe["runs"][seed] for seed in seeds]
         if not runs:
             continue
         cells = []
@@ -545,9 +546,8 @@ def probes_table(results: dict) -> str:
             cells.append(_fmt(stats.to_dict()) if len(runs) > 1 else f"{stats.mean:.1f}")
         changes = ", ".join(f"{k}={_short(v)}" for k, v in probe["changes"].items()) or "-"
         seconds = sum(run["train_s"] for run in runs) / len(runs)
-        seeds = ", ".join(sorted(probe["runs"], key=int))
         lines.append(
-            f"| {probe['question']} (`{name}`) | `{probe['cell']}` | {changes} | {seeds} "
+            f"| {probe['question']} (`{name}`) | `{probe['cell']}` | {changes} | {', '.join(seeds)} "
             f"| {' | '.join(cells)} | {seconds:.0f} |"
         )
     return "\n".join(lines) + "\n"

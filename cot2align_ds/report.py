@@ -265,8 +265,9 @@ def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     figures = _figure_names(keys)
     for key, file_name in figures.items():
         _plot_metric(runs, key, out_dir / file_name)
-    if _eval_names(runs):
-        _plot_eval(runs, _eval_names(runs), out_dir / EVAL_FIGURE)
+    eval_names = _eval_names(runs)
+    if eval_names:
+        _plot_eval(runs, eval_names, out_dir / EVAL_FIGURE)
     lines = ["# Run comparison", ""]
     lines += _runs_section(runs) + _eval_section(runs) + _final_section(runs, keys)
     lines += _curves_section(figures)

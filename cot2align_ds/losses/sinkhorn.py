@@ -24,14 +24,16 @@ early iterations) and slow it down there; they never change the fixed point.
 ``absorb_every=1`` absorbs after every iteration.
 
 ``absorb_every=None`` (the default) picks the interval from the kernel's dynamic range
-``R = (max C - min C) / epsilon`` over the real entries. When ``R <= 20`` every kernel entry is within
-``e^-20`` of its column maximum, so the scalings stay within ``e^(+-2R)`` of the marginals' scale and
-neither over- nor underflows fp32 for any realistic length: one absorption per phase is enough
-(the reference setting, attention cost at epsilon=10, has R <= 0.1). Otherwise it absorbs every 10
-iterations. ``cost_range`` is a known bound on ``max C - min C`` (1 for the attention cost, 2 for
-cosine); without it the range is measured, which costs one device synchronisation per call. Everything accumulates in fp32 (fp64 inputs
-stay fp64); masked rows and columns carry exactly zero mass; a problem with no real position on
-either side gets an all-zero plan.
+``R = (max C - min C) / epsilon`` over the real entries. When ``R <= 20`` every kernel entry is
+within ``e^-20`` of its column maximum, so the scalings stay within ``e^(+-2R)`` of the marginals'
+scale and neither over- nor underflows fp32 for any realistic length: one absorption per phase
+is enough (the reference setting, attention cost at epsilon=10, has R <= 0.1). Otherwise it
+absorbs every 10 iterations. ``cost_range`` is a known bound on ``max C - min C`` (1 for the
+attention cost, 2 for cosine); without it the range is measured, which costs one device
+synchronisation per call.
+
+Everything accumulates in fp32 (fp64 inputs stay fp64); masked rows and columns carry exactly
+zero mass; a problem with no real position on either side gets an all-zero plan.
 
 Gradient modes (``grad_mode``):
 

@@ -49,8 +49,7 @@ def train_unigram(texts: Iterable[str], vocab_size: int = 400) -> PreTrainedToke
     deterministic across processes. Here every character seen is a piece (full coverage); the
     remaining budget goes first to whole pre-tokenized words (up to 12 characters), then to their
     other substrings, each ranked by ``count * (length - 1)``, the characters it saves. A piece's
-    score is its
-    log relative frequency; encoding is the usual Unigram Viterbi over those scores, so frequent
+    score is its log relative frequency; encoding is the usual Unigram Viterbi over those scores, so frequent
     words become single pieces, as with a SentencePiece model trained on real text.
     """
     specials = ["<pad>", "<unk>", "<s>", "</s>"]

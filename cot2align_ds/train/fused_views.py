@@ -5,7 +5,7 @@ Legend: V views, B_v rows and L_v positions of view v, N = sum B_v rows, L = max
 CoT2Align needs the teacher's outputs on the main view and on the standard view of the CoT rows.
 Two calls would double ZeRO-3's per-call parameter traffic: every forward gathers each layer's
 shards (all-gather across ranks) and, for the CPU-offloaded teacher, moves the whole teacher over
-PCIe, which at 7B scale is most of the teacher's time. So the views are stacked along the batch,
+PCIe (about 15 GB per call for a 7.6B teacher in bf16). So the views are stacked along the batch,
 right-padded to the longest view, and run as one call; each view's outputs are then the rows and
 positions it owns. Right padding under the attention mask leaves every real position's outputs
 as in a call of its own (causal attention only looks left; position ids count from 0 on every

@@ -147,9 +147,9 @@ def build_loader(
 
 def _head_positions(only_hidden: bool) -> dict:
     """Forward kwargs for a view whose logits no loss reads (Cross-CoT standard views feed only
-    OT on hidden states): the LM head then runs on the last position alone, which saves its
-    (rows, positions, vocab) matmul, a large share of a small model's forward and backward at
-    150k vocabularies."""
+    OT on hidden states): the LM head then runs on the last position alone. That saves its
+    (rows, positions, vocab) matmul, which at Qwen2-0.5B shapes (vocab 151,936, hidden 896) is
+    about a quarter of the forward's FLOPs (272M of ~990M per token)."""
     return {"logits_to_keep": 1} if only_hidden else {}
 
 
