@@ -1,24 +1,41 @@
-"""``torch.where(mask, x, fill)`` with a cheaper backward, for masking padded positions.
+"""``torch.where(keep, x, fill)`` as bit operations, for masking padded positions.
 
-Autograd's backward of ``where`` is another ``where`` over a broadcast boolean mask, which on CPU
-is slower than multiplying by the same mask as floats; the OT loss masks its inputs and its
-log-kernel on every call (``bench/bench_ot.py`` measures the loss end to end).
+On CPU ``torch.where`` over a broadcast boolean mask runs several times slower than an
+elementwise multiply (160 us against 27 us on an (8, 128, 256) fp32 tensor, one thread), and
+autograd's backward of ``where`` is another ``where``. Multiplying by the mask instead would be
+fast but not safe: padded positions may hold NaN or inf, and ``NaN * 0`` is NaN. ANDing the
+float's bits with an all-ones or all-zeros word keeps a value bit for bit or turns it into +0.0
+whatever it held, at the speed of an integer elementwise op; the backward multiplies the
+(finite) incoming gradient by the mask.
 """
 
 from __future__ import annotations
 
 import torch
 
+_BITS_OF = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
 
 def fill_masked(x: torch.Tensor, keep: torch.Tensor, fill: float) -> torch.Tensor:
-    """``torch.where(keep, x, fill)``; ``keep`` is boolean and broadcastable to ``x``.
+    """``torch.where(keep, x, fill)`` for a floating ``x``; ``keep`` is boolean, broadcastable.
 
-    Entries where ``keep`` is False may hold anything, NaN and inf included: they neither reach
-    the output nor its gradient (the gradient there is exactly zero).
+    The result has ``x``'s shape. Entries where ``keep`` is False may hold anything, NaN and inf
+    included: they reach neither the output nor its gradient (the gradient there is exactly 0).
     """
     if not (torch.is_grad_enabled() and x.requires_grad):
-        return torch.where(keep, x, fill)
+        return _select(x, keep, fill)
     return _FillMasked.apply(x, keep, fill)
+
+
+def _select(x, keep, fill):
+    bits_dtype = _BITS_OF[x.element_size()]
+    # -1 is the all-ones word: AND keeps x's bits where keep is True, and gives +0.0 elsewhere.
+    keep_bits = keep.to(bits_dtype).neg_()
+    selected = x.view(bits_dtype) & keep_bits
+    if fill != 0.0:
+        fill_bits = torch.tensor(fill, dtype=x.dtype).view(bits_dtype).item()
+        selected |= ~keep_bits & fill_bits
+    return selected.view(x.dtype)
 
 
 class _FillMasked(torch.autograd.Function):
@@ -26,7 +43,7 @@ class _FillMasked(torch.autograd.Function):
     def forward(ctx, x, keep, fill):
         ctx.save_for_backward(keep)
         ctx.x_shape = x.shape
-        return torch.where(keep, x, fill)
+        return _select(x, keep, fill)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -63,11 +63,16 @@ def cost_matrix(
         return 1.0 - similarity_BST
     if kind == "euclidean":
         return _euclidean(student_BSD, teacher_BTD)
-    logits_BST = student_BSD @ teacher_BTD.mT / math.sqrt(student_BSD.shape[-1])
+    # The mask enters as an additive bias and the scale as the GEMM's alpha: one fused op, with
+    # no masked_fill or division passes over B*S*T (nor their backward passes). The bias is the
+    # lowest finite value: anything finite added to it rounds back to it, so masked logits are
+    # exactly what masked_fill would write, and a row with no teacher position stays finite
+    # (uniform weights) instead of becoming NaN as -inf would make it.
+    bias_B1T = student_BSD.new_zeros(student_BSD.shape[0], 1, teacher_BTD.shape[1])
     if teacher_mask_BT is not None:
-        # A finite fill (not -inf) keeps a row with no teacher position finite (uniform weights).
-        fill = torch.finfo(dtype).min
-        logits_BST = logits_BST.masked_fill(~teacher_mask_BT.bool()[:, None, :], fill)
+        bias_B1T.masked_fill_(~teacher_mask_BT.bool()[:, None, :], torch.finfo(dtype).min)
+    scale = 1.0 / math.sqrt(student_BSD.shape[-1])
+    logits_BST = torch.baddbmm(bias_B1T, student_BSD, teacher_BTD.mT, alpha=scale)
     return 1.0 - torch.softmax(logits_BST, dim=-1)
 
 

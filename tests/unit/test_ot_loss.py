@@ -278,19 +278,28 @@ def test_multi_pair_equals_separate_calls_with_gradients(grad_mode):
         multi_pair_ot_loss([])
 
 
-def test_fill_masked_matches_where_in_value_and_gradient():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fill", [0.0, -3.0, -1e30, float("-inf")])
+def test_fill_masked_matches_where_in_value_and_gradient(dtype, fill):
     from cot2align_ds.losses.masking import fill_masked
 
     generator = torch.Generator().manual_seed(0)
-    x_BSD = torch.randn(3, 5, 4, generator=generator)
+    x_BSD = torch.randn(3, 5, 4, generator=generator).to(dtype)
     keep_BS1 = torch.rand(3, 5, 1, generator=generator) > 0.4
-    x_BSD[~keep_BS1.expand_as(x_BSD)] = float("nan")  # hidden: never reaches output or gradient
-    weights_BSD = torch.randn(3, 5, 4, generator=generator)
+    hidden = ~keep_BS1.expand_as(x_BSD)
+    x_BSD[hidden] = float("nan")  # hidden: never reaches output or gradient
+    x_BSD[hidden & (torch.rand(3, 5, 4, generator=generator) > 0.5)] = float("inf")
+    weights_BSD = torch.randn(3, 5, 4, generator=generator).to(dtype)
     ours = x_BSD.clone().requires_grad_()
     peer = x_BSD.clone().requires_grad_()
-    (fill_masked(ours, keep_BS1, -3.0) * weights_BSD).nansum().backward()
-    expected = torch.where(keep_BS1, peer, -3.0)
+    (fill_masked(ours, keep_BS1, fill) * weights_BSD).nansum().backward()
+    expected = torch.where(keep_BS1, peer, torch.tensor(fill, dtype=dtype))
     (expected * weights_BSD).nansum().backward()
-    assert torch.equal(fill_masked(x_BSD, keep_BS1, -3.0), expected.detach())
+    assert torch.equal(fill_masked(x_BSD, keep_BS1, fill), expected.detach())
     assert torch.equal(ours.grad, peer.grad)
+    # A mask wider than x broadcasts x, as where does.
+    keep_BSD = torch.rand(3, 5, 4, generator=generator) > 0.5
+    wide = fill_masked(x_BSD[:, :, :1], keep_BSD, fill)
+    expected_wide = torch.where(keep_BSD, x_BSD[:, :, :1], torch.tensor(fill, dtype=dtype))
+    assert_close(wide, expected_wide, rtol=0, atol=0, equal_nan=True)
     assert torch.isfinite(ours.grad).all()

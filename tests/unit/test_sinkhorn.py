@@ -397,3 +397,45 @@ def test_automatic_absorption_stays_finite_on_a_wide_kernel(dtype):
     # fp32: the two absorption schedules round differently; plans have total mass 1.
     atol = 1e-5 if dtype == torch.float32 else 1e-12
     assert_close(auto_BST, every_BST, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("grad_mode", ["unrolled", "envelope", "truncated"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_numpy_and_torch_loops_agree(monkeypatch, grad_mode, dtype):
+    # CPU tensors run the scaling loops through NumPy views; every other device through torch.
+    # Both must produce the same plan and gradient, up to the order of float additions.
+    import cot2align_ds.losses.sinkhorn as sinkhorn
+
+    cost_BST, student_mask_BS, teacher_mask_BT = _ragged_problem(seed=11, dtype=dtype)
+    weights_BST = torch.rand(
+        cost_BST.shape, dtype=dtype, generator=torch.Generator().manual_seed(3)
+    )
+    results = {}
+    for backend in ("numpy", "torch"):
+        monkeypatch.setattr(sinkhorn, "CPU_ARRAY_BACKEND", backend)
+        leaf = cost_BST.clone().requires_grad_()
+        plan_BST = sinkhorn_log(
+            leaf, student_mask_BS, teacher_mask_BT, epsilon=0.5, num_iters=30, grad_mode=grad_mode
+        )
+        (plan_BST * leaf * weights_BST).sum().backward()  # envelope: the gradient is the plan
+        results[backend] = plan_BST.detach(), leaf.grad
+    tolerance = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {}
+    assert_close(results["numpy"][0], results["torch"][0], **tolerance)
+    assert_close(results["numpy"][1], results["torch"][1], **tolerance)
+
+
+def test_numpy_loops_keep_blas_on_torch_thread_count():
+    # OpenBLAS has its own pool; inside the loops it must follow torch's thread setting.
+    from threadpoolctl import threadpool_info
+
+    import cot2align_ds.losses.sinkhorn as sinkhorn
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with sinkhorn._array_backend(torch.zeros(2, 3)) as (xp, arrays):
+            assert xp.__name__ == "numpy" and isinstance(arrays[0], xp.ndarray)
+            blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+            assert blas and all(pool["num_threads"] == 1 for pool in blas)
+    finally:
+        torch.set_num_threads(previous)
