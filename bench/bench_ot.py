@@ -20,6 +20,11 @@ hidden states) in the named gradient mode; each peer computes the same cost with
 - ``lean per-sample loop``: the same loop without the per-iteration test and with the plan
   formed by broadcasting: what is left of the gap is batching alone (reported, no target).
 
+Report rows, same inputs, B=8, one thread: ours with its scaling loops run as torch ops instead
+of through NumPy views (``sinkhorn.CPU_ARRAY_BACKEND``); the bitwise padding mask
+(``fill_masked``) against ``torch.where``; the one-op masked attention cost against
+``fill_masked`` + ``cost_matrix``. Each is forward + backward.
+
 Time: in this process, torch pinned to ONE thread (restored afterwards): on these shared 2-core
 machines other jobs run alongside, and with 2 OpenMP threads a descheduled thread stalls every
 parallel region, which swung identical POT calls by 10x and more; per-core numbers are stable.
@@ -69,22 +74,32 @@ def _inputs(batch: int, positions: int, seed: int = 0):
     return student_BSD, teacher_BTD, mask_BS
 
 
-def _ours(grad_mode: str, num_iters: int = NUM_ITERS, absorb_every: int | None = None):
+def _ours(
+    grad_mode: str,
+    num_iters: int = NUM_ITERS,
+    absorb_every: int | None = None,
+    loops: str = "numpy",
+):
+    from cot2align_ds.losses import sinkhorn
     from cot2align_ds.losses.ot import ot_loss
 
     def call(student_BSD, teacher_BTD, mask_BS):
         student, teacher = student_BSD.requires_grad_(), teacher_BTD.requires_grad_()
-        loss_sum, _ = ot_loss(
-            student,
-            teacher,
-            mask_BS,
-            mask_BS,
-            epsilon=EPSILON,
-            num_iters=num_iters,
-            grad_mode=grad_mode,
-            absorb_every=absorb_every,
-        )
-        loss_sum.backward()
+        previous, sinkhorn.CPU_ARRAY_BACKEND = sinkhorn.CPU_ARRAY_BACKEND, loops
+        try:
+            loss_sum, _ = ot_loss(
+                student,
+                teacher,
+                mask_BS,
+                mask_BS,
+                epsilon=EPSILON,
+                num_iters=num_iters,
+                grad_mode=grad_mode,
+                absorb_every=absorb_every,
+            )
+            loss_sum.backward()
+        finally:
+            sinkhorn.CPU_ARRAY_BACKEND = previous
 
     return call
 
@@ -159,9 +174,61 @@ def _reference_loop(num_iters: int = NUM_ITERS, lean: bool = False):
     return call
 
 
+def _masking(kind: str):
+    """Zero the padded rows of (B, S, D) states, forward + backward of a weighted sum."""
+    import torch
+
+    from cot2align_ds.losses.masking import fill_masked
+
+    def call(student_BSD, teacher_BTD, mask_BS):
+        states = student_BSD.requires_grad_()
+        keep_BS1 = mask_BS[:, :, None]
+        if kind == "bits":
+            masked = fill_masked(states, keep_BS1, 0.0)
+        else:
+            masked = torch.where(keep_BS1, states, 0.0)
+        (masked * teacher_BTD).sum().backward()
+
+    return call
+
+
+def _attention_cost(fused: bool):
+    """The masked attention cost, forward + backward of a weighted sum."""
+    from cot2align_ds.losses.masking import fill_masked
+    from cot2align_ds.losses.ot import cost_matrix, masked_attention_cost
+
+    def call(student_BSD, teacher_BTD, mask_BS):
+        student, teacher = student_BSD.requires_grad_(), teacher_BTD.requires_grad_()
+        if fused:
+            cost_BST = masked_attention_cost(student, teacher, mask_BS, mask_BS)
+        else:
+            keep_BS1 = mask_BS[:, :, None]
+            cost_BST = cost_matrix(
+                fill_masked(student, keep_BS1, 0.0),
+                fill_masked(teacher, keep_BS1, 0.0),
+                "attention",
+                teacher_mask_BT=mask_BS,
+            )
+        (cost_BST * cost_BST.detach()).sum().backward()
+
+    return call
+
+
+_PIECES = {
+    "fill_masked (bit ops)": _masking("bits"),
+    "torch.where": _masking("where"),
+    "fused masked attention cost": _attention_cost(fused=True),
+    "fill_masked + cost_matrix": _attention_cost(fused=False),
+}
+
+
 def _callable(name: str, num_iters: int = NUM_ITERS):
     if name.startswith("ours ") and name.endswith(", absorb every 10"):
         return _ours(name.split()[1].rstrip(","), num_iters, absorb_every=10)
+    if name.startswith("ours ") and name.endswith(", torch loops"):
+        return _ours(name.split()[1].rstrip(","), num_iters, loops="torch")
+    if name in _PIECES:
+        return _PIECES[name]
     if name.startswith("ours "):
         return _ours(name.split()[1], num_iters)
     if name == "reference loop":
@@ -224,6 +291,18 @@ def _time_rows(quick: bool) -> list[dict]:
                 )
             peer = "lean per-sample loop"
             cases.append(("ours truncated", peer, 8, positions, repeats, threads, "report"))
+    # What the loss's pieces gain from this machine's CPU specifics, in isolation (report only):
+    # the scaling loops through NumPy views vs torch ops, the bitwise mask vs torch.where, the
+    # one-op attention cost vs its composition.
+    for positions in loop_sizes:
+        repeats = 5 if quick else 7
+        peer = "ours truncated, torch loops"
+        cases.append(("ours truncated", peer, 8, positions, repeats, NUM_THREADS, "report"))
+        for ours_name, peer in (
+            ("fill_masked (bit ops)", "torch.where"),
+            ("fused masked attention cost", "fill_masked + cost_matrix"),
+        ):
+            cases.append((ours_name, peer, 8, positions, repeats, NUM_THREADS, "report"))
     rows = []
     for ours_name, peer_name, batch, positions, repeats, threads, target in cases:
         ours, peer = _time_pair(ours_name, peer_name, batch, positions, repeats, threads)

@@ -200,9 +200,69 @@ def _solver_options(epsilon, num_iters, grad_mode, num_grad_iters, absorb_every,
 def _masked_cost(student_BSD, teacher_BTD, student_mask_BS, teacher_mask_BT, kind):
     # Padded positions may hold anything (models can emit NaN there); zeroing them keeps the cost
     # finite, so that 0 * cost stays 0 in the loss and in its gradient.
-    student_BSD = fill_masked(student_BSD, student_mask_BS.bool()[:, :, None], 0.0)
-    teacher_BTD = fill_masked(teacher_BTD, teacher_mask_BT.bool()[:, :, None], 0.0)
+    student_mask_BS, teacher_mask_BT = student_mask_BS.bool(), teacher_mask_BT.bool()
+    if kind == "attention":
+        return masked_attention_cost(student_BSD, teacher_BTD, student_mask_BS, teacher_mask_BT)
+    student_BSD = fill_masked(student_BSD, student_mask_BS[:, :, None], 0.0)
+    teacher_BTD = fill_masked(teacher_BTD, teacher_mask_BT[:, :, None], 0.0)
     return cost_matrix(student_BSD, teacher_BTD, kind, teacher_mask_BT=teacher_mask_BT)
+
+
+def masked_attention_cost(
+    student_hidden_BSD: torch.Tensor,
+    teacher_hidden_BTD: torch.Tensor,
+    student_mask_BS: torch.Tensor,
+    teacher_mask_BT: torch.Tensor,
+) -> torch.Tensor:
+    """``cost_matrix(x, y, "attention", teacher_mask_BT=...)`` of the states with their padded
+    positions zeroed, as one differentiable op; C_BST in fp32 (fp64 stays fp64).
+
+    Same values and gradients as zeroing the padded states with ``fill_masked`` and then calling
+    ``cost_matrix``: the gradient is exactly zero at padded positions, whatever they held. Written
+    as one op because the composition allocates about eight B*S*T or B*S*D buffers in its
+    backward (a negation, the softmax backward, two scale passes, two masking passes) and on
+    CPU each fresh buffer's page faults cost more than the arithmetic; this backward writes into
+    two buffers of its own besides the two gradients it returns.
+    """
+    return _MaskedAttentionCost.apply(
+        student_hidden_BSD, teacher_hidden_BTD, student_mask_BS.bool(), teacher_mask_BT.bool()
+    )
+
+
+class _MaskedAttentionCost(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_BSD, teacher_BTD, student_mask_BS, teacher_mask_BT):
+        dtype = torch.promote_types(student_BSD.dtype, torch.float32)
+        student_keep_BS1, teacher_keep_BT1 = student_mask_BS[:, :, None], teacher_mask_BT[:, :, None]
+        x_BSD = fill_masked(student_BSD.to(dtype), student_keep_BS1, 0.0)  # no autograd here
+        y_BTD = fill_masked(teacher_BTD.to(dtype), teacher_keep_BT1, 0.0)
+        # Scale as the GEMM's alpha, mask as an additive bias (see cost_matrix).
+        bias_B1T = x_BSD.new_zeros(x_BSD.shape[0], 1, y_BTD.shape[1])
+        bias_B1T.masked_fill_(~teacher_mask_BT[:, None, :], torch.finfo(dtype).min)
+        scale = 1.0 / math.sqrt(x_BSD.shape[-1])
+        logits_BST = torch.baddbmm(bias_B1T, x_BSD, y_BTD.mT, alpha=scale)
+        cost_BST = torch.softmax(logits_BST, dim=-1).neg_().add_(1.0)
+        ctx.save_for_backward(x_BSD, y_BTD, cost_BST, student_keep_BS1, teacher_keep_BT1)
+        ctx.scale = scale
+        ctx.input_dtypes = student_BSD.dtype, teacher_BTD.dtype
+        return cost_BST
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_cost_BST):
+        x_BSD, y_BTD, cost_BST, student_keep_BS1, teacher_keep_BT1 = ctx.saved_tensors
+        # Softmax backward of the gradient -g with respect to p = 1 - C:
+        # d logits = p * (sum_j g_j p_j - g), times the scale, in p's buffer.
+        weights_BST = torch.rsub(cost_BST, 1.0)
+        work_BST = torch.mul(grad_cost_BST, weights_BST)
+        row_sum_BS1 = work_BST.sum(-1, keepdim=True)
+        torch.sub(row_sum_BS1, grad_cost_BST, out=work_BST)
+        grad_logits_BST = weights_BST.mul_(work_BST).mul_(ctx.scale)
+        del work_BST
+        grad_x_BSD = torch.bmm(grad_logits_BST, y_BTD).mul_(student_keep_BS1)
+        grad_y_BTD = torch.bmm(grad_logits_BST.mT, x_BSD).mul_(teacher_keep_BT1)
+        student_dtype, teacher_dtype = ctx.input_dtypes
+        return grad_x_BSD.to(student_dtype), grad_y_BTD.to(teacher_dtype), None, None
 
 
 def _solve_transport(cost_BST, student_mask_BS, teacher_mask_BT, solver):

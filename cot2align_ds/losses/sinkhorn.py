@@ -358,7 +358,8 @@ def _diagnose(cost_BST, student_mask_BS, teacher_mask_BT, epsilon, plan_BST, f_B
     error_B = (plan_BST.sum(2) - problem.a_B1S[:, 0]).abs().sum(1)
     error_B = error_B + (plan_BST.sum(1) - problem.b_B1T[:, 0]).abs().sum(1)
     log_plan_BST = problem.log_kernel_BST + f_BS[:, :, None] + g_BT[:, None, :]
-    masked_log_plan_BST = torch.where(problem.pair_mask_BST, log_plan_BST, 0.0)
+    pair_mask_BST = problem.student_mask_BS[:, :, None] & problem.teacher_mask_BT[:, None, :]
+    masked_log_plan_BST = torch.where(pair_mask_BST, log_plan_BST, 0.0)
     entropy_B = -(plan_BST * masked_log_plan_BST).sum((1, 2))
     return SinkhornDiagnostics(marginal_error_B=error_B, entropy_B=entropy_B, num_iters=iters)
 
@@ -376,10 +377,12 @@ class _Problem:
     def __init__(self, cost_BST, student_mask_BS, teacher_mask_BT, epsilon):
         dtype = torch.promote_types(cost_BST.dtype, torch.float32)
         self.student_mask_BS, self.teacher_mask_BT = student_mask_BS, teacher_mask_BT
-        self.pair_mask_BST = student_mask_BS[:, :, None] & teacher_mask_BT[:, None, :]
-        self.log_kernel_BST = fill_masked(
-            cost_BST.to(dtype) / -epsilon, self.pair_mask_BST, _LOG_ZERO
-        )
+        # One B*S*T buffer: masked entries zeroed bitwise (whatever they held), the division in
+        # place, then log(0) stand-ins added per masked row and column (-2e30 where both are).
+        keeps = (student_mask_BS[:, :, None], teacher_mask_BT[:, None, :])
+        log_kernel_BST = fill_masked(cost_BST.to(dtype), keeps, 0.0).div_(-epsilon)
+        log_kernel_BST.add_(_log_zero_where_masked(keeps[0], dtype))
+        self.log_kernel_BST = log_kernel_BST.add_(_log_zero_where_masked(keeps[1], dtype))
         self.a_B1S = _uniform(student_mask_BS, dtype)[:, None, :]
         self.b_B1T = _uniform(teacher_mask_BT, dtype)[:, None, :]
         # Added to every denominator: keeps empty rows/columns at exactly zero scaling and keeps
@@ -583,6 +586,10 @@ class _ScalingBlock(torch.autograd.Function):
                 xp.matmul(grad_column, kernel_t, out=grad_u)
         grad_kernel_BST = torch.bmm(left_B2NS.mT, right_B2NT)
         return grad_kernel_BST, None, None, None, None
+
+
+def _log_zero_where_masked(keep, dtype):
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, _LOG_ZERO)
 
 
 def _uniform(mask_BN, dtype):

@@ -88,6 +88,44 @@ def test_attention_cost_softmax_runs_over_real_teacher_positions_only():
     assert_close(changed_BST[real_BST], cost_BST[real_BST])
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+def test_fused_masked_attention_cost_equals_its_composition(dtype):
+    # One op against fill_masked + cost_matrix: values and gradients, NaN and inf in the padding,
+    # a problem with no real teacher position, and an upstream gradient that is nonzero at padded
+    # positions (the op must still return exactly zero there).
+    from cot2align_ds.losses.masking import fill_masked
+    from cot2align_ds.losses.ot import masked_attention_cost
+
+    student_BSD, teacher_BTD, student_mask_BS, teacher_mask_BT = _hidden(seed=5)
+    teacher_mask_BT[2] = False
+    student_BSD, teacher_BTD = student_BSD.to(dtype), teacher_BTD.to(dtype)
+    student_BSD[~student_mask_BS] = float("nan")
+    teacher_BTD[~teacher_mask_BT] = float("inf")
+    upstream_BST = torch.randn(student_BSD.shape[:2] + teacher_BTD.shape[1:2], dtype=F64)
+    results = []
+    for fused in (True, False):
+        x_BSD = student_BSD.clone().requires_grad_()
+        y_BTD = teacher_BTD.clone().requires_grad_()
+        if fused:
+            cost_BST = masked_attention_cost(x_BSD, y_BTD, student_mask_BS, teacher_mask_BT)
+        else:
+            cost_BST = cost_matrix(
+                fill_masked(x_BSD, student_mask_BS[:, :, None], 0.0),
+                fill_masked(y_BTD, teacher_mask_BT[:, :, None], 0.0),
+                "attention",
+                teacher_mask_BT=teacher_mask_BT,
+            )
+        (cost_BST * upstream_BST.to(cost_BST.dtype)).sum().backward()
+        results.append((cost_BST.detach(), x_BSD.grad, y_BTD.grad))
+    tolerance = {} if dtype == F64 else {"rtol": 1e-5, "atol": 1e-6}
+    for ours, reference in zip(*results, strict=True):
+        assert ours.dtype == reference.dtype
+        assert torch.isfinite(ours).all()
+        assert_close(ours, reference, **tolerance)
+    assert results[0][1][~student_mask_BS].abs().max() == 0
+    assert results[0][2][~teacher_mask_BT].abs().max() == 0
+
+
 def test_euclidean_cost_is_the_l2_distance_with_finite_gradient_at_zero():
     student_BSD, teacher_BTD, _, _ = _hidden(seed=3)
     assert_close(
