@@ -233,7 +233,10 @@ class _MaskedAttentionCost(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_BSD, teacher_BTD, student_mask_BS, teacher_mask_BT):
         dtype = torch.promote_types(student_BSD.dtype, torch.float32)
-        student_keep_BS1, teacher_keep_BT1 = student_mask_BS[:, :, None], teacher_mask_BT[:, :, None]
+        student_keep_BS1, teacher_keep_BT1 = (
+            student_mask_BS[:, :, None],
+            teacher_mask_BT[:, :, None],
+        )
         x_BSD = fill_masked(student_BSD.to(dtype), student_keep_BS1, 0.0)  # no autograd here
         y_BTD = fill_masked(teacher_BTD.to(dtype), teacher_keep_BT1, 0.0)
         # Scale as the GEMM's alpha, mask as an additive bias (see cost_matrix).
