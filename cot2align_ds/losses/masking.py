@@ -1,12 +1,12 @@
 """``torch.where(keep, x, fill)`` as bit operations, for masking padded positions.
 
-On CPU ``torch.where`` over a broadcast boolean mask runs several times slower than an
-elementwise multiply (160 us against 27 us on an (8, 128, 256) fp32 tensor, one thread), and
-autograd's backward of ``where`` is another ``where``. Multiplying by the mask instead would be
-fast but not safe: padded positions may hold NaN or inf, and ``NaN * 0`` is NaN. ANDing the
-float's bits with an all-ones or all-zeros word keeps a value bit for bit or turns it into +0.0
-whatever it held, at the speed of an integer elementwise op; the backward multiplies the
-(finite) incoming gradient by the mask.
+Multiplying by the mask would be the cheap way to zero padded positions, but it is not safe:
+they may hold NaN or inf, and ``NaN * 0`` is NaN. ``torch.where`` is safe, but on CPU it runs
+over a broadcast boolean mask at a fraction of an elementwise multiply's speed, and autograd's
+backward of it is another ``where``. ANDing the float's bits with an all-ones or all-zeros word
+keeps a value bit for bit or turns it into +0.0, whatever it held, at the speed of an integer
+elementwise op; the backward multiplies the (finite) incoming gradient by the mask.
+``bench/bench_ot.py`` times both, forward and backward, on an (8, 128, 256) batch of states.
 """
 
 from __future__ import annotations

@@ -494,12 +494,13 @@ def _scaling_forward(kernel_BST, a_B1S, b_B1T, num_iters, tiny, keep=False):
 def _array_backend(*tensors):
     """Where the scaling loops run: NumPy views of CPU tensors, torch itself elsewhere.
 
-    The loops are chains of small matrix-vector products and elementwise ops on (B, 1, N) rows.
-    On CPU, a NumPy call costs about a fifth of a torch op's dispatch, and its OpenBLAS ran the
-    batched (1, N) @ (N, M) products 1.8x as fast as torch's MKL on our dev machine (AMD EPYC,
-    one thread): ``bench/bench_ot.py`` prints the loss with either backend. The views share
-    memory with the tensors. OpenBLAS keeps its own thread pool: within the block it is held
-    to torch's thread count, so a process pinned to N threads stays on N.
+    The loops are chains of small matrix-vector products and elementwise ops on (B, 1, N) rows,
+    where per-call overhead and the matrix-vector kernel decide the time. On our dev machine
+    (AMD EPYC, one thread) a NumPy call cost a fraction of a torch op's dispatch and OpenBLAS
+    ran the batched (1, N) @ (N, M) products faster than torch's MKL; ``bench/bench_ot.py``
+    times the whole loss with either backend. The views share memory with the tensors.
+    OpenBLAS keeps its own thread pool: within the block it is held to torch's thread count, so
+    a process pinned to N threads stays on N.
     """
     if tensors[0].device.type != "cpu" or CPU_ARRAY_BACKEND == "torch":
         yield torch, tensors
