@@ -74,7 +74,11 @@ def run_augment_command(teacher: str, data: Path, output_dir: Path, **options) -
 
 
 def sft_teacher_config(config: str, overrides: list[str], output_dir: Path | None) -> RunConfig:
-    """The run config's teacher, trained alone (CE only) on the run's data."""
+    """The run config's teacher, trained alone (CE only) on the run's data.
+
+    The teacher takes the student's place (with ``teacher.lora`` if set), and the run's
+    ``train`` section with the keys ``teacher_sft.train`` sets.
+    """
     from cot2align_ds.config import validate_config
 
     run = load_config(config, overrides)
@@ -82,6 +86,8 @@ def sft_teacher_config(config: str, overrides: list[str], output_dir: Path | Non
         raise ConfigError(f"config '{config}': no teacher section to fine-tune")
     raw = config_to_dict(run)
     raw["student"], raw["teacher"] = raw["teacher"], None
+    teacher_train = raw.pop("teacher_sft")["train"]
+    raw["train"].update({key: value for key, value in teacher_train.items() if value is not None})
     raw["distill"]["method"] = "sft"
     raw["cot2align"]["enabled"] = False
     raw["output_dir"] = str(output_dir or Path(f"{run.output_dir}_teacher_sft"))

@@ -96,7 +96,51 @@ def test_paper_recipe_matches_the_settings_table(recipe):
         assert (config.student.lora.r, config.student.lora.alpha) == (256, 8)
     else:
         assert config.student.lora is None
-    assert config.teacher.lora is None
+
+
+# Teacher fine-tuning in the reference (DSKD) scripts: 7B teachers with LoRA r 256, alpha 8,
+# dropout 0.1 at lr 1e-3; the 1.8B teacher fully at lr 2e-5; 10 epochs, batch 32 each.
+TEACHER_SFT = {
+    "paper_A": (2e-5, None),
+    "paper_A_same": (2e-5, None),
+    "paper_B": (1e-3, (256, 8, 0.1)),
+    "paper_B_same": (1e-3, (256, 8, 0.1)),
+    "paper_C": (1e-3, (256, 8, 0.1)),
+}
+
+
+@pytest.mark.parametrize("recipe", PAPER)
+def test_paper_teacher_sft_uses_the_teacher_settings_not_the_students(recipe, tmp_path):
+    from cot2align_ds.runs import sft_teacher_config
+
+    lr, lora = TEACHER_SFT[recipe]
+    distill = load_config(recipe)
+    run = sft_teacher_config(recipe, [], tmp_path / "teacher_sft")
+    assert run.student.name_or_path == distill.teacher.name_or_path and run.teacher is None
+    assert (run.train.lr, run.train.epochs) == (lr, 10)
+    assert run.train.micro_batch_size * run.train.grad_accum * 8 == 32
+    if lora is None:
+        assert run.student.lora is None
+    else:
+        assert (run.student.lora.r, run.student.lora.alpha, run.student.lora.dropout) == lora
+    # The student's own settings stay with distillation.
+    assert distill.train.lr == PAPER[recipe][4]
+    assert run.distill.method == "sft" and not run.cot2align.enabled
+
+
+def test_teacher_sft_overrides_only_what_they_set(tmp_path):
+    from cot2align_ds.config import ConfigError
+    from cot2align_ds.runs import sft_teacher_config
+
+    sets = ["teacher_sft.train.micro_batch_size=2", "teacher_sft.train.grad_accum=2"]
+    run = sft_teacher_config("paper_B", sets, tmp_path)
+    distill = load_config("paper_B")
+    assert (run.train.micro_batch_size, run.train.grad_accum, run.train.lr) == (2, 2, 1e-3)
+    assert run.train.weight_decay == distill.train.weight_decay
+    with pytest.raises(ConfigError, match="teacher_sft.train"):
+        load_config("paper_B", ["teacher_sft.train.learning_rate=1e-4"])
+    with pytest.raises(ConfigError, match="lr"):
+        sft_teacher_config("paper_B", ["teacher_sft.train.lr=1e-9"], tmp_path)  # below min_lr
 
 
 @pytest.mark.parametrize("recipe", PAPER)
