@@ -115,11 +115,16 @@ def sft_teacher(
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Reuse a non-empty output directory.")] = False,
 ) -> None:
-    """Fine-tune the run config's teacher on the task (CE only; LoRA if teacher.lora is set)."""
+    """Fine-tune the run config's teacher on the task (CE only; LoRA if teacher.lora is set;
+    teacher_sft.train overrides the train section). The teacher to use next is
+    <output_dir>/teacher: the best dev checkpoint, else the final weights."""
     from cot2align_ds.runs import run_sft_teacher_command
 
-    result = run_sft_teacher_command(config, set_ or [], output_dir, overwrite=overwrite)
-    typer.echo(f"saved fine-tuned teacher to {result.model_dir}")
+    published = run_sft_teacher_command(config, set_ or [], output_dir, overwrite=overwrite)
+    if published is not None:
+        teacher, is_best = published
+        kind = "best dev checkpoint" if is_best else "final weights (no dev checkpoint kept)"
+        typer.echo(f"saved fine-tuned teacher to {teacher} ({kind})")
 
 
 @app.command()

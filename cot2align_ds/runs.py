@@ -96,10 +96,23 @@ def sft_teacher_config(config: str, overrides: list[str], output_dir: Path | Non
 
 def run_sft_teacher_command(
     config: str, overrides: list[str], output_dir: Path | None, *, overwrite: bool
-):
+) -> tuple[Path, bool] | None:
+    """Fine-tune the teacher, then publish it as ``<output_dir>/teacher`` (rank 0).
+
+    Returns (teacher directory, whether it is the best dev checkpoint) on rank 0, else None.
+    """
+    import torch.distributed as dist
+
+    from cot2align_ds.eval.export import publish_best_model
     from cot2align_ds.train.loop import run_train
 
-    return run_train(sft_teacher_config(config, overrides, output_dir), overwrite=overwrite)
+    run = sft_teacher_config(config, overrides, output_dir)
+    result = run_train(run, overwrite=overwrite)
+    if dist.is_initialized():
+        dist.barrier()  # every rank's best-checkpoint shards are on disk
+        if dist.get_rank() != 0:
+            return None
+    return publish_best_model(result.output_dir, "teacher", run.train.precision)
 
 
 def run_train_command(

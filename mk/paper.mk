@@ -68,7 +68,8 @@ paper_is_sft = $(filter sft,$(call paper_base,$(1)))
 # Every method, and every KD method once more with CoT2Align (it needs a teacher).
 paper_runs = $(foreach m,$(1),$(m) $(if $(filter sft,$(m)),,$(m)+cot2align))
 paper_dir = $(PAPER_ROOT)/$(1)/$(2)/$(3)
-paper_teacher = $(call paper_dir,$(1),$(2),teacher_sft)/student
+# The best dev checkpoint of the teacher SFT, published by sft-teacher (else its final weights).
+paper_teacher = $(call paper_dir,$(1),$(2),teacher_sft)/teacher
 paper_cot_file = $(call paper_dir,$(1),$(2),cot)/train_cot.jsonl
 paper_data_done = $(PAPER_DATA)/$(1)/prepare_stats.json
 

@@ -93,7 +93,7 @@ def test_setting_a_renders_the_paper_sequence(tmp_path):
     data = tmp_path / "data" / "dolly"
     assert methods[1]["data.train_file"] == str(data / "train.jsonl")
     assert methods[2]["data.train_file"] == str(runs / "cot" / "train_cot.jsonl")
-    assert all(m["teacher.name_or_path"] == str(runs / "teacher_sft/student") for m in methods[1:])
+    assert all(m["teacher.name_or_path"] == str(runs / "teacher_sft/teacher") for m in methods[1:])
     assert all(
         c.split("launchers/local.sh ")[1].startswith("paper_A --resume auto") for c in trains
     )
@@ -107,7 +107,7 @@ def test_prepare_augment_and_eval_commands(tmp_path):
     prepare = next(c for c in commands if "data prepare" in c)
     assert prepare.endswith(f"data prepare dolly --output-dir {data} --source /x/d.jsonl")
     augment = next(c for c in commands if " augment " in c)
-    assert _option(augment, "--teacher") == str(runs / "teacher_sft/student")
+    assert _option(augment, "--teacher") == str(runs / "teacher_sft/teacher")
     assert _option(augment, "--data") == str(data / "train.jsonl")
     assert _option(augment, "--output-dir") == str(runs / "cot")
     evals = [c for c in commands if " eval " in c]
