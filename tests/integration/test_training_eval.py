@@ -9,6 +9,20 @@ from support import tiny_run_config
 from cot2align_ds.config import validate_config
 
 
+def _evaluate_every_2_steps(config: dict, workspace, **extra) -> None:
+    """Dev evaluation on 4 training records every 2 steps, keeping the best checkpoint."""
+    config["data"]["dev_file"] = str(workspace["train"])
+    config["eval"] = {
+        "every_steps": 2,
+        "metric": "rouge_l",
+        "keep_best": 1,
+        "max_records": 4,
+        "max_new_tokens": 4,
+        "batch_size": 4,
+        **extra,
+    }
+
+
 def test_dev_eval_keeps_best_checkpoint_and_stops_early(workspace, tmp_path):
     from cot2align_ds.eval.evaluate import load_model_for_eval
     from cot2align_ds.train.loop import run_train
@@ -20,16 +34,7 @@ def test_dev_eval_keeps_best_checkpoint_and_stops_early(workspace, tmp_path):
         # evaluation (step 4 of 8) deterministically.
         train={"max_steps": 8, "lr": 1e-9, "min_lr": 1e-10},
     )
-    config["data"]["dev_file"] = str(workspace["train"])
-    config["eval"] = {
-        "every_steps": 2,
-        "metric": "rouge_l",
-        "keep_best": 1,
-        "early_stopping_patience": 1,
-        "max_records": 4,
-        "max_new_tokens": 4,
-        "batch_size": 4,
-    }
+    _evaluate_every_2_steps(config, workspace, early_stopping_patience=1)
     result = run_train(validate_config(config))
     rows = [
         json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -54,15 +59,7 @@ def _teacher_sft_config(workspace, run_dir, with_dev_eval: bool) -> dict:
         teacher_sft={"train": {"max_steps": 4, "lr": 5e-3}},
     )
     if with_dev_eval:
-        config["data"]["dev_file"] = str(workspace["train"])
-        config["eval"] = {
-            "every_steps": 2,
-            "metric": "rouge_l",
-            "keep_best": 1,
-            "max_records": 4,
-            "max_new_tokens": 4,
-            "batch_size": 4,
-        }
+        _evaluate_every_2_steps(config, workspace)
     return config
 
 
