@@ -340,4 +340,13 @@ def test_fill_masked_matches_where_in_value_and_gradient(dtype, fill):
     wide = fill_masked(x_BSD[:, :, :1], keep_BSD, fill)
     expected_wide = torch.where(keep_BSD, x_BSD[:, :, :1], torch.tensor(fill, dtype=dtype))
     assert_close(wide, expected_wide, rtol=0, atol=0, equal_nan=True)
+    # A tuple of masks is their AND (a pair mask without its B*S*T product), gradient included.
+    keep_B1D = torch.rand(3, 1, 4, generator=generator) > 0.3
+    pair = x_BSD.clone().requires_grad_()
+    (fill_masked(pair, (keep_BS1, keep_B1D), fill) * weights_BSD).nansum().backward()
+    reference = x_BSD.clone().requires_grad_()
+    expected_pair = torch.where(keep_BS1 & keep_B1D, reference, torch.tensor(fill, dtype=dtype))
+    (expected_pair * weights_BSD).nansum().backward()
+    assert torch.equal(fill_masked(x_BSD, (keep_BS1, keep_B1D), fill), expected_pair.detach())
+    assert torch.equal(pair.grad, reference.grad)
     assert torch.isfinite(ours.grad).all()
