@@ -220,9 +220,9 @@ def masked_attention_cost(
     Same values and gradients as zeroing the padded states with ``fill_masked`` and then calling
     ``cost_matrix``: the gradient is exactly zero at padded positions, whatever they held. Written
     as one op because the composition allocates about eight B*S*T or B*S*D buffers in its
-    backward (a negation, the softmax backward, two scale passes, two masking passes) and on
-    CPU each fresh buffer's page faults cost more than the arithmetic; this backward writes into
-    two buffers of its own besides the two gradients it returns.
+    backward (a negation, the softmax backward, two scale passes, two masking passes), and on
+    CPU each fresh buffer also costs its page faults; this backward writes into two buffers of
+    its own besides the two gradients it returns. ``bench/bench_ot.py`` times both.
     """
     return _MaskedAttentionCost.apply(
         student_hidden_BSD, teacher_hidden_BTD, student_mask_BS.bool(), teacher_mask_BT.bool()
