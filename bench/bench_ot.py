@@ -283,7 +283,7 @@ def _time_rows(quick: bool) -> list[dict]:
     all_cores = max(os.cpu_count() or 1, 1)
     for threads in sorted({NUM_THREADS, all_cores}):
         for positions in loop_sizes:
-            repeats = 5 if quick else 7
+            repeats = 5 if quick else 11  # the target rows: a steadier median
             # The target is on the loss as shipped (truncated, the default, whose gradient is the
             # unrolled one to 4e-7); the unrolled mode, the reference's own, is reported.
             for mode, target in (("truncated", "<= 0.1x (10x faster)"), ("unrolled", "report")):
