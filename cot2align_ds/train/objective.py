@@ -246,7 +246,7 @@ class Objective:
 
         The layer pairs of a view share lengths and masks, so they batch with no padding;
         batching across views would pad short standard answers to CoT lengths, which
-        bench_ot_calls measures at 1.2-1.5x slower than this (runs of 2026-11-24).
+        bench_ot_calls measures at 1.1-1.5x slower than this (runs of 2026-11-24).
         """
         project = projectors["ot"]
         sums = {}
