@@ -24,7 +24,8 @@ peer computes the same cost with the same ``cost_matrix`` and then:
 Report rows, same inputs, B=8, one thread: ours with its scaling loops run as torch ops instead
 of through NumPy views (``sinkhorn.CPU_ARRAY_BACKEND``); the bitwise padding mask
 (``fill_masked``) against ``torch.where``; the one-op masked attention cost against
-``fill_masked`` + ``cost_matrix``. Each is forward + backward.
+``fill_masked`` + ``cost_matrix``. Each is forward + backward. And the floor against the loop:
+the cost op alone (forward + backward) and the 110 scaling iteration pairs alone.
 
 Time: in this process, torch pinned to ONE thread (restored afterwards): on these shared 2-core
 machines other jobs run alongside, and with 2 OpenMP threads a descheduled thread stalls every
@@ -215,11 +216,36 @@ def _attention_cost(fused: bool):
     return call
 
 
+def _scaling_iterations():
+    """The truncated loss's 110 scaling iteration pairs (100 forward, 10 backward) alone, as
+    110 forward pairs on a kernel built once per input shape: with the cost op's row, the
+    floor that any loss at these settings pays."""
+    import torch
+
+    from cot2align_ds.losses.ot import masked_attention_cost
+    from cot2align_ds.losses.sinkhorn import _scaling_forward
+
+    kernels = {}
+
+    def call(student_BSD, teacher_BTD, mask_BS):
+        shape = tuple(student_BSD.shape)
+        if shape not in kernels:  # the warm-up round builds it
+            with torch.no_grad():
+                cost_BST = masked_attention_cost(student_BSD, teacher_BTD, mask_BS, mask_BS)
+            marginal_B1N = torch.full((shape[0], 1, shape[1]), 1.0 / shape[1])
+            kernels[shape] = torch.exp(cost_BST / -EPSILON), marginal_B1N
+        kernel_BST, marginal_B1N = kernels[shape]
+        _scaling_forward(kernel_BST, marginal_B1N, marginal_B1N, NUM_ITERS + 10, 1e-19)
+
+    return call
+
+
 _PIECES = {
     "fill_masked (bit ops)": _masking("bits"),
     "torch.where": _masking("where"),
     "fused masked attention cost": _attention_cost(fused=True),
     "fill_masked + cost_matrix": _attention_cost(fused=False),
+    "110 scaling iteration pairs": _scaling_iterations(),
 }
 
 
@@ -297,7 +323,7 @@ def _time_rows(quick: bool) -> list[dict]:
             cases.append(("ours truncated", peer, 8, positions, repeats, threads, "report"))
     # What the loss's pieces gain from this machine's CPU specifics, in isolation (report only):
     # the scaling loops through NumPy views vs torch ops, the bitwise mask vs torch.where, the
-    # one-op attention cost vs its composition.
+    # one-op attention cost vs its composition; and the floor (cost op, iterations) vs the loop.
     for positions in loop_sizes:
         repeats = 5 if quick else 7
         peer = "ours truncated, torch loops"
@@ -305,6 +331,8 @@ def _time_rows(quick: bool) -> list[dict]:
         for ours_name, peer in (
             ("fill_masked (bit ops)", "torch.where"),
             ("fused masked attention cost", "fill_masked + cost_matrix"),
+            ("fused masked attention cost", "reference loop"),
+            ("110 scaling iteration pairs", "reference loop"),
         ):
             cases.append((ours_name, peer, 8, positions, repeats, NUM_THREADS, "report"))
     rows = []

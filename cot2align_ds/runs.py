@@ -108,10 +108,9 @@ def run_sft_teacher_command(
 
     run = sft_teacher_config(config, overrides, output_dir)
     result = run_train(run, overwrite=overwrite)
-    if dist.is_initialized():
-        dist.barrier()  # every rank's best-checkpoint shards are on disk
-        if dist.get_rank() != 0:
-            return None
+    # run_train returns after the final save's barrier: every rank's shards are on disk.
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
     return publish_best_model(result.output_dir, "teacher", run.train.precision)
 
 

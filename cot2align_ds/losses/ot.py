@@ -63,17 +63,24 @@ def cost_matrix(
         return 1.0 - similarity_BST
     if kind == "euclidean":
         return _euclidean(student_BSD, teacher_BTD)
-    # The mask enters as an additive bias and the scale as the GEMM's alpha: one fused op, with
-    # no masked_fill or division passes over B*S*T (nor their backward passes). The bias is the
-    # lowest finite value: anything finite added to it rounds back to it, so masked logits are
-    # exactly what masked_fill would write, and a row with no teacher position stays finite
-    # (uniform weights) instead of becoming NaN as -inf would make it.
+    return 1.0 - _attention_weights(student_BSD, teacher_BTD, teacher_mask_BT)
+
+
+def _attention_weights(student_BSD, teacher_BTD, teacher_mask_BT):
+    """``softmax_j(<x_i, y_j> / sqrt(D))`` over the real teacher positions, (B, S, T).
+
+    The mask enters as an additive bias and the scale as the GEMM's alpha: one fused op, with no
+    masked_fill or division passes over B*S*T (nor their backward passes). The bias is the lowest
+    finite value: anything finite added to it rounds back to it, so masked logits are exactly
+    what masked_fill would write, and a row with no teacher position stays finite (uniform
+    weights) instead of becoming NaN as -inf would make it.
+    """
     bias_B1T = student_BSD.new_zeros(student_BSD.shape[0], 1, teacher_BTD.shape[1])
     if teacher_mask_BT is not None:
-        bias_B1T.masked_fill_(~teacher_mask_BT.bool()[:, None, :], torch.finfo(dtype).min)
+        bias_B1T.masked_fill_(~teacher_mask_BT.bool()[:, None, :], torch.finfo(bias_B1T.dtype).min)
     scale = 1.0 / math.sqrt(student_BSD.shape[-1])
     logits_BST = torch.baddbmm(bias_B1T, student_BSD, teacher_BTD.mT, alpha=scale)
-    return 1.0 - torch.softmax(logits_BST, dim=-1)
+    return torch.softmax(logits_BST, dim=-1)
 
 
 def _euclidean(student_BSD, teacher_BTD):
@@ -233,20 +240,13 @@ class _MaskedAttentionCost(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_BSD, teacher_BTD, student_mask_BS, teacher_mask_BT):
         dtype = torch.promote_types(student_BSD.dtype, torch.float32)
-        student_keep_BS1, teacher_keep_BT1 = (
-            student_mask_BS[:, :, None],
-            teacher_mask_BT[:, :, None],
-        )
+        student_keep_BS1 = student_mask_BS[:, :, None]
+        teacher_keep_BT1 = teacher_mask_BT[:, :, None]
         x_BSD = fill_masked(student_BSD.to(dtype), student_keep_BS1, 0.0)  # no autograd here
         y_BTD = fill_masked(teacher_BTD.to(dtype), teacher_keep_BT1, 0.0)
-        # Scale as the GEMM's alpha, mask as an additive bias (see cost_matrix).
-        bias_B1T = x_BSD.new_zeros(x_BSD.shape[0], 1, y_BTD.shape[1])
-        bias_B1T.masked_fill_(~teacher_mask_BT[:, None, :], torch.finfo(dtype).min)
-        scale = 1.0 / math.sqrt(x_BSD.shape[-1])
-        logits_BST = torch.baddbmm(bias_B1T, x_BSD, y_BTD.mT, alpha=scale)
-        cost_BST = torch.softmax(logits_BST, dim=-1).neg_().add_(1.0)
+        cost_BST = _attention_weights(x_BSD, y_BTD, teacher_mask_BT).neg_().add_(1.0)
         ctx.save_for_backward(x_BSD, y_BTD, cost_BST, student_keep_BS1, teacher_keep_BT1)
-        ctx.scale = scale
+        ctx.scale = 1.0 / math.sqrt(x_BSD.shape[-1])
         ctx.input_dtypes = student_BSD.dtype, teacher_BTD.dtype
         return cost_BST
 

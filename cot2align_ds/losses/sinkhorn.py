@@ -495,10 +495,9 @@ def _array_backend(*tensors):
     """Where the scaling loops run: NumPy views of CPU tensors, torch itself elsewhere.
 
     The loops are chains of small matrix-vector products and elementwise ops on (B, 1, N) rows,
-    where per-call overhead and the matrix-vector kernel decide the time. On our dev machine
-    (AMD EPYC, one thread) a NumPy call cost a fraction of a torch op's dispatch and OpenBLAS
-    ran the batched (1, N) @ (N, M) products faster than torch's MKL; ``bench/bench_ot.py``
-    times the whole loss with either backend. The views share memory with the tensors.
+    where per-call overhead and the matrix-vector kernel decide the time; ``bench/bench_ot.py``
+    times the whole loss with either backend (NumPy 0.66-0.78x of torch on our 2-core AMD EPYC
+    dev machine, one thread). The views share memory with the tensors.
     OpenBLAS keeps its own thread pool: within the block it is held to torch's thread count, so
     a process pinned to N threads stays on N.
     """
