@@ -338,7 +338,9 @@ def _time_rows(quick: bool) -> list[dict]:
     rows = []
     for ours_name, peer_name, batch, positions, repeats, threads, target in cases:
         ours, peer = _time_pair(ours_name, peer_name, batch, positions, repeats, threads)
-        case = f"{ours_name} vs {peer_name}, B={batch} S=T={positions}, fwd+bwd"
+        # The iteration pairs run forward only (see _scaling_iterations); the peer is fwd+bwd.
+        passes = "ours forward, loop fwd+bwd" if "iteration pairs" in ours_name else "fwd+bwd"
+        case = f"{ours_name} vs {peer_name}, B={batch} S=T={positions}, {passes}"
         if threads != NUM_THREADS:
             case += f", {threads} threads"
         rows.append(_row(case, ours, peer, peer_name, "ms", target))
