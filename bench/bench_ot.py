@@ -22,7 +22,9 @@ peer computes the same cost with the same ``cost_matrix`` and then:
   formed by broadcasting: what is left of the gap is batching alone (reported, no target).
 
 Report rows, same inputs, B=8, one thread: ours with its scaling loops run as torch ops instead
-of through NumPy views (``sinkhorn.CPU_ARRAY_BACKEND``); the bitwise padding mask
+of through NumPy views (``sinkhorn.CPU_ARRAY_BACKEND``); ours with the loss ``<P, C>`` taken
+through ``sinkhorn_log`` and an autograd chain instead of the one-op ``transport_cost``
+(``sinkhorn.FUSED_LOSS``); the bitwise padding mask
 (``fill_masked``) against ``torch.where``; the one-op masked attention cost against
 ``fill_masked`` + ``cost_matrix``. Each is forward + backward. And the floor against the loop:
 the cost op alone (forward + backward) and the 110 scaling iteration pairs alone.
@@ -81,13 +83,15 @@ def _ours(
     num_iters: int = NUM_ITERS,
     absorb_every: int | None = None,
     loops: str = "numpy",
+    fused: bool = True,
 ):
     from cot2align_ds.losses import sinkhorn
     from cot2align_ds.losses.ot import ot_loss
 
     def call(student_BSD, teacher_BTD, mask_BS):
         student, teacher = student_BSD.requires_grad_(), teacher_BTD.requires_grad_()
-        previous, sinkhorn.CPU_ARRAY_BACKEND = sinkhorn.CPU_ARRAY_BACKEND, loops
+        previous = sinkhorn.CPU_ARRAY_BACKEND, sinkhorn.FUSED_LOSS
+        sinkhorn.CPU_ARRAY_BACKEND, sinkhorn.FUSED_LOSS = loops, fused
         try:
             loss_sum, _ = ot_loss(
                 student,
@@ -101,7 +105,7 @@ def _ours(
             )
             loss_sum.backward()
         finally:
-            sinkhorn.CPU_ARRAY_BACKEND = previous
+            sinkhorn.CPU_ARRAY_BACKEND, sinkhorn.FUSED_LOSS = previous
 
     return call
 
@@ -254,6 +258,8 @@ def _callable(name: str, num_iters: int = NUM_ITERS):
         return _ours(name.split()[1].rstrip(","), num_iters, absorb_every=10)
     if name.startswith("ours ") and name.endswith(", torch loops"):
         return _ours(name.split()[1].rstrip(","), num_iters, loops="torch")
+    if name.startswith("ours ") and name.endswith(", autograd chain"):
+        return _ours(name.split()[1].rstrip(","), num_iters, fused=False)
     if name in _PIECES:
         return _PIECES[name]
     if name.startswith("ours "):
@@ -321,13 +327,13 @@ def _time_rows(quick: bool) -> list[dict]:
                 )
             peer = "lean per-sample loop"
             cases.append(("ours truncated", peer, 8, positions, repeats, threads, "report"))
-    # What the loss's pieces gain from this machine's CPU specifics, in isolation (report only):
-    # the scaling loops through NumPy views vs torch ops, the bitwise mask vs torch.where, the
-    # one-op attention cost vs its composition; and the floor (cost op, iterations) vs the loop.
+    # What the loss's pieces gain, in isolation (report only): the scaling loops through NumPy
+    # views vs torch ops, the one-op loss vs the autograd chain, the bitwise mask vs torch.where,
+    # the one-op attention cost vs its composition; and the floor (cost op, iterations) vs the loop.
     for positions in loop_sizes:
         repeats = 5 if quick else 7
-        peer = "ours truncated, torch loops"
-        cases.append(("ours truncated", peer, 8, positions, repeats, NUM_THREADS, "report"))
+        for peer in ("ours truncated, torch loops", "ours truncated, autograd chain"):
+            cases.append(("ours truncated", peer, 8, positions, repeats, NUM_THREADS, "report"))
         for ours_name, peer in (
             ("fill_masked (bit ops)", "torch.where"),
             ("fused masked attention cost", "fill_masked + cost_matrix"),

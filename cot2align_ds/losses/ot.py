@@ -6,7 +6,7 @@ trainable Linear(H -> D) lives in the model, not here). Masks are boolean, True 
 that take part (the response positions).
 
 Per problem the loss is the transport cost ``sum_ij P_ij C_ij`` of the entropic plan P between
-uniform distributions over the real positions of each side (``sinkhorn.sinkhorn_log``). Losses
+uniform distributions over the real positions of each side (``sinkhorn.transport_cost``). Losses
 return sums and counts; the caller divides once.
 """
 
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .masking import fill_masked
-from .sinkhorn import sinkhorn_log
+from .sinkhorn import transport_cost
 
 COST_KINDS = ("attention", "cosine", "euclidean")
 
@@ -255,23 +255,27 @@ class _MaskedAttentionCost(torch.autograd.Function):
     def backward(ctx, grad_cost_BST):
         x_BSD, y_BTD, cost_BST, student_keep_BS1, teacher_keep_BT1 = ctx.saved_tensors
         # Softmax backward of the gradient -g with respect to p = 1 - C:
-        # d logits = p * (sum_j g_j p_j - g), times the scale, in p's buffer.
+        # d logits = p * (sum_j g_j p_j - g), in p's buffer. p is formed first: expanding
+        # p * x as x - C x would cancel (C is close to 1) and cost digits.
         weights_BST = torch.rsub(cost_BST, 1.0)
         work_BST = torch.mul(grad_cost_BST, weights_BST)
         row_sum_BS1 = work_BST.sum(-1, keepdim=True)
         torch.sub(row_sum_BS1, grad_cost_BST, out=work_BST)
-        grad_logits_BST = weights_BST.mul_(work_BST).mul_(ctx.scale)
+        grad_logits_BST = weights_BST.mul_(work_BST)
         del work_BST
-        grad_x_BSD = torch.bmm(grad_logits_BST, y_BTD).mul_(student_keep_BS1)
-        grad_y_BTD = torch.bmm(grad_logits_BST.mT, x_BSD).mul_(teacher_keep_BT1)
+        # The logits' scale as the GEMMs' alpha (beta=0: the zero input is never read).
+        zero = grad_logits_BST.new_zeros(())
+        grad_x_BSD = torch.baddbmm(zero, grad_logits_BST, y_BTD, beta=0.0, alpha=ctx.scale)
+        grad_y_BTD = torch.baddbmm(zero, grad_logits_BST.mT, x_BSD, beta=0.0, alpha=ctx.scale)
+        grad_x_BSD.mul_(student_keep_BS1)
+        grad_y_BTD.mul_(teacher_keep_BT1)
         student_dtype, teacher_dtype = ctx.input_dtypes
         return grad_x_BSD.to(student_dtype), grad_y_BTD.to(teacher_dtype), None, None
 
 
 def _solve_transport(cost_BST, student_mask_BS, teacher_mask_BT, solver):
     """Per-problem transport cost ``sum_ij P_ij C_ij`` and whether the problem has any mass."""
-    plan_BST = sinkhorn_log(cost_BST, student_mask_BS, teacher_mask_BT, **solver)
-    per_problem_B = (plan_BST * cost_BST).sum((1, 2))
+    per_problem_B = transport_cost(cost_BST, student_mask_BS, teacher_mask_BT, **solver)
     return per_problem_B, student_mask_BS.any(1) & teacher_mask_BT.any(1)
 
 

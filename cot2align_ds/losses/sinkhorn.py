@@ -171,6 +171,150 @@ def sinkhorn_log(
     return plan_BST, _diagnose(cost_BST, *masks, epsilon, plan_BST, f_BS, g_BT, iters)
 
 
+def transport_cost(
+    cost_BST: torch.Tensor,
+    student_mask_BS: torch.Tensor,
+    teacher_mask_BT: torch.Tensor,
+    *,
+    epsilon: float,
+    num_iters: int,
+    grad_mode: str = "truncated",
+    num_grad_iters: int = 10,
+    absorb_every: int | None = None,
+    cost_range: float | None = None,
+    memory_budget_bytes: int | None = None,
+) -> torch.Tensor:
+    """Transport cost ``sum_ij P_ij C_ij`` of each problem's entropic plan, (B,) fp32 (fp64 stays).
+
+    Arguments as in ``sinkhorn_log`` (no ``tol``: a training loss runs its fixed iteration
+    count). Same value and gradient as ``(sinkhorn_log(...) * C).sum((1, 2))`` up to float
+    rounding, but when the differentiated iterations form one absorption block (the
+    ``"truncated"`` and ``"unrolled"`` defaults) or the mode is ``"envelope"``, and the batch is
+    solved in one chunk, it runs as one autograd op whose backward is written out (below)
+    instead of an autograd chain through kernel, plan and product: about half the B*S*T passes
+    and fresh B*S*T buffers. ``bench/bench_ot.py`` times the loss either way.
+
+    Unlike ``sinkhorn_log``, C must be finite at masked entries (they get no mass, but
+    ``0 * NaN`` would reach the loss): the costs of ``losses.ot`` are, because padded states
+    are zeroed before the cost is formed.
+    """
+    _check_args(cost_BST, student_mask_BS, teacher_mask_BT, epsilon, grad_mode)
+    _check_counts(num_iters=num_iters, num_grad_iters=num_grad_iters)
+    if absorb_every is not None:
+        _check_counts(absorb_every=absorb_every)
+    num_problems, num_student, num_teacher = cost_BST.shape
+    if absorb_every is None and num_problems > 0:
+        absorb_every = automatic_absorb_every(
+            cost_BST, student_mask_BS, teacher_mask_BT, epsilon, num_iters, None, cost_range
+        )
+    num_grad = {"unrolled": num_iters, "envelope": 0}.get(grad_mode, min(num_grad_iters, num_iters))
+    fits = memory_budget_bytes is None or num_problems <= sinkhorn_chunk_size(
+        num_problems,
+        num_student,
+        num_teacher,
+        memory_budget_bytes=memory_budget_bytes,
+        num_grad_iters=num_grad,
+        absorb_every=absorb_every or num_iters,
+        bytes_per_element=torch.promote_types(cost_BST.dtype, torch.float32).itemsize,
+    )
+    if num_problems == 0 or not fits or num_grad > (absorb_every or num_iters) or not FUSED_LOSS:
+        plan_BST = sinkhorn_log(
+            cost_BST,
+            student_mask_BS,
+            teacher_mask_BT,
+            epsilon=epsilon,
+            num_iters=num_iters,
+            grad_mode=grad_mode,
+            num_grad_iters=num_grad_iters,
+            absorb_every=absorb_every,
+            memory_budget_bytes=memory_budget_bytes,
+        )
+        return (plan_BST * cost_BST).sum((1, 2))
+    options = _Options(epsilon, num_iters, num_grad, None, absorb_every, False)
+    return _TransportCost.apply(cost_BST, student_mask_BS, teacher_mask_BT, options)
+
+
+# False routes ``transport_cost`` through ``sinkhorn_log`` and autograd (the bench's peer).
+FUSED_LOSS = True
+
+
+class _TransportCost(torch.autograd.Function):
+    """``transport_cost`` with one differentiated absorption block (or none: envelope).
+
+    Forward, per problem: warm iterations without autograd end at potentials f, g; the block
+    starts from ``K1 = exp(log K + f + g)``, runs its scaling iterations to (u, v), and the plan
+    is ``P = K1 u v^T``; the loss is ``L = <P, C>``.
+
+    Backward, with G the kernel gradient of the scaling block fed with ``dL/du = (K1 * C) v``
+    and ``dL/dv = (K1 * C)^T u`` (``_scaling_backward``)::
+
+        dL/dC = P - (P * C + K1 * G) / epsilon
+
+    (the direct term, then ``log K = -C / epsilon`` through the plan and through K1). Masked
+    entries of K1 and P are exactly zero, so the gradient there is too, provided C is finite
+    there (``transport_cost``'s contract). Envelope: ``dL/dC = P``.
+    """
+
+    @staticmethod
+    def forward(ctx, cost_BST, student_mask_BS, teacher_mask_BT, options):
+        student_mask_BS, teacher_mask_BT = _problem_masks(student_mask_BS, teacher_mask_BT)
+        problem = _Problem(cost_BST, student_mask_BS, teacher_mask_BT, options.epsilon, clean=False)
+        a_B1S, b_B1T, tiny = problem.a_B1S, problem.b_B1T, problem.tiny
+        num_warm = options.num_iters - options.num_grad
+        f_BS, g_BT = problem.initial_potentials()
+        if num_warm <= options.absorb_every:
+            # One absorption, f = 0: the kernel in the log-kernel's own buffer, then the warm
+            # plan K exp(f) exp(g) in place, which is the block's kernel K1.
+            kernel_BST = problem.log_kernel_BST.add_(g_BT[:, None, :]).exp_()
+            if num_warm > 0:
+                u_B1S, v_B1T, _, _ = _scaling_forward(kernel_BST, a_B1S, b_B1T, num_warm, tiny)
+                kernel_BST.mul_(u_B1S.mT).mul_(v_B1T)
+        else:
+            kernel_BST, *_ = problem.iterate(
+                f_BS, g_BT, num_warm, absorb_every=options.absorb_every, tol=None
+            )
+        ctx.cost_dtype = cost_BST.dtype
+        if options.num_grad == 0:
+            ctx.save_for_backward(kernel_BST)
+            return (kernel_BST * cost_BST).sum((1, 2))
+        u_B1S, v_B1T, rows_BNS, columns_BNT = _scaling_forward(
+            kernel_BST, a_B1S, b_B1T, options.num_grad, tiny, keep=True
+        )
+        plan_BST = torch.mul(kernel_BST, u_B1S.mT).mul_(v_B1T)
+        # P * C serves the loss and, saved, the backward (so C itself is not kept).
+        weighted_BST = torch.mul(plan_BST, cost_BST)
+        ctx.save_for_backward(
+            plan_BST, weighted_BST, kernel_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, u_B1S, v_B1T
+        )
+        ctx.epsilon = options.epsilon
+        return weighted_BST.sum((1, 2))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_B):
+        grad_B11 = grad_B.to(ctx.saved_tensors[0].dtype)[:, None, None]
+        if len(ctx.saved_tensors) == 1:  # envelope
+            (plan_BST,) = ctx.saved_tensors
+            return (plan_BST * grad_B11).to(ctx.cost_dtype), None, None, None
+        plan_BST, weighted_BST, kernel_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, u_B1S, v_B1T = (
+            ctx.saved_tensors
+        )
+        # dL/du = (K1 * C) v = rowsum(P * C) / u. Where u = 0 (masked rows) the block's backward
+        # multiplies this gradient by u / (K v) = 0, so any finite value is exact there.
+        grad_u_B1S = _divide_where_positive(weighted_BST.sum(2)[:, None, :], u_B1S)
+        grad_v_B1T = _divide_where_positive(weighted_BST.sum(1)[:, None, :], v_B1T)
+        left_B2NS, right_B2NT = _scaling_backward(
+            kernel_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, grad_u_B1S, grad_v_B1T
+        )
+        grad_BST = torch.bmm(left_B2NS.mT, right_B2NT).mul_(kernel_BST).add_(weighted_BST)
+        grad_BST.mul_(grad_B11 / -ctx.epsilon).addcmul_(plan_BST, grad_B11)
+        return grad_BST.to(ctx.cost_dtype), None, None, None
+
+
+def _divide_where_positive(numerator, denominator):
+    return torch.where(denominator > 0, numerator / denominator, 0.0)
+
+
 # Kernel dynamic range (in units of epsilon) up to which plain scaling iterations are safe in fp32
 # without intermediate absorptions: see the module docstring.
 SAFE_LOG_RANGE = 20.0
@@ -374,13 +518,17 @@ def _problem_masks(student_mask_BS, teacher_mask_BT):
 class _Problem:
     """Log-kernel and marginals of one chunk; the iteration itself is ``iterate``."""
 
-    def __init__(self, cost_BST, student_mask_BS, teacher_mask_BT, epsilon):
+    def __init__(self, cost_BST, student_mask_BS, teacher_mask_BT, epsilon, *, clean=True):
         dtype = torch.promote_types(cost_BST.dtype, torch.float32)
         self.student_mask_BS, self.teacher_mask_BT = student_mask_BS, teacher_mask_BT
         # One B*S*T buffer: masked entries zeroed bitwise (whatever they held), the division in
         # place, then log(0) stand-ins added per masked row and column (-2e30 where both are).
+        # ``clean=False``: the caller guarantees finite masked entries, so no zeroing is needed.
         keeps = (student_mask_BS[:, :, None], teacher_mask_BT[:, None, :])
-        log_kernel_BST = fill_masked(cost_BST.to(dtype), keeps, 0.0).div_(-epsilon)
+        if clean:
+            log_kernel_BST = fill_masked(cost_BST.to(dtype), keeps, 0.0).div_(-epsilon)
+        else:
+            log_kernel_BST = torch.div(cost_BST.to(dtype), -epsilon)
         log_kernel_BST.add_(_log_zero_where_masked(keeps[0], dtype))
         self.log_kernel_BST = log_kernel_BST.add_(_log_zero_where_masked(keeps[1], dtype))
         self.a_B1S = _uniform(student_mask_BS, dtype)[:, None, :]
@@ -413,7 +561,7 @@ class _Problem:
         done = 0
         while done < num_iters:
             block = min(absorb_every, num_iters - done)
-            kernel_BST = self._absorbed_kernel(f_BS, g_BT)
+            kernel_BST = self.absorbed_kernel(f_BS, g_BT)
             u_BS, v_BT = (scaling[:, 0] for scaling in self._scaling_iterations(kernel_BST, block))
             done += block
             f_BS = f_BS + torch.log(torch.where(self.student_mask_BS, u_BS, 1.0))
@@ -439,7 +587,8 @@ class _Problem:
         shifted_BST = torch.add(self.log_kernel_BST, f_BS[:, :, None])
         return shifted_BST.add_(g_BT[:, None, :]).exp_()
 
-    def _absorbed_kernel(self, f_BS, g_BT):
+    def absorbed_kernel(self, f_BS, g_BT):
+        """``exp(log K + f + g)``."""
         if not self.inplace:
             return self._exp_shifted(f_BS, g_BT)
         # Reuse one buffer across absorptions: no B*S*T allocation per block.
@@ -521,12 +670,8 @@ def _blas_controller():
 
 
 class _ScalingBlock(torch.autograd.Function):
-    """Scaling iterations of one absorption block, differentiated with respect to the kernel.
-
-    Plain autograd would add two rank-1 outer products into the B*S*T kernel gradient per
-    iteration (two full passes each); here the backward recursion runs on vectors only and the
-    kernel gradient is assembled at the end as one rank-2N product, a single batched GEMM.
-    """
+    """Scaling iterations of one absorption block, differentiated with respect to the kernel
+    (backward: ``_scaling_backward``, then one batched GEMM)."""
 
     @staticmethod
     def forward(ctx, kernel_BST, a_B1S, b_B1T, num_iters, tiny):
@@ -540,52 +685,64 @@ class _ScalingBlock(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_u_B1S, grad_v_out_B1T):
         kernel_BST, a_B1S, b_B1T, rows_BNS, columns_BNT = ctx.saved_tensors
-        num_problems, num_iters, num_student = rows_BNS.shape
-        num_teacher = columns_BNT.shape[2]
-        # dK = sum_k grad_row_k (x) v_k + u_{k-1} (x) grad_column_k = left^T @ right, with
-        # left (B, 2N, S) = [grad rows; u_{k-1}] and right (B, 2N, T) = [v_k; grad columns].
-        left_B2NS = rows_BNS.new_empty((num_problems, 2 * num_iters, num_student))
-        right_B2NT = columns_BNT.new_empty((num_problems, 2 * num_iters, num_teacher))
-        # Iteration k: c = K^T u_{k-1} + tiny, v_k = b / c, r = K v_k + tiny, u_k = a / r
-        # (u_{-1} = 1). d u_k / d r = -u_k / r and d v_k / d c = -v_k / c, for all k at once.
-        u_BNS = a_B1S / rows_BNS
-        v_BNT = torch.div(b_B1T, columns_BNT, out=right_B2NT[:, :num_iters])
-        left_B2NS[:, num_iters].fill_(1.0)
-        left_B2NS[:, num_iters + 1 :] = u_BNS[:, :-1]
-        row_slope_BNS = u_BNS.div_(rows_BNS).neg_()
-        column_slope_BNT = -v_BNT / columns_BNT
         if grad_u_B1S is None:
             grad_u_B1S = torch.zeros_like(a_B1S)
         if grad_v_out_B1T is None:
             grad_v_out_B1T = torch.zeros_like(b_B1T)
-        # Written in place by the loop: a private, dense copy of the incoming gradient.
-        grad_u_B1S = grad_u_B1S.clone(memory_format=torch.contiguous_format)
-        grad_v_B1T = torch.empty_like(b_B1T)
-        backend = _array_backend(
-            kernel_BST,
-            kernel_BST.transpose(1, 2),
-            row_slope_BNS,
-            column_slope_BNT,
-            left_B2NS,
-            right_B2NT,
-            grad_u_B1S,
-            grad_v_B1T,
-            grad_v_out_B1T,
+        left_B2NS, right_B2NT = _scaling_backward(
+            kernel_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, grad_u_B1S, grad_v_out_B1T
         )
-        with backend as (xp, arrays):
-            kernel, kernel_t, row_slope, column_slope, left, right = arrays[:6]
-            grad_u, grad_v, grad_v_out = arrays[6:]
-            for k in reversed(range(num_iters)):
-                step, grad_row = slice(k, k + 1), left[:, k : k + 1]
-                grad_column = right[:, num_iters + k : num_iters + k + 1]
-                xp.multiply(grad_u, row_slope[:, step], out=grad_row)
-                xp.matmul(grad_row, kernel, out=grad_v)
-                if k == num_iters - 1:
-                    grad_v += grad_v_out
-                xp.multiply(grad_v, column_slope[:, step], out=grad_column)
-                xp.matmul(grad_column, kernel_t, out=grad_u)
-        grad_kernel_BST = torch.bmm(left_B2NS.mT, right_B2NT)
-        return grad_kernel_BST, None, None, None, None
+        return torch.bmm(left_B2NS.mT, right_B2NT), None, None, None, None
+
+
+def _scaling_backward(kernel_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, grad_u_B1S, grad_v_out_B1T):
+    """Backward of ``_scaling_forward(keep=True)``: the kernel gradient as ``left^T @ right``.
+
+    ``grad_u_B1S``, ``grad_v_out_B1T``: gradients with respect to the block's last u and v.
+    Returns ``left_B2NS, right_B2NT`` with ``dK = sum_k grad_row_k (x) v_k + u_{k-1} (x)
+    grad_column_k = left^T @ right``, left = [grad rows; u_{k-1}], right = [v_k; grad columns]:
+    the recursion runs on vectors and the caller forms dK with one batched GEMM (plain autograd
+    would add two rank-1 outer products into a B*S*T buffer per iteration).
+    """
+    num_problems, num_iters, num_student = rows_BNS.shape
+    num_teacher = columns_BNT.shape[2]
+    left_B2NS = rows_BNS.new_empty((num_problems, 2 * num_iters, num_student))
+    right_B2NT = columns_BNT.new_empty((num_problems, 2 * num_iters, num_teacher))
+    # Iteration k: c = K^T u_{k-1} + tiny, v_k = b / c, r = K v_k + tiny, u_k = a / r
+    # (u_{-1} = 1). d u_k / d r = -u_k / r and d v_k / d c = -v_k / c, for all k at once.
+    u_BNS = a_B1S / rows_BNS
+    v_BNT = torch.div(b_B1T, columns_BNT, out=right_B2NT[:, :num_iters])
+    left_B2NS[:, num_iters].fill_(1.0)
+    left_B2NS[:, num_iters + 1 :] = u_BNS[:, :-1]
+    row_slope_BNS = u_BNS.div_(rows_BNS).neg_()
+    column_slope_BNT = -v_BNT / columns_BNT
+    # Written in place by the loop: a private, dense copy of the incoming gradient.
+    grad_u_B1S = grad_u_B1S.clone(memory_format=torch.contiguous_format)
+    grad_v_B1T = torch.empty_like(b_B1T)
+    backend = _array_backend(
+        kernel_BST,
+        kernel_BST.transpose(1, 2),
+        row_slope_BNS,
+        column_slope_BNT,
+        left_B2NS,
+        right_B2NT,
+        grad_u_B1S,
+        grad_v_B1T,
+        grad_v_out_B1T,
+    )
+    with backend as (xp, arrays):
+        kernel, kernel_t, row_slope, column_slope, left, right = arrays[:6]
+        grad_u, grad_v, grad_v_out = arrays[6:]
+        for k in reversed(range(num_iters)):
+            step, grad_row = slice(k, k + 1), left[:, k : k + 1]
+            grad_column = right[:, num_iters + k : num_iters + k + 1]
+            xp.multiply(grad_u, row_slope[:, step], out=grad_row)
+            xp.matmul(grad_row, kernel, out=grad_v)
+            if k == num_iters - 1:
+                grad_v += grad_v_out
+            xp.multiply(grad_v, column_slope[:, step], out=grad_column)
+            xp.matmul(grad_column, kernel_t, out=grad_u)
+    return left_B2NS, right_B2NT
 
 
 def _log_zero_where_masked(keep, dtype):
