@@ -40,7 +40,9 @@ inputs and each row reports the medians.
 Memory: peak resident memory above a baseline, in one child process (``python -m bench.bench_ot
 --memory-child``) started with ``MALLOC_MMAP_THRESHOLD_=65536`` so that every tensor over 64 kB is
 its own mmap, returned to the OS when freed. Per case the child builds the inputs, runs a tiny
-warm-up, resets the kernel's peak-RSS mark (``echo 5 > /proc/self/clear_refs``), reads VmRSS as the
+warm-up, returns free heap pages to the OS (``malloc_trim``: glibc would otherwise serve the case
+from heap pages an earlier case left resident, which hid whole peaks), resets the kernel's
+peak-RSS mark (``echo 5 > /proc/self/clear_refs``), reads VmRSS as the
 baseline, runs one forward + backward and reports VmHWM minus the baseline: the cost, the plan,
 the solver's working tensors and everything autograd keeps. Where clear_refs is unavailable each
 case gets its own child (the peak then also covers the warm-up, a few MB). Linux only.

@@ -40,6 +40,10 @@ class PeakRSS:
     """
 
     def __enter__(self) -> PeakRSS:
+        # Free heap pages an earlier case left resident would serve this case's allocations
+        # (glibc reuses a free heap chunk before it maps new memory, whatever the mmap
+        # threshold) and hide its peak: give them back first.
+        release_free_heap()
         self.resettable = reset_peak()
         self._baseline_kb = status_kb("VmRSS") if self.resettable else _maxrss_kb()
         self.mb = float("nan")
@@ -54,6 +58,27 @@ def _maxrss_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def release_free_heap() -> bool:
+    """Return glibc's free heap pages to the OS (``malloc_trim(0)``); False elsewhere."""
+    libc = _glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False
+
+
+def _glibc():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        libc.malloc_trim  # noqa: B018 - absent outside glibc
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
 def return_big_frees_to_the_os(threshold_bytes: int = 65536) -> bool:
     """Make glibc serve allocations over ``threshold_bytes`` as their own mmaps (``mallopt``).
 
@@ -62,15 +87,8 @@ def return_big_frees_to_the_os(threshold_bytes: int = 65536) -> bool:
     ``MALLOC_MMAP_THRESHOLD_``, for benches that measure several cases in one process. False
     where glibc is not the allocator.
     """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None:
+    libc = _glibc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(name)
-        m_mmap_threshold = -3  # from malloc.h
-        return bool(libc.mallopt(m_mmap_threshold, threshold_bytes))
-    except (OSError, AttributeError):
-        return False
+    m_mmap_threshold = -3  # from malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, threshold_bytes))
