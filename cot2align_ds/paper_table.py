@@ -30,11 +30,11 @@ from typing import Any
 
 from cot2align_ds.data.records import write_text_atomic
 from cot2align_ds.errors import UserError
+from cot2align_ds.run_dir import best_model_dir
 
 RESULTS_FILENAME = "eval_results.json"
 EVAL_ARGS_FILENAME = "eval_args.json"
 TABLE_FILENAME = "paper_table.md"
-DEV_EVAL_FILENAME = "dev_eval.json"  # written by train/dev_eval.py (STATE_FILENAME)
 COT_SUFFIX = "+cot2align"
 MISSING = "–"
 SETTINGS = ("A", "A_same", "B", "B_same", "C")
@@ -235,27 +235,6 @@ def write_paper_table(
 # ---------------------------------------------------------------------------------------------
 # Which model to evaluate
 # ---------------------------------------------------------------------------------------------
-
-
-def best_model_dir(run_dir: str | Path) -> Path:
-    """The best dev checkpoint the run kept, else its final ``student/`` model."""
-    run_dir = Path(run_dir)
-    state_path = run_dir / DEV_EVAL_FILENAME
-    if state_path.is_file():
-        kept = _read_json(state_path).get("kept") or []
-        if kept:
-            best = Path(kept[0]["path"])
-            # Stored relative to where training ran; look inside the run as well.
-            for candidate in (best, run_dir / best.parent.name / best.name):
-                if candidate.is_dir():
-                    return candidate
-    final = run_dir / "student"
-    if final.is_dir():
-        return final
-    raise PaperTableError(
-        f"{run_dir}: no trained model (no best checkpoint in {DEV_EVAL_FILENAME}, no student/); "
-        "train it first"
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

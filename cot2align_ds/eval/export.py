@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from cot2align_ds.eval.evaluate import load_model_for_eval
-from cot2align_ds.paper_table import best_model_dir
+from cot2align_ds.run_dir import FINAL_MODEL_DIRNAME, best_model_dir
 
 # Training precision -> the dtype the published weights are saved in.
 _SAVE_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -32,7 +32,7 @@ def publish_best_model(run_dir: Path, name: str, precision: str) -> tuple[Path, 
     target = run_dir / name
     staging = run_dir / f".{name}.partial-{os.getpid()}"
     _remove(staging)
-    is_best = source.resolve() != (run_dir / "student").resolve()
+    is_best = source.resolve() != (run_dir / FINAL_MODEL_DIRNAME).resolve()
     if is_best:
         model, tokenizer = load_model_for_eval(source, dtype=_SAVE_DTYPE[precision])
         model.save_pretrained(staging, safe_serialization=True)

@@ -27,10 +27,11 @@ from cot2align_ds.data.records import Record, write_jsonl_atomic, write_text_ato
 from cot2align_ds.data.templates import TEMPLATES, standard_prompt
 from cot2align_ds.eval.generation import DecodingConfig, encode_prompts, generate
 from cot2align_ds.eval.metrics import EvalInputError, get_metric
+from cot2align_ds.run_dir import DEV_EVAL_FILENAME
 
 ReduceSum = Callable[[torch.Tensor], torch.Tensor]
 METRIC_PREFIX = "eval/"
-STATE_FILENAME = "dev_eval.json"
+STATE_FILENAME = DEV_EVAL_FILENAME
 PREDICTIONS_DIRNAME = "dev_predictions"
 ALL_METRICS = ("rouge_l", "exact_match")
 

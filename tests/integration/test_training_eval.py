@@ -69,7 +69,7 @@ def test_sft_teacher_publishes_its_best_checkpoint_as_a_loadable_teacher(workspa
     from cot2align_ds.config import load_config
     from cot2align_ds.eval.evaluate import load_model_for_eval
     from cot2align_ds.models.loading import load_causal_lm, load_tokenizer
-    from cot2align_ds.paper_table import best_model_dir
+    from cot2align_ds.run_dir import best_model_dir
     from cot2align_ds.runs import run_sft_teacher_command
 
     config_path = tmp_path / "run.yaml"

@@ -49,6 +49,11 @@ def test_ot_calls_rows():
     rows = bench_ot_calls.run(quick=True, tiny=True)
     _check_rows(rows, "ot_calls")
     assert rows[0]["ours"] > 0.0
+    # The target is on what training runs (one call per view); all-in-one is reported.
+    assert [(": per view" in r["case"], r["target"]) for r in rows] == [
+        (True, "< 1x"),
+        (False, "report"),
+    ]
 
 
 def test_ot_calls_groups_are_ragged_per_view():

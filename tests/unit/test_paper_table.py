@@ -12,13 +12,13 @@ from cot2align_ds.paper_table import (
     MISSING,
     TABLE_FILENAME,
     PaperTableError,
-    best_model_dir,
     collect_results,
     dataset_column,
     main,
     render_table,
     write_paper_table,
 )
+from cot2align_ds.run_dir import RunDirError, best_model_dir
 
 
 def _scores(mean: float, std: float, seeds: int = 5) -> dict:
@@ -200,5 +200,11 @@ def test_best_model_falls_back_to_the_final_model(tmp_path):
 
 
 def test_best_model_without_any_model(tmp_path):
-    with pytest.raises(PaperTableError, match="no trained model"):
+    with pytest.raises(RunDirError, match="no trained model"):
+        best_model_dir(tmp_path)
+
+
+def test_best_model_with_an_unreadable_dev_eval_state(tmp_path):
+    (tmp_path / "dev_eval.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(RunDirError, match="dev_eval.json: unreadable"):
         best_model_dir(tmp_path)
