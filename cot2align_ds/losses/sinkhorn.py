@@ -68,7 +68,6 @@ cheapest, and at large epsilon equivalent to the reference with half the OT weig
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -620,11 +619,8 @@ def _scaling_forward(kernel_BST, a_B1S, b_B1T, num_iters, tiny, keep=False):
     rows_BNS = kernel_BST.new_empty((num_problems, slots, num_student))
     columns_BNT = kernel_BST.new_empty((num_problems, slots, num_teacher))
     u_B1S, v_B1T = torch.ones_like(a_B1S), torch.empty_like(b_B1T)
-    # (1, S) @ (S, T) and (1, T) @ (T, S): on CPU several times faster than (S, T) @ (T, 1).
-    backend = _array_backend(
-        kernel_BST, kernel_BST.transpose(1, 2), a_B1S, b_B1T, u_B1S, v_B1T, rows_BNS, columns_BNT
-    )
-    with backend as (xp, (kernel, kernel_t, a, b, u, v, rows, columns)):
+
+    def loop(xp, kernel, kernel_t, a, b, u, v, rows, columns):
         for k in range(num_iters):
             slot = slice(k, k + 1) if keep else slice(0, 1)
             column, row = columns[:, slot], rows[:, slot]
@@ -634,27 +630,39 @@ def _scaling_forward(kernel_BST, a_B1S, b_B1T, num_iters, tiny, keep=False):
             xp.matmul(v, kernel_t, out=row)
             row += tiny
             xp.divide(a, row, out=u)
+
+    # (1, S) @ (S, T) and (1, T) @ (T, S): on CPU several times faster than (S, T) @ (T, 1).
+    _run_loop(
+        loop,
+        kernel_BST,
+        kernel_BST.transpose(1, 2),
+        a_B1S,
+        b_B1T,
+        u_B1S,
+        v_B1T,
+        rows_BNS,
+        columns_BNT,
+    )
     if not keep:
         return u_B1S, v_B1T, None, None
     return u_B1S, v_B1T, rows_BNS, columns_BNT
 
 
-@contextlib.contextmanager
-def _array_backend(*tensors):
-    """Where the scaling loops run: NumPy views of CPU tensors, torch itself elsewhere.
+def _run_loop(loop, *tensors):
+    """Run ``loop(xp, *arrays)``: on NumPy views of CPU tensors, on the tensors themselves elsewhere.
 
     The loops are chains of small matrix-vector products and elementwise ops on (B, 1, N) rows,
     where per-call overhead and the matrix-vector kernel decide the time; ``bench/bench_ot.py``
-    times the whole loss with either backend (NumPy 0.66-0.78x of torch on our 2-core AMD EPYC
-    dev machine, one thread). The views share memory with the tensors.
-    OpenBLAS keeps its own thread pool: within the block it is held to torch's thread count, so
-    a process pinned to N threads stays on N.
+    times the whole loss with either backend (NumPy 0.69-0.76x of torch on our 2-core AMD EPYC
+    dev machine, one thread). The views share memory with the tensors. OpenBLAS keeps its own
+    thread pool: within the loop it is held to torch's thread count, so a process pinned to N
+    threads stays on N.
     """
     if tensors[0].device.type != "cpu" or CPU_ARRAY_BACKEND == "torch":
-        yield torch, tensors
+        loop(torch, *tensors)
         return
     with _blas_controller().limit(limits=torch.get_num_threads(), user_api="blas"):
-        yield np, [tensor.detach().numpy() for tensor in tensors]
+        loop(np, *[tensor.detach().numpy() for tensor in tensors])
 
 
 # "numpy" (default) or "torch": which library runs the scaling loops of CPU tensors. Both give
@@ -719,7 +727,20 @@ def _scaling_backward(kernel_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, grad_u_B1
     # Written in place by the loop: a private, dense copy of the incoming gradient.
     grad_u_B1S = grad_u_B1S.clone(memory_format=torch.contiguous_format)
     grad_v_B1T = torch.empty_like(b_B1T)
-    backend = _array_backend(
+
+    def loop(xp, kernel, kernel_t, row_slope, column_slope, left, right, grad_u, grad_v, grad_out):
+        for k in reversed(range(num_iters)):
+            step, grad_row = slice(k, k + 1), left[:, k : k + 1]
+            grad_column = right[:, num_iters + k : num_iters + k + 1]
+            xp.multiply(grad_u, row_slope[:, step], out=grad_row)
+            xp.matmul(grad_row, kernel, out=grad_v)
+            if k == num_iters - 1:
+                grad_v += grad_out
+            xp.multiply(grad_v, column_slope[:, step], out=grad_column)
+            xp.matmul(grad_column, kernel_t, out=grad_u)
+
+    _run_loop(
+        loop,
         kernel_BST,
         kernel_BST.transpose(1, 2),
         row_slope_BNS,
@@ -728,20 +749,8 @@ def _scaling_backward(kernel_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, grad_u_B1
         right_B2NT,
         grad_u_B1S,
         grad_v_B1T,
-        grad_v_out_B1T,
+        grad_v_out_B1T.expand_as(grad_v_B1T),
     )
-    with backend as (xp, arrays):
-        kernel, kernel_t, row_slope, column_slope, left, right = arrays[:6]
-        grad_u, grad_v, grad_v_out = arrays[6:]
-        for k in reversed(range(num_iters)):
-            step, grad_row = slice(k, k + 1), left[:, k : k + 1]
-            grad_column = right[:, num_iters + k : num_iters + k + 1]
-            xp.multiply(grad_u, row_slope[:, step], out=grad_row)
-            xp.matmul(grad_row, kernel, out=grad_v)
-            if k == num_iters - 1:
-                grad_v += grad_v_out
-            xp.multiply(grad_v, column_slope[:, step], out=grad_column)
-            xp.matmul(grad_column, kernel_t, out=grad_u)
     return left_B2NS, right_B2NT
 
 

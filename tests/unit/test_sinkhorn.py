@@ -427,19 +427,25 @@ def test_numpy_and_torch_loops_agree(monkeypatch, grad_mode, dtype):
 
 def test_numpy_loops_keep_blas_on_torch_thread_count():
     # OpenBLAS has its own pool; inside the loops it must follow torch's thread setting.
+    import numpy as np
     from threadpoolctl import threadpool_info
 
     import cot2align_ds.losses.sinkhorn as sinkhorn
 
+    seen = []
+
+    def loop(xp, kernel):
+        blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+        seen.append((xp, type(kernel), blas))
+
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with sinkhorn._array_backend(torch.zeros(2, 3)) as (xp, arrays):
-            assert xp.__name__ == "numpy" and isinstance(arrays[0], xp.ndarray)
-            blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
-            assert blas and all(pool["num_threads"] == 1 for pool in blas)
+        sinkhorn._run_loop(loop, torch.zeros(2, 3, 3))
     finally:
         torch.set_num_threads(previous)
+    [(xp, array_type, blas)] = seen
+    assert xp is np and array_type is np.ndarray and blas and set(blas) == {1}
 
 
 # -- transport_cost: the loss <P, C> as one autograd op ----------------------------------------
