@@ -3,7 +3,8 @@
 Every case is the CoT2Align reference setting: attention cost ``1 - softmax(x y^T / sqrt(D))``,
 epsilon=10 (kernel ``exp(-0.1 C)``), exactly 100 iterations (no early exit on either side),
 uniform marginals, every position real, fp32. Every peer is timed and its peak memory measured
-at B=4 with S=T=128, 512 and 1024 (quick: 128, 256); the loop's 10x target is at B=8 (128, 256).
+at B=4 with S=T=128, 512 and 1024 (quick: 128, 256); the loop's 10x target is at B=8 (128, 256,
+512, 1024; quick: 128).
 "ours" is ``ot_loss`` forward + backward (to the hidden states) in the named gradient mode; each
 peer computes the same cost with the same ``cost_matrix`` and then:
 
@@ -24,7 +25,9 @@ peer computes the same cost with the same ``cost_matrix`` and then:
 Report rows, same inputs, B=8, one thread: ours with its scaling loops run as torch ops instead
 of through NumPy views (``sinkhorn.CPU_ARRAY_BACKEND``); ours with the loss ``<P, C>`` taken
 through ``sinkhorn_log`` and an autograd chain instead of the one-op ``transport_cost``
-(``sinkhorn.FUSED_LOSS``); the bitwise padding mask
+(``sinkhorn.FUSED_LOSS``); at 512 and 1024, ours with every problem's kernel streamed at each
+scaling step instead of problems run in cache-sized groups (``sinkhorn.CACHE_GROUPS``); the
+bitwise padding mask
 (``fill_masked``) against ``torch.where``; the one-op masked attention cost against
 ``fill_masked`` + ``cost_matrix``. Each is forward + backward. And the floor against the loop:
 the cost op alone (forward + backward) and the 110 scaling iteration pairs alone.
@@ -86,14 +89,16 @@ def _ours(
     absorb_every: int | None = None,
     loops: str = "numpy",
     fused: bool = True,
+    cache_groups: bool = True,
 ):
     from cot2align_ds.losses import sinkhorn
     from cot2align_ds.losses.ot import ot_loss
 
     def call(student_BSD, teacher_BTD, mask_BS):
         student, teacher = student_BSD.requires_grad_(), teacher_BTD.requires_grad_()
-        previous = sinkhorn.CPU_ARRAY_BACKEND, sinkhorn.FUSED_LOSS
+        previous = sinkhorn.CPU_ARRAY_BACKEND, sinkhorn.FUSED_LOSS, sinkhorn.CACHE_GROUPS
         sinkhorn.CPU_ARRAY_BACKEND, sinkhorn.FUSED_LOSS = loops, fused
+        sinkhorn.CACHE_GROUPS = cache_groups
         try:
             loss_sum, _ = ot_loss(
                 student,
@@ -107,7 +112,7 @@ def _ours(
             )
             loss_sum.backward()
         finally:
-            sinkhorn.CPU_ARRAY_BACKEND, sinkhorn.FUSED_LOSS = previous
+            sinkhorn.CPU_ARRAY_BACKEND, sinkhorn.FUSED_LOSS, sinkhorn.CACHE_GROUPS = previous
 
     return call
 
@@ -262,6 +267,8 @@ def _callable(name: str, num_iters: int = NUM_ITERS):
         return _ours(name.split()[1].rstrip(","), num_iters, loops="torch")
     if name.startswith("ours ") and name.endswith(", autograd chain"):
         return _ours(name.split()[1].rstrip(","), num_iters, fused=False)
+    if name.startswith("ours ") and name.endswith(", kernels streamed"):
+        return _ours(name.split()[1].rstrip(","), num_iters, cache_groups=False)
     if name in _PIECES:
         return _PIECES[name]
     if name.startswith("ours "):
@@ -329,6 +336,16 @@ def _time_rows(quick: bool) -> list[dict]:
                 )
             peer = "lean per-sample loop"
             cases.append(("ours truncated", peer, 8, positions, repeats, threads, "report"))
+        # The longer sequences at B=8 too (one loop call takes ~1 s at 512, ~6 s at 1024).
+        for positions, repeats in () if quick else ((512, 5), (1024, 3)):
+            target = "<= 0.1x (10x faster)"
+            cases.append(
+                ("ours truncated", "reference loop", 8, positions, repeats, threads, target)
+            )
+    # Problems in cache-sized groups vs every kernel streamed at each scaling step.
+    for positions in () if quick else (512, 1024):
+        peer = "ours truncated, kernels streamed"
+        cases.append(("ours truncated", peer, 8, positions, 3, NUM_THREADS, "report"))
     # What the loss's pieces gain, in isolation (report only): the scaling loops through NumPy
     # views vs torch ops, the one-op loss vs the autograd chain, the bitwise mask vs torch.where,
     # the one-op attention cost vs its composition; and the floor (cost op, iterations) vs the loop.

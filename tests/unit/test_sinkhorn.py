@@ -545,3 +545,44 @@ def test_transport_cost_low_precision_input(dtype):
     assert torch.isfinite(leaf.grad.float()).all()
     tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-6
     assert_close(value_B.double(), reference_B, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("grad_mode", ["truncated", "envelope"])
+def test_cache_groups_change_nothing(monkeypatch, grad_mode):
+    # One problem per group (a tiny cache) against all problems streamed at each step: the same
+    # per-problem products, so the same bits.
+    import cot2align_ds.losses.sinkhorn as sinkhorn
+
+    assert sinkhorn.cache_bytes() >= 1 << 16  # the real lookup: some plausible size
+    cost_BST, student_mask_BS, teacher_mask_BT = _ragged_problem(seed=25, dtype=torch.float32)
+    results = {}
+    for grouped in (True, False):
+        monkeypatch.setattr(sinkhorn, "CACHE_GROUPS", grouped)
+        monkeypatch.setattr(sinkhorn, "cache_bytes", lambda: 1)
+        leaf = cost_BST.clone().requires_grad_()
+        value_B = transport_cost(
+            leaf, student_mask_BS, teacher_mask_BT, epsilon=0.5, num_iters=30, grad_mode=grad_mode
+        )
+        value_B.sum().backward()
+        results[grouped] = value_B.detach(), leaf.grad
+    assert torch.equal(results[True][0], results[False][0])
+    assert torch.equal(results[True][1], results[False][1])
+
+
+def test_scaling_loops_run_problems_in_cache_sized_groups(monkeypatch):
+    import cot2align_ds.losses.sinkhorn as sinkhorn
+
+    def groups_seen(kernel_bytes_budget, num_problems=5, size=32):
+        seen = []
+        monkeypatch.setattr(sinkhorn, "cache_bytes", lambda: kernel_bytes_budget)
+        sinkhorn._run_loop(
+            lambda xp, kernel, row: seen.append(kernel.shape[0]),
+            torch.zeros(num_problems, size, size),
+            torch.zeros(num_problems, 1, size),
+        )
+        return seen
+
+    one_kernel = 32 * 32 * 4  # bytes; a group may take 1/8 of the cache
+    assert groups_seen(8 * 2 * one_kernel) == [2, 2, 1]
+    assert groups_seen(1) == [1, 1, 1, 1, 1]
+    assert groups_seen(1 << 30) == [5]
