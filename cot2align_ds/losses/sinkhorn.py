@@ -142,26 +142,22 @@ def sinkhorn_log(
     _check_counts(num_iters=num_iters, num_grad_iters=num_grad_iters)
     if absorb_every is not None:
         _check_counts(absorb_every=absorb_every)
-    num_problems, num_student, num_teacher = cost_BST.shape
+    num_problems = cost_BST.shape[0]
     if num_problems == 0:
         return _empty_result(cost_BST, return_diagnostics)
-    if absorb_every is None:
-        absorb_every = automatic_absorb_every(
-            cost_BST, student_mask_BS, teacher_mask_BT, epsilon, num_iters, tol, cost_range
-        )
-    num_grad = {"unrolled": num_iters, "envelope": 0}.get(grad_mode, min(num_grad_iters, num_iters))
-    chunk = num_problems
-    if memory_budget_bytes is not None:
-        chunk = sinkhorn_chunk_size(
-            num_problems,
-            num_student,
-            num_teacher,
-            memory_budget_bytes=memory_budget_bytes,
-            num_grad_iters=num_grad,
-            absorb_every=absorb_every,
-            bytes_per_element=torch.promote_types(cost_BST.dtype, torch.float32).itemsize,
-        )
-    options = _Options(epsilon, num_iters, num_grad, tol, absorb_every, chunk < num_problems)
+    options, chunk = _plan_solve(
+        cost_BST,
+        student_mask_BS,
+        teacher_mask_BT,
+        epsilon=epsilon,
+        num_iters=num_iters,
+        grad_mode=grad_mode,
+        num_grad_iters=num_grad_iters,
+        tol=tol,
+        absorb_every=absorb_every,
+        cost_range=cost_range,
+        memory_budget_bytes=memory_budget_bytes,
+    )
     plan_BST, f_BS, g_BT, iters = _solve_in_chunks(
         cost_BST, student_mask_BS, teacher_mask_BT, options, chunk
     )
@@ -198,27 +194,10 @@ def transport_cost(
     ``0 * NaN`` would reach the loss): the costs of ``losses.ot`` are, because padded states
     are zeroed before the cost is formed.
     """
-    _check_args(cost_BST, student_mask_BS, teacher_mask_BT, epsilon, grad_mode)
-    _check_counts(num_iters=num_iters, num_grad_iters=num_grad_iters)
-    if absorb_every is not None:
-        _check_counts(absorb_every=absorb_every)
-    num_problems, num_student, num_teacher = cost_BST.shape
-    if absorb_every is None and num_problems > 0:
-        absorb_every = automatic_absorb_every(
-            cost_BST, student_mask_BS, teacher_mask_BT, epsilon, num_iters, None, cost_range
-        )
-    num_grad = {"unrolled": num_iters, "envelope": 0}.get(grad_mode, min(num_grad_iters, num_iters))
-    fits = memory_budget_bytes is None or num_problems <= sinkhorn_chunk_size(
-        num_problems,
-        num_student,
-        num_teacher,
-        memory_budget_bytes=memory_budget_bytes,
-        num_grad_iters=num_grad,
-        absorb_every=absorb_every or num_iters,
-        bytes_per_element=torch.promote_types(cost_BST.dtype, torch.float32).itemsize,
-    )
-    if num_problems == 0 or not fits or num_grad > (absorb_every or num_iters) or not FUSED_LOSS:
-        plan_BST = sinkhorn_log(
+    num_problems = cost_BST.shape[0]
+    if num_problems > 0 and FUSED_LOSS:
+        _check_args(cost_BST, student_mask_BS, teacher_mask_BT, epsilon, grad_mode)
+        options, chunk = _plan_solve(
             cost_BST,
             student_mask_BS,
             teacher_mask_BT,
@@ -226,12 +205,65 @@ def transport_cost(
             num_iters=num_iters,
             grad_mode=grad_mode,
             num_grad_iters=num_grad_iters,
+            tol=None,
             absorb_every=absorb_every,
+            cost_range=cost_range,
             memory_budget_bytes=memory_budget_bytes,
         )
-        return (plan_BST * cost_BST).sum((1, 2))
-    options = _Options(epsilon, num_iters, num_grad, None, absorb_every, False)
-    return _TransportCost.apply(cost_BST, student_mask_BS, teacher_mask_BT, options)
+        if chunk == num_problems and options.num_grad <= options.absorb_every:
+            return _TransportCost.apply(cost_BST, student_mask_BS, teacher_mask_BT, options)
+    plan_BST = sinkhorn_log(
+        cost_BST,
+        student_mask_BS,
+        teacher_mask_BT,
+        epsilon=epsilon,
+        num_iters=num_iters,
+        grad_mode=grad_mode,
+        num_grad_iters=num_grad_iters,
+        absorb_every=absorb_every,
+        cost_range=cost_range,
+        memory_budget_bytes=memory_budget_bytes,
+    )
+    return (plan_BST * cost_BST).sum((1, 2))
+
+
+def _plan_solve(
+    cost_BST,
+    student_mask_BS,
+    teacher_mask_BT,
+    *,
+    epsilon,
+    num_iters,
+    grad_mode,
+    num_grad_iters,
+    tol,
+    absorb_every,
+    cost_range,
+    memory_budget_bytes,
+) -> tuple[_Options, int]:
+    """Solver options (absorption interval, differentiated iterations) and problems per chunk."""
+    _check_counts(num_iters=num_iters, num_grad_iters=num_grad_iters)
+    if absorb_every is not None:
+        _check_counts(absorb_every=absorb_every)
+    num_problems, num_student, num_teacher = cost_BST.shape
+    if absorb_every is None:
+        absorb_every = automatic_absorb_every(
+            cost_BST, student_mask_BS, teacher_mask_BT, epsilon, num_iters, tol, cost_range
+        )
+    num_grad = {"unrolled": num_iters, "envelope": 0}.get(grad_mode, min(num_grad_iters, num_iters))
+    chunk = num_problems
+    if memory_budget_bytes is not None:
+        chunk = sinkhorn_chunk_size(
+            num_problems,
+            num_student,
+            num_teacher,
+            memory_budget_bytes=memory_budget_bytes,
+            num_grad_iters=num_grad,
+            absorb_every=absorb_every,
+            bytes_per_element=torch.promote_types(cost_BST.dtype, torch.float32).itemsize,
+        )
+    options = _Options(epsilon, num_iters, num_grad, tol, absorb_every, chunk < num_problems)
+    return options, chunk
 
 
 # False routes ``transport_cost`` through ``sinkhorn_log`` and autograd (the bench's peer).
