@@ -586,3 +586,22 @@ def test_scaling_loops_run_problems_in_cache_sized_groups(monkeypatch):
     assert groups_seen(8 * 2 * one_kernel) == [2, 2, 1]
     assert groups_seen(1) == [1, 1, 1, 1, 1]
     assert groups_seen(1 << 30) == [5]
+
+
+@pytest.mark.parametrize("grad_mode", ["truncated", "unrolled", "envelope"])
+def test_transport_cost_numpy_and_torch_loops_agree(monkeypatch, grad_mode):
+    # The torch loops are what GPU tensors run; on CPU they are selected by CPU_ARRAY_BACKEND.
+    import cot2align_ds.losses.sinkhorn as sinkhorn
+
+    cost_BST, student_mask_BS, teacher_mask_BT = _ragged_problem(seed=26, dtype=torch.float32)
+    results = {}
+    for backend in ("numpy", "torch"):
+        monkeypatch.setattr(sinkhorn, "CPU_ARRAY_BACKEND", backend)
+        leaf = cost_BST.clone().requires_grad_()
+        value_B = transport_cost(
+            leaf, student_mask_BS, teacher_mask_BT, epsilon=0.5, num_iters=30, grad_mode=grad_mode
+        )
+        (value_B * torch.tensor([1.0, 2.0, -1.0, 0.5])).sum().backward()
+        results[backend] = value_B.detach(), leaf.grad
+    assert_close(results["numpy"][0], results["torch"][0], rtol=1e-5, atol=1e-7)
+    assert_close(results["numpy"][1], results["torch"][1], rtol=1e-5, atol=1e-7)
