@@ -187,8 +187,8 @@ def transport_cost(
     rounding, but when the differentiated iterations form one absorption block (the
     ``"truncated"`` and ``"unrolled"`` defaults) or the mode is ``"envelope"``, and the batch is
     solved in one chunk, it runs as one autograd op whose backward is written out (below)
-    instead of an autograd chain through kernel, plan and product: about half the B*S*T passes
-    and fresh B*S*T buffers. ``bench/bench_ot.py`` times the loss either way.
+    instead of an autograd chain through kernel, plan and product: four fresh B*S*T buffers
+    instead of about a dozen. ``bench/bench_ot.py`` times the loss either way.
 
     Unlike ``sinkhorn_log``, C must be finite at masked entries (they get no mass, but
     ``0 * NaN`` would reach the loss): the costs of ``losses.ot`` are, because padded states
@@ -324,13 +324,12 @@ class _TransportCost(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_B):
-        grad_B11 = grad_B.to(ctx.saved_tensors[0].dtype)[:, None, None]
-        if len(ctx.saved_tensors) == 1:  # envelope
-            (plan_BST,) = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        plan_BST = saved[0]
+        grad_B11 = grad_B.to(plan_BST.dtype)[:, None, None]
+        if len(saved) == 1:  # envelope
             return (plan_BST * grad_B11).to(ctx.cost_dtype), None, None, None
-        plan_BST, weighted_BST, kernel_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, u_B1S, v_B1T = (
-            ctx.saved_tensors
-        )
+        weighted_BST, kernel_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, u_B1S, v_B1T = saved[1:]
         # dL/du = (K1 * C) v = rowsum(P * C) / u. Where u = 0 (masked rows) the block's backward
         # multiplies this gradient by u / (K v) = 0, so any finite value is exact there.
         grad_u_B1S = _divide_where_positive(weighted_BST.sum(2)[:, None, :], u_B1S)
@@ -593,7 +592,7 @@ class _Problem:
         done = 0
         while done < num_iters:
             block = min(absorb_every, num_iters - done)
-            kernel_BST = self.absorbed_kernel(f_BS, g_BT)
+            kernel_BST = self._absorbed_kernel(f_BS, g_BT)
             u_BS, v_BT = (scaling[:, 0] for scaling in self._scaling_iterations(kernel_BST, block))
             done += block
             f_BS = f_BS + torch.log(torch.where(self.student_mask_BS, u_BS, 1.0))
@@ -619,8 +618,7 @@ class _Problem:
         shifted_BST = torch.add(self.log_kernel_BST, f_BS[:, :, None])
         return shifted_BST.add_(g_BT[:, None, :]).exp_()
 
-    def absorbed_kernel(self, f_BS, g_BT):
-        """``exp(log K + f + g)``."""
+    def _absorbed_kernel(self, f_BS, g_BT):
         if not self.inplace:
             return self._exp_shifted(f_BS, g_BT)
         # Reuse one buffer across absorptions: no B*S*T allocation per block.
@@ -708,8 +706,9 @@ def _run_loop(loop, *tensors):
 
 
 # A group's kernels take at most this fraction of the largest cache (the rest holds vectors and
-# whatever else runs). Timed at B=8, S=T=256 / 512 / 1024 on the 32 MiB L3 of our dev machine:
-# groups of 16 MiB were slower at 1024 than groups of 4 MiB, which matched groups of 1 problem.
+# whatever else runs). Chosen from ad-hoc timings of the loss at B=8, S=T=1024 on our dev
+# machine's 32 MiB L3 (2026-11-24, interleaved): groups of 16 MiB 530 ms, 8 MiB 470 ms, one
+# 4 MiB problem 466 ms. The bench times grouped against streamed, not the fraction.
 _CACHE_SHARE = 8
 # False streams every problem's kernel at each step (the bench's peer for the grouping).
 CACHE_GROUPS = True

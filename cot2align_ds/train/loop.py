@@ -36,6 +36,7 @@ from cot2align_ds.models.loading import (
 )
 from cot2align_ds.models.lora import apply_lora, save_lora_student
 from cot2align_ds.models.student_module import StudentWithProjectors, param_groups
+from cot2align_ds.run_dir import FINAL_MODEL_DIRNAME
 from cot2align_ds.tracking import Tracker
 from cot2align_ds.train import checkpointing as ckpt
 from cot2align_ds.train.dev_eval import DevEvaluator
@@ -542,7 +543,7 @@ class Trainer:
             write_text_atomic(self.output_dir / "ds_teacher.json", text)
 
     def save(self) -> Path:
-        model_dir = self.output_dir / "student"
+        model_dir = self.output_dir / FINAL_MODEL_DIRNAME
         state = dse.gathered_state_dict(self.student_engine, prefix="student.")
         projectors = dse.gathered_state_dict(self.student_engine, prefix="projectors.")
         if self.ctx.is_main:

@@ -143,6 +143,17 @@ def test_teacher_sft_overrides_only_what_they_set(tmp_path):
         sft_teacher_config("paper_B", ["teacher_sft.train.lr=1e-9"], tmp_path)  # below min_lr
 
 
+def test_teacher_sft_train_mirrors_train_fields():
+    # The override section repeats a subset of TrainConfig's fields (optional, same bounds):
+    # a renamed or retyped train field must not leave a stale override behind.
+    from cot2align_ds.config import TeacherSFTTrain, TrainConfig
+
+    for name, field in TeacherSFTTrain.model_fields.items():
+        assert name in TrainConfig.model_fields, name
+        assert field.default is None
+        assert field.metadata == TrainConfig.model_fields[name].metadata, name
+
+
 @pytest.mark.parametrize("recipe", PAPER)
 def test_paper_recipe_common_settings(recipe):
     config = load_config(recipe)

@@ -451,19 +451,24 @@ def test_numpy_loops_keep_blas_on_torch_thread_count():
 # -- transport_cost: the loss <P, C> as one autograd op ----------------------------------------
 
 
-def _transport_both_ways(monkeypatch, cost_BST, masks, **solver):
-    """Value and gradient of transport_cost, fused and through sinkhorn_log + autograd."""
+def _transport_under(monkeypatch, setting, values, cost_BST, masks, **solver):
+    """Value and gradient of transport_cost with ``sinkhorn.<setting>`` set to each of ``values``."""
     import cot2align_ds.losses.sinkhorn as sinkhorn
 
-    results = {}
+    results = []
     weights_B = torch.linspace(0.5, 2.0, cost_BST.shape[0], dtype=cost_BST.dtype)
-    for fused in (True, False):
-        monkeypatch.setattr(sinkhorn, "FUSED_LOSS", fused)
+    for value in values:
+        monkeypatch.setattr(sinkhorn, setting, value)
         leaf = cost_BST.clone().requires_grad_()
         value_B = transport_cost(leaf, *masks, **solver)
         (value_B * weights_B).sum().backward()  # per-problem upstream gradients differ
-        results[fused] = value_B.detach(), leaf.grad
-    return results[True], results[False]
+        results.append((value_B.detach(), leaf.grad))
+    return results
+
+
+def _transport_both_ways(monkeypatch, cost_BST, masks, **solver):
+    """Value and gradient of transport_cost, fused and through sinkhorn_log + autograd."""
+    return _transport_under(monkeypatch, "FUSED_LOSS", (True, False), cost_BST, masks, **solver)
 
 
 @pytest.mark.parametrize(
@@ -554,19 +559,20 @@ def test_cache_groups_change_nothing(monkeypatch, grad_mode):
     import cot2align_ds.losses.sinkhorn as sinkhorn
 
     assert sinkhorn.cache_bytes() >= 1 << 16  # the real lookup: some plausible size
-    cost_BST, student_mask_BS, teacher_mask_BT = _ragged_problem(seed=25, dtype=torch.float32)
-    results = {}
-    for grouped in (True, False):
-        monkeypatch.setattr(sinkhorn, "CACHE_GROUPS", grouped)
-        monkeypatch.setattr(sinkhorn, "cache_bytes", lambda: 1)
-        leaf = cost_BST.clone().requires_grad_()
-        value_B = transport_cost(
-            leaf, student_mask_BS, teacher_mask_BT, epsilon=0.5, num_iters=30, grad_mode=grad_mode
-        )
-        value_B.sum().backward()
-        results[grouped] = value_B.detach(), leaf.grad
-    assert torch.equal(results[True][0], results[False][0])
-    assert torch.equal(results[True][1], results[False][1])
+    monkeypatch.setattr(sinkhorn, "cache_bytes", lambda: 1)
+    cost_BST, *masks = _ragged_problem(seed=25, dtype=torch.float32)
+    grouped, streamed = _transport_under(
+        monkeypatch,
+        "CACHE_GROUPS",
+        (True, False),
+        cost_BST,
+        masks,
+        epsilon=0.5,
+        num_iters=30,
+        grad_mode=grad_mode,
+    )
+    assert torch.equal(grouped[0], streamed[0])
+    assert torch.equal(grouped[1], streamed[1])
 
 
 def test_scaling_loops_run_problems_in_cache_sized_groups(monkeypatch):
@@ -591,17 +597,16 @@ def test_scaling_loops_run_problems_in_cache_sized_groups(monkeypatch):
 @pytest.mark.parametrize("grad_mode", ["truncated", "unrolled", "envelope"])
 def test_transport_cost_numpy_and_torch_loops_agree(monkeypatch, grad_mode):
     # The torch loops are what GPU tensors run; on CPU they are selected by CPU_ARRAY_BACKEND.
-    import cot2align_ds.losses.sinkhorn as sinkhorn
-
-    cost_BST, student_mask_BS, teacher_mask_BT = _ragged_problem(seed=26, dtype=torch.float32)
-    results = {}
-    for backend in ("numpy", "torch"):
-        monkeypatch.setattr(sinkhorn, "CPU_ARRAY_BACKEND", backend)
-        leaf = cost_BST.clone().requires_grad_()
-        value_B = transport_cost(
-            leaf, student_mask_BS, teacher_mask_BT, epsilon=0.5, num_iters=30, grad_mode=grad_mode
-        )
-        (value_B * torch.tensor([1.0, 2.0, -1.0, 0.5])).sum().backward()
-        results[backend] = value_B.detach(), leaf.grad
-    assert_close(results["numpy"][0], results["torch"][0], rtol=1e-5, atol=1e-7)
-    assert_close(results["numpy"][1], results["torch"][1], rtol=1e-5, atol=1e-7)
+    cost_BST, *masks = _ragged_problem(seed=26, dtype=torch.float32)
+    numpy, torch_loops = _transport_under(
+        monkeypatch,
+        "CPU_ARRAY_BACKEND",
+        ("numpy", "torch"),
+        cost_BST,
+        masks,
+        epsilon=0.5,
+        num_iters=30,
+        grad_mode=grad_mode,
+    )
+    assert_close(numpy[0], torch_loops[0], rtol=1e-5, atol=1e-7)
+    assert_close(numpy[1], torch_loops[1], rtol=1e-5, atol=1e-7)
