@@ -22,15 +22,15 @@ peer computes the same cost with the same ``cost_matrix`` and then:
 - ``lean per-sample loop``: the same loop without the per-iteration test and with the plan
   formed by broadcasting: what is left of the gap is batching alone (reported, no target).
 
-Report rows, same inputs, B=8, one thread: ours with its scaling loops run as torch ops instead
-of through NumPy views (``sinkhorn.CPU_ARRAY_BACKEND``); ours with the loss ``<P, C>`` taken
-through ``sinkhorn_log`` and an autograd chain instead of the one-op ``transport_cost``
-(``sinkhorn.FUSED_LOSS``); at 512 and 1024, ours with every problem's kernel streamed at each
-scaling step instead of problems run in cache-sized groups (``sinkhorn.CACHE_GROUPS``); the
-bitwise padding mask
-(``fill_masked``) against ``torch.where``; the one-op masked attention cost against
-``fill_masked`` + ``cost_matrix``. Each is forward + backward. And the floor against the loop:
-the cost op alone (forward + backward) and the 110 scaling iteration pairs alone.
+Report rows, same inputs, B=8, one thread: ours with its scaling loops (compiled with numba by
+default, ``sinkhorn.CPU_ARRAY_BACKEND``) run through NumPy views instead, and as torch ops (what
+GPU tensors run); ours with the loss ``<P, C>`` taken through ``sinkhorn_log`` and an autograd
+chain instead of the one-op ``transport_cost`` (``sinkhorn.FUSED_LOSS``); at 512 and 1024, the
+NumPy loops with every problem's kernel streamed at each scaling step instead of problems run
+in cache-sized groups (``sinkhorn.CACHE_GROUPS``); the bitwise padding mask (``fill_masked``)
+against ``torch.where``; the one-op masked attention cost against ``fill_masked`` +
+``cost_matrix``. Each is forward + backward. And the floor against the loop: the cost op alone
+(forward + backward) and the 110 scaling iteration pairs alone.
 
 Time: in this process, torch pinned to ONE thread (restored afterwards): on these shared 2-core
 machines other jobs run alongside, and with 2 OpenMP threads a descheduled thread stalls every
@@ -87,7 +87,7 @@ def _ours(
     grad_mode: str,
     num_iters: int = NUM_ITERS,
     absorb_every: int | None = None,
-    loops: str = "numpy",
+    loops: str = "numba",
     fused: bool = True,
     cache_groups: bool = True,
 ):
@@ -260,19 +260,24 @@ _PIECES = {
 }
 
 
+_OURS_OPTIONS = {  # "ours <mode>, <option>, ...": what each option changes in _ours
+    "absorb every 10": {"absorb_every": 10},
+    "NumPy loops": {"loops": "numpy"},
+    "torch loops": {"loops": "torch"},
+    "autograd chain": {"fused": False},
+    "kernels streamed": {"cache_groups": False},
+}
+
+
 def _callable(name: str, num_iters: int = NUM_ITERS):
-    if name.startswith("ours ") and name.endswith(", absorb every 10"):
-        return _ours(name.split()[1].rstrip(","), num_iters, absorb_every=10)
-    if name.startswith("ours ") and name.endswith(", torch loops"):
-        return _ours(name.split()[1].rstrip(","), num_iters, loops="torch")
-    if name.startswith("ours ") and name.endswith(", autograd chain"):
-        return _ours(name.split()[1].rstrip(","), num_iters, fused=False)
-    if name.startswith("ours ") and name.endswith(", kernels streamed"):
-        return _ours(name.split()[1].rstrip(","), num_iters, cache_groups=False)
+    if name.startswith("ours "):
+        mode, *options = name.removeprefix("ours ").split(", ")
+        settings = {}
+        for option in options:
+            settings.update(_OURS_OPTIONS[option])
+        return _ours(mode, num_iters, **settings)
     if name in _PIECES:
         return _PIECES[name]
-    if name.startswith("ours "):
-        return _ours(name.split()[1], num_iters)
     if name == "reference loop":
         return _reference_loop(num_iters)
     if name == "lean per-sample loop":
@@ -342,16 +347,20 @@ def _time_rows(quick: bool) -> list[dict]:
             cases.append(
                 ("ours truncated", "reference loop", 8, positions, repeats, threads, target)
             )
-    # Problems in cache-sized groups vs every kernel streamed at each scaling step.
+    # The NumPy loops' problems in cache-sized groups vs every kernel streamed at each step.
     for positions in () if quick else (512, 1024):
-        peer = "ours truncated, kernels streamed"
-        cases.append(("ours truncated", peer, 8, positions, 3, NUM_THREADS, "report"))
+        peer = "ours truncated, NumPy loops, kernels streamed"
+        cases.append(("ours truncated, NumPy loops", peer, 8, positions, 3, NUM_THREADS, "report"))
     # What the loss's pieces gain, in isolation (report only): the scaling loops through NumPy
     # views vs torch ops, the one-op loss vs the autograd chain, the bitwise mask vs torch.where,
     # the one-op attention cost vs its composition; and the floor (cost op, iterations) vs the loop.
     for positions in loop_sizes:
         repeats = 5 if quick else 7
-        for peer in ("ours truncated, torch loops", "ours truncated, autograd chain"):
+        for peer in (
+            "ours truncated, NumPy loops",
+            "ours truncated, torch loops",
+            "ours truncated, autograd chain",
+        ):
             cases.append(("ours truncated", peer, 8, positions, repeats, NUM_THREADS, "report"))
         for ours_name, peer in (
             ("fill_masked (bit ops)", "torch.where"),

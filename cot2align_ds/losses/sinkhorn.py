@@ -68,6 +68,7 @@ cheapest, and at large epsilon equivalent to the reference with half the OT weig
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
 from dataclasses import dataclass
@@ -188,7 +189,8 @@ def transport_cost(
     ``"truncated"`` and ``"unrolled"`` defaults) or the mode is ``"envelope"``, and the batch is
     solved in one chunk, it runs as one autograd op whose backward is written out (below)
     instead of an autograd chain through kernel, plan and product: four fresh B*S*T buffers
-    instead of about a dozen. ``bench/bench_ot.py`` times the loss either way.
+    instead of about a dozen, two with the compiled CPU loops (kernel and gradient; the plan is
+    never formed). ``bench/bench_ot.py`` times the loss either way.
 
     Unlike ``sinkhorn_log``, C must be finite at masked entries (they get no mass, but
     ``0 * NaN`` would reach the loss): the costs of ``losses.ot`` are, because padded states
@@ -285,6 +287,11 @@ class _TransportCost(torch.autograd.Function):
     (the direct term, then ``log K = -C / epsilon`` through the plan and through K1). Masked
     entries of K1 and P are exactly zero, so the gradient there is too, provided C is finite
     there (``transport_cost``'s contract). Envelope: ``dL/dC = P``.
+
+    With the compiled CPU loops the same quantities come from passes over K1 and C
+    (``scaling_kernels.transport_terms`` / ``transport_cost_grad``): ``dL/du``, ``dL/dv`` and the
+    loss in one pass, and in the backward ``dL/dC = K1 * (u v^T (1 - C/epsilon) - G/epsilon)``
+    with ``P = K1 u v^T`` and G rebuilt row by row, so neither P nor P * C is ever stored.
     """
 
     @staticmethod
@@ -312,13 +319,29 @@ class _TransportCost(torch.autograd.Function):
         u_B1S, v_B1T, rows_BNS, columns_BNT = _scaling_forward(
             kernel_BST, a_B1S, b_B1T, options.num_grad, tiny, keep=True
         )
+        ctx.epsilon = options.epsilon
+        ctx.compiled = _compiled_loops(kernel_BST)
+        if ctx.compiled:
+            # One pass over K1 and C gives the loss's gradients with respect to u and v, and
+            # through them the loss: no plan or P * C buffer (the backward rebuilds P from K1).
+            cost_BST = cost_BST.to(kernel_BST.dtype)
+            row_terms_B1S, column_terms_B1T = torch.empty_like(u_B1S), torch.empty_like(v_B1T)
+            _run_compiled(
+                "transport_terms",
+                (kernel_BST, cost_BST, u_B1S, v_B1T, row_terms_B1S, column_terms_B1T),
+                (),
+            )
+            ctx.save_for_backward(
+                kernel_BST, cost_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, u_B1S, v_B1T,
+                row_terms_B1S, column_terms_B1T,
+            )  # fmt: skip
+            return (u_B1S * row_terms_B1S).sum((1, 2))
         plan_BST = torch.mul(kernel_BST, u_B1S.mT).mul_(v_B1T)
         # P * C serves the loss and, saved, the backward (so C itself is not kept).
         weighted_BST = torch.mul(plan_BST, cost_BST)
         ctx.save_for_backward(
             plan_BST, weighted_BST, kernel_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, u_B1S, v_B1T
         )
-        ctx.epsilon = options.epsilon
         return weighted_BST.sum((1, 2))
 
     @staticmethod
@@ -329,6 +352,13 @@ class _TransportCost(torch.autograd.Function):
         grad_B11 = grad_B.to(plan_BST.dtype)[:, None, None]
         if len(saved) == 1:  # envelope
             return (plan_BST * grad_B11).to(ctx.cost_dtype), None, None, None
+        if ctx.compiled:
+            return (
+                _compiled_transport_grad(saved, grad_B, ctx.epsilon).to(ctx.cost_dtype),
+                None,
+                None,
+                None,
+            )
         weighted_BST, kernel_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, u_B1S, v_B1T = saved[1:]
         # dL/du = (K1 * C) v = rowsum(P * C) / u. Where u = 0 (masked rows) the block's backward
         # multiplies this gradient by u / (K v) = 0, so any finite value is exact there.
@@ -340,6 +370,24 @@ class _TransportCost(torch.autograd.Function):
         grad_BST = torch.bmm(left_B2NS.mT, right_B2NT).mul_(kernel_BST).add_(weighted_BST)
         grad_BST.mul_(grad_B11 / -ctx.epsilon).addcmul_(plan_BST, grad_B11)
         return grad_BST.to(ctx.cost_dtype), None, None, None
+
+
+def _compiled_transport_grad(saved, grad_B, epsilon):
+    """``_TransportCost``'s backward from the compiled forward's saved tensors: the same
+    ``dL/dC``, with ``P = K1 u v^T`` and the block's kernel gradient formed row by row."""
+    kernel_BST, cost_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, u_B1S, v_B1T = saved[:8]
+    row_terms_B1S, column_terms_B1T = saved[8:]
+    left_B2NS, right_B2NT = _scaling_backward(
+        kernel_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, row_terms_B1S, column_terms_B1T
+    )
+    grad_BST = torch.empty_like(kernel_BST)
+    grad_B = grad_B.to(kernel_BST.dtype).expand(kernel_BST.shape[0])
+    _run_compiled(
+        "transport_cost_grad",
+        (kernel_BST, cost_BST, u_B1S, v_B1T, left_B2NS, right_B2NT, grad_B, grad_BST),
+        (1.0 / epsilon,),
+    )
+    return grad_BST
 
 
 def _divide_where_positive(numerator, denominator):
@@ -662,6 +710,13 @@ def _scaling_forward(kernel_BST, a_B1S, b_B1T, num_iters, tiny, keep=False):
             row += tiny
             xp.divide(a, row, out=u)
 
+    if _compiled_loops(kernel_BST):
+        _run_compiled(
+            "scaling_forward",
+            (kernel_BST, a_B1S, b_B1T, u_B1S, v_B1T, rows_BNS, columns_BNT),
+            (num_iters, tiny, keep),
+        )
+        return (u_B1S, v_B1T, rows_BNS, columns_BNT) if keep else (u_B1S, v_B1T, None, None)
     # (1, S) @ (S, T) and (1, T) @ (T, S): on CPU several times faster than (S, T) @ (T, 1).
     _run_loop(
         loop,
@@ -680,12 +735,12 @@ def _scaling_forward(kernel_BST, a_B1S, b_B1T, num_iters, tiny, keep=False):
 
 
 def _run_loop(loop, *tensors):
-    """Run ``loop(xp, *arrays)``: on NumPy views of CPU tensors, on the tensors themselves elsewhere.
+    """Run ``loop(xp, *arrays)``: on NumPy views of CPU tensors, on the tensors themselves elsewhere
+    (CPU tensors come here only when ``CPU_ARRAY_BACKEND`` is not the compiled default).
 
     The loops are chains of small matrix-vector products and elementwise ops on (B, 1, N) rows,
     where per-call overhead and the matrix-vector kernel decide the time; ``bench/bench_ot.py``
-    times the whole loss with either backend (NumPy 0.69-0.76x of torch on our 2-core AMD EPYC
-    dev machine, one thread). The views share memory with the tensors. OpenBLAS keeps its own
+    times the whole loss with each backend. The views share memory with the tensors. OpenBLAS keeps its own
     thread pool: within the loop it is held to torch's thread count, so a process pinned to N
     threads stays on N. Problems run in cache-sized groups (``CACHE_GROUPS``; the bench times
     the loss with and without them).
@@ -732,9 +787,48 @@ def cache_bytes() -> int:
     return max(sizes, default=8 << 20)
 
 
-# "numpy" (default) or "torch": which library runs the scaling loops of CPU tensors. Both give
+# "numba" (default), "numpy" or "torch": what runs the scaling loops of CPU tensors. All give
 # the same iterates up to float rounding (tests/unit/test_sinkhorn.py compares them).
-CPU_ARRAY_BACKEND = "numpy"
+CPU_ARRAY_BACKEND = "numba"
+
+
+def _compiled_loops(kernel_BST) -> bool:
+    return kernel_BST.device.type == "cpu" and CPU_ARRAY_BACKEND == "numba"
+
+
+def _run_compiled(name, tensors, scalars):
+    """Run ``scaling_kernels.<name>(*arrays, *scalars, start, stop)`` on NumPy views
+    of CPU tensors (the first is the (B, S, T) kernel), with the problems split over torch's
+    thread count: the compiled loops release the GIL, and problems do not interact."""
+    from . import scaling_kernels  # numba compiles (or loads its cache) on first use
+
+    arrays = [tensor.detach().numpy() for tensor in tensors]
+    if any(array.shape[0] != arrays[0].shape[0] for array in arrays):
+        # The compiled loops index without bounds checks: a mismatch would corrupt memory.
+        raise ValueError(
+            f"scaling loops need one entry per problem, got {[a.shape for a in arrays]}"
+        )
+    typed = [
+        arrays[0].dtype.type(value) if isinstance(value, float) else value for value in scalars
+    ]
+    function = getattr(scaling_kernels, name)
+    num_problems = arrays[0].shape[0]
+    threads = max(1, min(torch.get_num_threads(), num_problems))
+    bounds = [num_problems * part // threads for part in range(threads + 1)]
+    if threads == 1:
+        function(*arrays, *typed, 0, num_problems)
+        return
+    runs = [
+        _thread_pool(threads).submit(function, *arrays, *typed, start, stop)
+        for start, stop in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    for run in runs:
+        run.result()
+
+
+@functools.cache
+def _thread_pool(threads):
+    return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="sinkhorn")
 
 
 @functools.cache
@@ -806,6 +900,21 @@ def _scaling_backward(kernel_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, grad_u_B1
             xp.multiply(grad_v, column_slope[:, step], out=grad_column)
             xp.matmul(grad_column, kernel_t, out=grad_u)
 
+    if _compiled_loops(kernel_BST):
+        _run_compiled(
+            "scaling_backward",
+            (
+                kernel_BST,
+                row_slope_BNS,
+                column_slope_BNT,
+                left_B2NS,
+                right_B2NT,
+                grad_u_B1S,
+                grad_v_out_B1T.expand_as(grad_v_B1T),
+            ),
+            (),
+        )
+        return left_B2NS, right_B2NT
     _run_loop(
         loop,
         kernel_BST,

@@ -402,9 +402,11 @@ def test_automatic_absorption_stays_finite_on_a_wide_kernel(dtype):
 
 @pytest.mark.parametrize("grad_mode", ["unrolled", "envelope", "truncated"])
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
-def test_numpy_and_torch_loops_agree(monkeypatch, grad_mode, dtype):
-    # CPU tensors run the scaling loops through NumPy views; every other device through torch.
-    # Both must produce the same plan and gradient, up to the order of float additions.
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_cpu_and_torch_loops_agree(monkeypatch, grad_mode, dtype, backend):
+    # CPU tensors run the scaling loops compiled (numba, the default) or through NumPy views;
+    # every other device through torch. All must produce the same plan and gradient, up to the
+    # order of float additions.
     import cot2align_ds.losses.sinkhorn as sinkhorn
 
     cost_BST, student_mask_BS, teacher_mask_BT = _ragged_problem(seed=11, dtype=dtype)
@@ -412,17 +414,17 @@ def test_numpy_and_torch_loops_agree(monkeypatch, grad_mode, dtype):
         cost_BST.shape, dtype=dtype, generator=torch.Generator().manual_seed(3)
     )
     results = {}
-    for backend in ("numpy", "torch"):
-        monkeypatch.setattr(sinkhorn, "CPU_ARRAY_BACKEND", backend)
+    for loops in (backend, "torch"):
+        monkeypatch.setattr(sinkhorn, "CPU_ARRAY_BACKEND", loops)
         leaf = cost_BST.clone().requires_grad_()
         plan_BST = sinkhorn_log(
             leaf, student_mask_BS, teacher_mask_BT, epsilon=0.5, num_iters=30, grad_mode=grad_mode
         )
         (plan_BST * leaf * weights_BST).sum().backward()  # envelope: the gradient is the plan
-        results[backend] = plan_BST.detach(), leaf.grad
+        results[loops] = plan_BST.detach(), leaf.grad
     tolerance = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {}
-    assert_close(results["numpy"][0], results["torch"][0], **tolerance)
-    assert_close(results["numpy"][1], results["torch"][1], **tolerance)
+    assert_close(results[backend][0], results["torch"][0], **tolerance)
+    assert_close(results[backend][1], results["torch"][1], **tolerance)
 
 
 def test_numpy_loops_keep_blas_on_torch_thread_count():
@@ -558,6 +560,7 @@ def test_cache_groups_change_nothing(monkeypatch, grad_mode):
     # per-problem products, so the same bits.
     import cot2align_ds.losses.sinkhorn as sinkhorn
 
+    monkeypatch.setattr(sinkhorn, "CPU_ARRAY_BACKEND", "numpy")  # the loops that group
     assert sinkhorn.cache_bytes() >= 1 << 16  # the real lookup: some plausible size
     monkeypatch.setattr(sinkhorn, "cache_bytes", lambda: 1)
     cost_BST, *masks = _ragged_problem(seed=25, dtype=torch.float32)
@@ -595,13 +598,14 @@ def test_scaling_loops_run_problems_in_cache_sized_groups(monkeypatch):
 
 
 @pytest.mark.parametrize("grad_mode", ["truncated", "unrolled", "envelope"])
-def test_transport_cost_numpy_and_torch_loops_agree(monkeypatch, grad_mode):
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_transport_cost_cpu_and_torch_loops_agree(monkeypatch, grad_mode, backend):
     # The torch loops are what GPU tensors run; on CPU they are selected by CPU_ARRAY_BACKEND.
     cost_BST, *masks = _ragged_problem(seed=26, dtype=torch.float32)
     numpy, torch_loops = _transport_under(
         monkeypatch,
         "CPU_ARRAY_BACKEND",
-        ("numpy", "torch"),
+        (backend, "torch"),
         cost_BST,
         masks,
         epsilon=0.5,

@@ -1,0 +1,125 @@
+"""The compiled (numba) scaling loops against the NumPy loops they replace on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import cot2align_ds.losses.sinkhorn as sinkhorn
+
+F64 = torch.float64
+
+
+def _kernel(shape, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=generator, dtype=dtype).mul_(0.9).add_(0.1)
+
+
+def _marginals(num_problems, size, dtype):
+    return torch.full((num_problems, 1, size), 1.0 / max(size, 1), dtype=dtype)
+
+
+def _under(monkeypatch, backend, function, *args, **kwargs):
+    monkeypatch.setattr(sinkhorn, "CPU_ARRAY_BACKEND", backend)
+    return function(*args, **kwargs)
+
+
+# S, T not multiples of the kernels' four-row blocks; one row, one column; a wide problem.
+SHAPES = [(3, 7, 9), (2, 13, 5), (2, 1, 3), (1, 4, 1), (2, 6, 40)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("keep", [False, True])
+def test_forward_matches_the_numpy_loops(monkeypatch, shape, dtype, keep):
+    kernel_BST = _kernel(shape, dtype)
+    a_B1S = _marginals(shape[0], shape[1], dtype)
+    b_B1T = _marginals(shape[0], shape[2], dtype)
+    args = (kernel_BST, a_B1S, b_B1T, 12, 1e-19)
+    compiled = _under(monkeypatch, "numba", sinkhorn._scaling_forward, *args, keep=keep)
+    numpy = _under(monkeypatch, "numpy", sinkhorn._scaling_forward, *args, keep=keep)
+    tolerance = {"rtol": 2e-6, "atol": 0} if dtype == torch.float32 else {"rtol": 1e-13, "atol": 0}
+    outputs = 4 if keep else 2
+    for ours, theirs in zip(compiled[:outputs], numpy[:outputs], strict=True):
+        assert_close(ours, theirs, **tolerance)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_backward_matches_the_numpy_loops(monkeypatch, shape, dtype):
+    num_problems, num_student, num_teacher = shape
+    kernel_BST = _kernel(shape, dtype, seed=1)
+    a_B1S = _marginals(num_problems, num_student, dtype)
+    b_B1T = _marginals(num_problems, num_teacher, dtype)
+    monkeypatch.setattr(sinkhorn, "CPU_ARRAY_BACKEND", "numpy")
+    _, _, rows_BNS, columns_BNT = sinkhorn._scaling_forward(
+        kernel_BST, a_B1S, b_B1T, 6, 1e-19, keep=True
+    )
+    generator = torch.Generator().manual_seed(2)
+    grad_u_B1S = torch.randn(num_problems, 1, num_student, generator=generator, dtype=dtype)
+    grad_v_B1T = torch.randn(num_problems, 1, num_teacher, generator=generator, dtype=dtype)
+    args = (kernel_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, grad_u_B1S, grad_v_B1T)
+    compiled = _under(monkeypatch, "numba", sinkhorn._scaling_backward, *args)
+    numpy = _under(monkeypatch, "numpy", sinkhorn._scaling_backward, *args)
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}
+    assert_close(compiled[0], numpy[0], **tolerance)
+    assert_close(compiled[1], numpy[1], **tolerance)
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 5), (2, 5, 0)])
+def test_empty_sides_give_what_the_numpy_loops_give(monkeypatch, shape):
+    kernel_BST = torch.ones(shape)
+    a_B1S, b_B1T = _marginals(2, shape[1], torch.float32), _marginals(2, shape[2], torch.float32)
+    compiled = _under(
+        monkeypatch, "numba", sinkhorn._scaling_forward, kernel_BST, a_B1S, b_B1T, 3, 1e-19
+    )
+    numpy = _under(
+        monkeypatch, "numpy", sinkhorn._scaling_forward, kernel_BST, a_B1S, b_B1T, 3, 1e-19
+    )
+    assert torch.equal(compiled[0], numpy[0]) and torch.equal(compiled[1], numpy[1])
+
+
+def test_nan_in_the_kernel_propagates(monkeypatch):
+    # fastmath is limited to reassociation: a NaN must not be optimised away.
+    kernel_BST = _kernel((2, 5, 6), torch.float32)
+    kernel_BST[1, 2, 3] = float("nan")
+    a_B1S, b_B1T = _marginals(2, 5, torch.float32), _marginals(2, 6, torch.float32)
+    u_B1S, v_B1T, _, _ = _under(
+        monkeypatch, "numba", sinkhorn._scaling_forward, kernel_BST, a_B1S, b_B1T, 4, 1e-19
+    )
+    assert torch.isfinite(u_B1S[0]).all() and torch.isfinite(v_B1T[0]).all()
+    assert torch.isnan(u_B1S[1]).all() and torch.isnan(v_B1T[1]).all()
+
+
+def test_a_marginal_for_fewer_problems_is_refused(monkeypatch):
+    # The compiled loops index without bounds checks: shapes are checked before they run.
+    kernel_BST = _kernel((3, 4, 5), torch.float32)
+    with pytest.raises(ValueError, match="one entry per problem"):
+        _under(
+            monkeypatch,
+            "numba",
+            sinkhorn._scaling_forward,
+            kernel_BST,
+            _marginals(1, 4, torch.float32),
+            _marginals(3, 5, torch.float32),
+            2,
+            1e-19,
+        )
+
+
+def test_problems_split_over_threads_give_the_same_bits(monkeypatch):
+    monkeypatch.setattr(sinkhorn, "CPU_ARRAY_BACKEND", "numba")
+    kernel_BST = _kernel((5, 11, 8), torch.float32, seed=3)
+    a_B1S, b_B1T = _marginals(5, 11, torch.float32), _marginals(5, 8, torch.float32)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(sinkhorn._scaling_forward(kernel_BST, a_B1S, b_B1T, 9, 1e-19, keep=True))
+    finally:
+        torch.set_num_threads(previous)
+    for other in results[1:]:
+        for ours, theirs in zip(results[0], other, strict=True):
+            assert torch.equal(ours, theirs)
