@@ -22,15 +22,21 @@ peer computes the same cost with the same ``cost_matrix`` and then:
 - ``lean per-sample loop``: the same loop without the per-iteration test and with the plan
   formed by broadcasting: what is left of the gap is batching alone (reported, no target).
 
-Report rows, same inputs, B=8, one thread: ours with its scaling loops (compiled with numba by
-default, ``sinkhorn.CPU_ARRAY_BACKEND``) run through NumPy views instead, and as torch ops (what
-GPU tensors run); ours with the loss ``<P, C>`` taken through ``sinkhorn_log`` and an autograd
-chain instead of the one-op ``transport_cost`` (``sinkhorn.FUSED_LOSS``); at 512 and 1024, the
-NumPy loops with every problem's kernel streamed at each scaling step instead of problems run
-in cache-sized groups (``sinkhorn.CACHE_GROUPS``); the bitwise padding mask (``fill_masked``)
-against ``torch.where``; the one-op masked attention cost against ``fill_masked`` +
-``cost_matrix``. Each is forward + backward. And the floor against the loop: the cost op alone
-(forward + backward) and the 110 scaling iteration pairs alone.
+How ours runs on CPU: the scaling loops are compiled (numba, ``sinkhorn.CPU_ARRAY_BACKEND``)
+and stop a problem once its iterate is bitwise stationary (``sinkhorn.STATIONARY_EXIT``): every
+later iteration would repeat it exactly, so plan, loss and gradients are those of all 100
+iterations, bit for bit (tests/unit/test_cpu_kernels.py), while the peers run every iteration.
+The report rows below time ours with every iteration run.
+
+Report rows, same inputs, B=8, one thread: ours with every iteration run; ours with its scaling
+loops run through NumPy views instead, and as torch ops (what GPU tensors run); ours with the
+loss ``<P, C>`` taken through ``sinkhorn_log`` and an autograd chain instead of the one-op
+``transport_cost`` (``sinkhorn.FUSED_LOSS``); at 512 and 1024, the NumPy loops with every
+problem's kernel streamed at each scaling step instead of problems run in cache-sized groups
+(``sinkhorn.CACHE_GROUPS``); the bitwise padding mask (``fill_masked``) against
+``torch.where``; the one-op masked attention cost against ``fill_masked`` + ``cost_matrix``.
+Each is forward + backward. And the floor against the loop: the cost op alone (forward +
+backward) and the 110 scaling iteration pairs alone (every iteration run).
 
 Time: in this process, torch pinned to ONE thread (restored afterwards): on these shared 2-core
 machines other jobs run alongside, and with 2 OpenMP threads a descheduled thread stalls every
@@ -90,15 +96,19 @@ def _ours(
     loops: str = "numba",
     fused: bool = True,
     cache_groups: bool = True,
+    stationary_exit: bool = True,
 ):
     from cot2align_ds.losses import sinkhorn
     from cot2align_ds.losses.ot import ot_loss
 
     def call(student_BSD, teacher_BTD, mask_BS):
         student, teacher = student_BSD.requires_grad_(), teacher_BTD.requires_grad_()
-        previous = sinkhorn.CPU_ARRAY_BACKEND, sinkhorn.FUSED_LOSS, sinkhorn.CACHE_GROUPS
-        sinkhorn.CPU_ARRAY_BACKEND, sinkhorn.FUSED_LOSS = loops, fused
-        sinkhorn.CACHE_GROUPS = cache_groups
+        switches = ("CPU_ARRAY_BACKEND", "FUSED_LOSS", "CACHE_GROUPS", "STATIONARY_EXIT")
+        previous = [getattr(sinkhorn, name) for name in switches]
+        for name, value in zip(
+            switches, (loops, fused, cache_groups, stationary_exit), strict=True
+        ):
+            setattr(sinkhorn, name, value)
         try:
             loss_sum, _ = ot_loss(
                 student,
@@ -112,7 +122,8 @@ def _ours(
             )
             loss_sum.backward()
         finally:
-            sinkhorn.CPU_ARRAY_BACKEND, sinkhorn.FUSED_LOSS, sinkhorn.CACHE_GROUPS = previous
+            for name, value in zip(switches, previous, strict=True):
+                setattr(sinkhorn, name, value)
 
     return call
 
@@ -233,6 +244,7 @@ def _scaling_iterations():
     floor that any loss at these settings pays."""
     import torch
 
+    from cot2align_ds.losses import sinkhorn
     from cot2align_ds.losses.ot import masked_attention_cost
     from cot2align_ds.losses.sinkhorn import _scaling_forward
 
@@ -246,7 +258,11 @@ def _scaling_iterations():
             marginal_B1N = torch.full((shape[0], 1, shape[1]), 1.0 / shape[1])
             kernels[shape] = torch.exp(cost_BST / -EPSILON), marginal_B1N
         kernel_BST, marginal_B1N = kernels[shape]
-        _scaling_forward(kernel_BST, marginal_B1N, marginal_B1N, NUM_ITERS + 10, 1e-19)
+        previous, sinkhorn.STATIONARY_EXIT = sinkhorn.STATIONARY_EXIT, False
+        try:
+            _scaling_forward(kernel_BST, marginal_B1N, marginal_B1N, NUM_ITERS + 10, 1e-19)
+        finally:
+            sinkhorn.STATIONARY_EXIT = previous
 
     return call
 
@@ -266,6 +282,7 @@ _OURS_OPTIONS = {  # "ours <mode>, <option>, ...": what each option changes in _
     "torch loops": {"loops": "torch"},
     "autograd chain": {"fused": False},
     "kernels streamed": {"cache_groups": False},
+    "every iteration": {"stationary_exit": False},
 }
 
 
@@ -357,6 +374,7 @@ def _time_rows(quick: bool) -> list[dict]:
     for positions in loop_sizes:
         repeats = 5 if quick else 7
         for peer in (
+            "ours truncated, every iteration",
             "ours truncated, NumPy loops",
             "ours truncated, torch loops",
             "ours truncated, autograd chain",

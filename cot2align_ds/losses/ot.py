@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .masking import fill_masked
-from .sinkhorn import transport_cost
+from .sinkhorn import compiled_cpu, run_compiled, transport_cost
 
 COST_KINDS = ("attention", "cosine", "euclidean")
 
@@ -254,15 +254,7 @@ class _MaskedAttentionCost(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_cost_BST):
         x_BSD, y_BTD, cost_BST, student_keep_BS1, teacher_keep_BT1 = ctx.saved_tensors
-        # Softmax backward of the gradient -g with respect to p = 1 - C:
-        # d logits = p * (sum_j g_j p_j - g), in p's buffer. p is formed first: expanding
-        # p * x as x - C x would cancel (C is close to 1) and cost digits.
-        weights_BST = torch.rsub(cost_BST, 1.0)
-        work_BST = torch.mul(grad_cost_BST, weights_BST)
-        row_sum_BS1 = work_BST.sum(-1, keepdim=True)
-        torch.sub(row_sum_BS1, grad_cost_BST, out=work_BST)
-        grad_logits_BST = weights_BST.mul_(work_BST)
-        del work_BST
+        grad_logits_BST = _softmax_backward(cost_BST, grad_cost_BST)
         # The logits' scale as the GEMMs' alpha (beta=0: the zero input is never read).
         zero = grad_logits_BST.new_zeros(())
         grad_x_BSD = torch.baddbmm(zero, grad_logits_BST, y_BTD, beta=0.0, alpha=ctx.scale)
@@ -271,6 +263,23 @@ class _MaskedAttentionCost(torch.autograd.Function):
         grad_y_BTD.mul_(teacher_keep_BT1)
         student_dtype, teacher_dtype = ctx.input_dtypes
         return grad_x_BSD.to(student_dtype), grad_y_BTD.to(teacher_dtype), None, None
+
+
+def _softmax_backward(cost_BST, grad_cost_BST):
+    """Softmax backward of the gradient -g with respect to p = 1 - C:
+    ``d logits = p * (sum_j g_j p_j - g)``. p is formed first: expanding p * x as x - C x would
+    cancel (C is close to 1) and cost digits. On CPU one compiled pass per row
+    (``cpu_kernels.attention_cost_grad``), elsewhere four ops in two buffers."""
+    if compiled_cpu(cost_BST):
+        grad_cost_BST = grad_cost_BST.to(cost_BST.dtype)
+        grad_logits_BST = torch.empty_like(cost_BST)
+        run_compiled("attention_cost_grad", (cost_BST, grad_cost_BST, grad_logits_BST), ())
+        return grad_logits_BST
+    weights_BST = torch.rsub(cost_BST, 1.0)
+    work_BST = torch.mul(grad_cost_BST, weights_BST)
+    row_sum_BS1 = work_BST.sum(-1, keepdim=True)
+    torch.sub(row_sum_BS1, grad_cost_BST, out=work_BST)
+    return weights_BST.mul_(work_BST)
 
 
 def _solve_transport(cost_BST, student_mask_BS, teacher_mask_BT, solver):

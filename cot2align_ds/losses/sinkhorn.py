@@ -289,9 +289,9 @@ class _TransportCost(torch.autograd.Function):
     there (``transport_cost``'s contract). Envelope: ``dL/dC = P``.
 
     With the compiled CPU loops the same quantities come from passes over K1 and C
-    (``scaling_kernels.transport_terms`` / ``transport_cost_grad``): ``dL/du``, ``dL/dv`` and the
+    (``cpu_kernels.transport_terms`` / ``transport_cost_grad``): ``dL/du``, ``dL/dv`` and the
     loss in one pass, and in the backward ``dL/dC = K1 * (u v^T (1 - C/epsilon) - G/epsilon)``
-    with ``P = K1 u v^T`` and G rebuilt row by row, so neither P nor P * C is ever stored.
+    with ``P = K1 u v^T``, in place in G's buffer, so neither P nor P * C is ever stored.
     """
 
     @staticmethod
@@ -320,13 +320,13 @@ class _TransportCost(torch.autograd.Function):
             kernel_BST, a_B1S, b_B1T, options.num_grad, tiny, keep=True
         )
         ctx.epsilon = options.epsilon
-        ctx.compiled = _compiled_loops(kernel_BST)
+        ctx.compiled = compiled_cpu(kernel_BST)
         if ctx.compiled:
             # One pass over K1 and C gives the loss's gradients with respect to u and v, and
             # through them the loss: no plan or P * C buffer (the backward rebuilds P from K1).
             cost_BST = cost_BST.to(kernel_BST.dtype)
             row_terms_B1S, column_terms_B1T = torch.empty_like(u_B1S), torch.empty_like(v_B1T)
-            _run_compiled(
+            run_compiled(
                 "transport_terms",
                 (kernel_BST, cost_BST, u_B1S, v_B1T, row_terms_B1S, column_terms_B1T),
                 (),
@@ -380,11 +380,12 @@ def _compiled_transport_grad(saved, grad_B, epsilon):
     left_B2NS, right_B2NT = _scaling_backward(
         kernel_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, row_terms_B1S, column_terms_B1T
     )
-    grad_BST = torch.empty_like(kernel_BST)
+    # G as one batched GEMM (its inner dimension is 2 * num_grad); the rest in one pass, in place.
+    grad_BST = torch.bmm(left_B2NS.mT, right_B2NT)
     grad_B = grad_B.to(kernel_BST.dtype).expand(kernel_BST.shape[0])
-    _run_compiled(
+    run_compiled(
         "transport_cost_grad",
-        (kernel_BST, cost_BST, u_B1S, v_B1T, left_B2NS, right_B2NT, grad_B, grad_BST),
+        (kernel_BST, cost_BST, u_B1S, v_B1T, grad_B, grad_BST),
         (1.0 / epsilon,),
     )
     return grad_BST
@@ -710,11 +711,12 @@ def _scaling_forward(kernel_BST, a_B1S, b_B1T, num_iters, tiny, keep=False):
             row += tiny
             xp.divide(a, row, out=u)
 
-    if _compiled_loops(kernel_BST):
-        _run_compiled(
+    if compiled_cpu(kernel_BST):
+        iters_B = torch.empty(num_problems, dtype=torch.int64)  # not reported further
+        run_compiled(
             "scaling_forward",
-            (kernel_BST, a_B1S, b_B1T, u_B1S, v_B1T, rows_BNS, columns_BNT),
-            (num_iters, tiny, keep),
+            (kernel_BST, a_B1S, b_B1T, u_B1S, v_B1T, rows_BNS, columns_BNT, iters_B),
+            (num_iters, tiny, keep, STATIONARY_EXIT),
         )
         return (u_B1S, v_B1T, rows_BNS, columns_BNT) if keep else (u_B1S, v_B1T, None, None)
     # (1, S) @ (S, T) and (1, T) @ (T, S): on CPU several times faster than (S, T) @ (T, 1).
@@ -787,31 +789,39 @@ def cache_bytes() -> int:
     return max(sizes, default=8 << 20)
 
 
-# "numba" (default), "numpy" or "torch": what runs the scaling loops of CPU tensors. All give
-# the same iterates up to float rounding (tests/unit/test_sinkhorn.py compares them).
+# "numba" (default), "numpy" or "torch": what runs the scaling loops (and the passes of
+# ``cpu_kernels``) for CPU tensors. All give the same results up to float rounding
+# (tests/unit/test_sinkhorn.py and test_cpu_kernels.py compare them).
 CPU_ARRAY_BACKEND = "numba"
 
 
-def _compiled_loops(kernel_BST) -> bool:
-    return kernel_BST.device.type == "cpu" and CPU_ARRAY_BACKEND == "numba"
+# The compiled loops stop a problem once its iterate is bitwise stationary, with the results of
+# the full iteration count (``cpu_kernels.scaling_forward``). False runs every iteration (the
+# bench's peer; tests compare the two bit for bit).
+STATIONARY_EXIT = True
 
 
-def _run_compiled(name, tensors, scalars):
-    """Run ``scaling_kernels.<name>(*arrays, *scalars, start, stop)`` on NumPy views
-    of CPU tensors (the first is the (B, S, T) kernel), with the problems split over torch's
-    thread count: the compiled loops release the GIL, and problems do not interact."""
-    from . import scaling_kernels  # numba compiles (or loads its cache) on first use
+def compiled_cpu(tensor) -> bool:
+    """Whether work on ``tensor`` runs in the compiled CPU kernels (``cpu_kernels``)."""
+    return tensor.device.type == "cpu" and CPU_ARRAY_BACKEND == "numba"
+
+
+def run_compiled(name, tensors, scalars):
+    """Run ``cpu_kernels.<name>(*arrays, *scalars, start, stop)`` on NumPy views of CPU
+    tensors indexed by problem along their first dimension, with the problems split over torch's
+    thread count: the compiled kernels release the GIL, and problems do not interact."""
+    from . import cpu_kernels  # numba compiles (or loads its cache) on first use
 
     arrays = [tensor.detach().numpy() for tensor in tensors]
     if any(array.shape[0] != arrays[0].shape[0] for array in arrays):
         # The compiled loops index without bounds checks: a mismatch would corrupt memory.
         raise ValueError(
-            f"scaling loops need one entry per problem, got {[a.shape for a in arrays]}"
+            f"compiled kernels need one entry per problem, got {[a.shape for a in arrays]}"
         )
     typed = [
         arrays[0].dtype.type(value) if isinstance(value, float) else value for value in scalars
     ]
-    function = getattr(scaling_kernels, name)
+    function = getattr(cpu_kernels, name)
     num_problems = arrays[0].shape[0]
     threads = max(1, min(torch.get_num_threads(), num_problems))
     bounds = [num_problems * part // threads for part in range(threads + 1)]
@@ -900,8 +910,8 @@ def _scaling_backward(kernel_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, grad_u_B1
             xp.multiply(grad_v, column_slope[:, step], out=grad_column)
             xp.matmul(grad_column, kernel_t, out=grad_u)
 
-    if _compiled_loops(kernel_BST):
-        _run_compiled(
+    if compiled_cpu(kernel_BST):
+        run_compiled(
             "scaling_backward",
             (
                 kernel_BST,

@@ -123,3 +123,103 @@ def test_problems_split_over_threads_give_the_same_bits(monkeypatch):
     for other in results[1:]:
         for ours, theirs in zip(results[0], other, strict=True):
             assert torch.equal(ours, theirs)
+
+
+def _run_forward(kernel_BST, num_iters, keep, stationary_exit):
+    """cpu_kernels.scaling_forward on fresh state; returns (u, v, rows, columns, iterations)."""
+    import numpy as np
+
+    from cot2align_ds.losses import cpu_kernels
+
+    kernel = kernel_BST.numpy()
+    num_problems, num_student, num_teacher = kernel.shape
+    a = np.full((num_problems, 1, num_student), 1.0 / num_student, dtype=kernel.dtype)
+    b = np.full((num_problems, 1, num_teacher), 1.0 / num_teacher, dtype=kernel.dtype)
+    u, v = np.ones_like(a), np.empty_like(b)
+    slots = num_iters if keep else 1
+    rows = np.zeros((num_problems, slots, num_student), dtype=kernel.dtype)
+    columns = np.zeros((num_problems, slots, num_teacher), dtype=kernel.dtype)
+    iters = np.zeros(num_problems, dtype=np.int64)
+    tiny = kernel.dtype.type(1e-19)
+    cpu_kernels.scaling_forward(
+        kernel, a, b, u, v, rows, columns, iters, num_iters, tiny, keep, stationary_exit, 0,
+        num_problems,
+    )  # fmt: skip
+    return u, v, rows, columns, iters
+
+
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_stationary_exit_stops_early_with_the_same_bits(keep, dtype):
+    import numpy as np
+
+    # The reference setting: kernel exp(-C / 10) of a cost in [0, 1] contracts fast, so the
+    # iterates stop moving long before 100 iterations.
+    generator = torch.Generator().manual_seed(5)
+    cost_BST = torch.rand((3, 13, 10), generator=generator, dtype=dtype)
+    kernel_BST = torch.exp(cost_BST / -10.0)
+    *stopped, stopped_iters = _run_forward(kernel_BST, 100, keep, stationary_exit=True)
+    *full, full_iters = _run_forward(kernel_BST, 100, keep, stationary_exit=False)
+    assert (full_iters == 100).all()
+    assert (stopped_iters < 100).all() and (stopped_iters >= 2).all()
+    for ours, theirs in zip(stopped, full, strict=True):
+        assert np.array_equal(ours, theirs)
+
+
+def test_stationary_exit_never_fires_on_nan():
+    kernel_BST = _kernel((2, 5, 6), torch.float32)
+    kernel_BST[0, 1, 2] = float("nan")
+    *_, iters = _run_forward(kernel_BST, 40, keep=False, stationary_exit=True)
+    assert iters[0] == 40 and iters[1] < 40
+
+
+@pytest.mark.parametrize("grad_mode", ["truncated", "unrolled", "envelope"])
+def test_stationary_exit_leaves_the_ot_loss_bit_for_bit(monkeypatch, grad_mode):
+    from cot2align_ds.losses.ot import ot_loss
+
+    generator = torch.Generator().manual_seed(6)
+    student_BSD = torch.randn(3, 11, 8, generator=generator)
+    teacher_BTD = torch.randn(3, 9, 8, generator=generator)
+    student_mask_BS = torch.arange(11)[None, :] < torch.tensor([[11], [6], [3]])
+    teacher_mask_BT = torch.arange(9)[None, :] < torch.tensor([[9], [9], [4]])
+    monkeypatch.setattr(sinkhorn, "CPU_ARRAY_BACKEND", "numba")
+    results = []
+    for stationary_exit in (True, False):
+        monkeypatch.setattr(sinkhorn, "STATIONARY_EXIT", stationary_exit)
+        student, teacher = (
+            student_BSD.clone().requires_grad_(),
+            teacher_BTD.clone().requires_grad_(),
+        )
+        loss_sum, _ = ot_loss(
+            student, teacher, student_mask_BS, teacher_mask_BT, grad_mode=grad_mode
+        )
+        loss_sum.backward()
+        results.append((loss_sum.detach(), student.grad, teacher.grad))
+    for ours, theirs in zip(*results, strict=True):
+        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_attention_cost_backward_matches_the_torch_ops(monkeypatch, dtype):
+    from cot2align_ds.losses.ot import masked_attention_cost
+
+    generator = torch.Generator().manual_seed(7)
+    student_BSD = torch.randn(2, 7, 6, generator=generator, dtype=dtype)
+    teacher_BTD = torch.randn(2, 5, 6, generator=generator, dtype=dtype)
+    student_mask_BS = torch.arange(7)[None, :] < torch.tensor([[7], [4]])
+    teacher_mask_BT = torch.arange(5)[None, :] < torch.tensor([[5], [2]])
+    upstream_BST = torch.randn(2, 7, 5, generator=generator, dtype=dtype)
+    grads = {}
+    for backend in ("numba", "torch"):
+        monkeypatch.setattr(sinkhorn, "CPU_ARRAY_BACKEND", backend)
+        student, teacher = (
+            student_BSD.clone().requires_grad_(),
+            teacher_BTD.clone().requires_grad_(),
+        )
+        cost_BST = masked_attention_cost(student, teacher, student_mask_BS, teacher_mask_BT)
+        (cost_BST * upstream_BST).sum().backward()
+        grads[backend] = student.grad, teacher.grad
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}
+    for ours, theirs in zip(grads["numba"], grads["torch"], strict=True):
+        assert_close(ours, theirs, **tolerance)
+    assert grads["numba"][0][1, 4:].abs().max() == 0  # padded positions: exactly zero

@@ -44,7 +44,8 @@ def _row_pass(divide: bool, keep: bool):
     the loops their vectorisation): for each row i, ``d_i = K_i . x`` and ``coef_i = weight_i /
     (d_i + tiny)`` (``divide``; the denominator stored in ``denominators_S`` when ``keep``) or
     ``coef_i = d_i * weight_i``; when ``accumulate``, also ``acc = K^T coef``. Four rows at a time,
-    so x and acc are read once per four rows."""
+    so x and acc are read once per four rows. Returns whether any ``coef_i`` changed (bitwise;
+    NaN always counts as changed)."""
 
     @njit(inline="always", **_OPTIONS)
     def coefficient(dot, weight, tiny, denominators_S, i):
@@ -61,6 +62,7 @@ def _row_pass(divide: bool, keep: bool):
         zero = tiny - tiny  # tiny's type (tiny * 0 would promote float32 to float64)
         if accumulate:
             acc_T[:] = 0
+        changed = False
         i = 0
         while i + 4 <= num_rows:
             row0, row1, row2, row3 = (
@@ -83,6 +85,8 @@ def _row_pass(divide: bool, keep: bool):
             c1 = coefficient(d1, weight_S[i + 1], tiny, denominators_S, i + 1)
             c2 = coefficient(d2, weight_S[i + 2], tiny, denominators_S, i + 2)
             c3 = coefficient(d3, weight_S[i + 3], tiny, denominators_S, i + 3)
+            changed |= coef_S[i] != c0 or coef_S[i + 1] != c1
+            changed |= coef_S[i + 2] != c2 or coef_S[i + 3] != c3
             coef_S[i], coef_S[i + 1], coef_S[i + 2], coef_S[i + 3] = c0, c1, c2, c3
             if accumulate:
                 for j in range(num_columns):
@@ -94,10 +98,12 @@ def _row_pass(divide: bool, keep: bool):
             for j in range(num_columns):
                 d += row[j] * x_T[j]
             c = coefficient(d, weight_S[r], tiny, denominators_S, r)
+            changed |= coef_S[r] != c
             coef_S[r] = c
             if accumulate:
                 for j in range(num_columns):
                     acc_T[j] += c * row[j]
+        return changed
 
     return row_pass
 
@@ -116,16 +122,25 @@ def scaling_forward(
     v_P1T,
     rows_PNS,
     columns_PNT,
+    iters_P,
     num_iters,
     tiny,
     keep,
+    stop_when_stationary,
     start,
     stop,
 ):
     """``num_iters`` iterations ``v = b / (K^T u + tiny)``, ``u = a / (K v + tiny)`` from the
     given u, for problems ``start:stop``; u and v are written in place. With ``keep``, iteration
     k's denominators go to ``rows_PNS[:, k]`` and ``columns_PNT[:, k]`` (else nothing is
-    stored)."""
+    stored).
+
+    ``stop_when_stationary``: once an iteration leaves u bitwise unchanged, every later one is
+    an exact repeat (the same inputs through the same operations), so the problem stops there
+    with the u, v (and kept denominators, copied) that all ``num_iters`` iterations would give,
+    bit for bit. Far from the fixed point nothing changes; near it (large epsilon, bounded
+    costs) the iterates stop moving in fp32 after a few iterations. ``iters_P[p]``: the
+    iterations problem p ran."""
     num_columns = kernel_PST.shape[2]
     for p in range(start, stop):
         kernel_ST = kernel_PST[p]
@@ -134,6 +149,7 @@ def scaling_forward(
         u_S, v_T = u_P1S[p, 0], v_P1T[p, 0]
         acc_T = np.empty(num_columns, dtype=kernel_PST.dtype)
         _accumulate_rows(kernel_ST, u_S, acc_T)
+        iters_P[p] = num_iters
         for k in range(num_iters):
             for j in range(num_columns):
                 v_T[j] = b_T[j] / (acc_T[j] + tiny)
@@ -143,9 +159,20 @@ def scaling_forward(
                     column_T[j] = acc_T[j] + tiny
             last = k == num_iters - 1
             if keep:
-                _scale_rows_keep(kernel_ST, v_T, a_S, tiny, rows_PNS[p, k], u_S, acc_T, not last)
+                changed = _scale_rows_keep(
+                    kernel_ST, v_T, a_S, tiny, rows_PNS[p, k], u_S, acc_T, not last
+                )
             else:
-                _scale_rows(kernel_ST, v_T, a_S, tiny, rows_PNS[p, 0], u_S, acc_T, not last)
+                changed = _scale_rows(
+                    kernel_ST, v_T, a_S, tiny, rows_PNS[p, 0], u_S, acc_T, not last
+                )
+            if stop_when_stationary and not changed and not last:
+                iters_P[p] = k + 1
+                if keep:
+                    for later in range(k + 1, num_iters):
+                        rows_PNS[p, later] = rows_PNS[p, k]
+                        columns_PNT[p, later] = columns_PNT[p, k]
+                break
 
 
 @njit(**_OPTIONS)
@@ -224,41 +251,40 @@ def transport_terms(
 
 @njit(**_OPTIONS)
 def transport_cost_grad(
-    kernel_PST,
-    cost_PST,
-    u_P1S,
-    v_P1T,
-    left_P2NS,
-    right_P2NT,
-    grad_P,
-    out_PST,
-    inv_epsilon,
-    start,
-    stop,
+    kernel_PST, cost_PST, u_P1S, v_P1T, grad_P, out_PST, inv_epsilon, start, stop
 ):
-    """``out = g K * (u v^T * (1 - C / epsilon) - (left^T right) / epsilon)`` per problem (g =
-    ``grad_P[p]``): the cost gradient of ``transport_cost`` (see ``sinkhorn._TransportCost``),
-    with the kernel gradient ``left^T right`` of the scaling block formed row by row instead of
-    as a B*S*T product."""
+    """In place, for problems ``start:stop``: ``out`` holds the scaling block's kernel gradient G
+    on entry and ``g K * (u v^T * (1 - C / epsilon) - G / epsilon)`` on exit, g = ``grad_P[p]``:
+    the cost gradient of ``transport_cost`` (see ``sinkhorn._TransportCost``)."""
     num_rows, num_columns = kernel_PST.shape[1], kernel_PST.shape[2]
-    num_terms = left_P2NS.shape[1]
     for p in range(start, stop):
         kernel_ST, cost_ST, out_ST = kernel_PST[p], cost_PST[p], out_PST[p]
-        u_S, v_T = u_P1S[p, 0], v_P1T[p, 0]
-        left_MS, right_MT = left_P2NS[p], right_P2NT[p]
+        u_S = u_P1S[p, 0]
         grad = grad_P[p]
-        scaled_v_T = v_T * grad
-        block_T = np.empty(num_columns, dtype=kernel_PST.dtype)
+        scaled_v_T = v_P1T[p, 0] * grad
+        scaled_inv_epsilon = grad * inv_epsilon
         for i in range(num_rows):
-            block_T[:] = 0
-            for n in range(num_terms):
-                coefficient = left_MS[n, i] * inv_epsilon
-                right_T = right_MT[n]
-                for j in range(num_columns):
-                    block_T[j] += coefficient * right_T[j]
             ui = u_S[i]
             kernel_T, cost_T, out_T = kernel_ST[i], cost_ST[i], out_ST[i]
             for j in range(num_columns):
                 plan_uv = ui * scaled_v_T[j]  # g P / K
                 plan_term = plan_uv - plan_uv * cost_T[j] * inv_epsilon
-                out_T[j] = kernel_T[j] * (plan_term - grad * block_T[j])
+                out_T[j] = kernel_T[j] * (plan_term - out_T[j] * scaled_inv_epsilon)
+
+
+@njit(**_OPTIONS)
+def attention_cost_grad(cost_PST, grad_PST, out_PST, start, stop):
+    """Logit gradient of ``C = 1 - softmax(logits)`` (rows over the last axis), for problems
+    ``start:stop``: ``out = w * (sum_j g_j w_j - g)`` with ``w = 1 - C`` and g = ``grad_PST``,
+    one row at a time. w is formed first: expanding ``w * x`` as ``x - C x`` would cancel digits
+    (C is close to 1)."""
+    num_rows, num_columns = cost_PST.shape[1], cost_PST.shape[2]
+    one = np.ones(1, dtype=cost_PST.dtype)[0]
+    for p in range(start, stop):
+        for i in range(num_rows):
+            cost_T, grad_T, out_T = cost_PST[p, i], grad_PST[p, i], out_PST[p, i]
+            total = one - one
+            for j in range(num_columns):
+                total += grad_T[j] * (one - cost_T[j])
+            for j in range(num_columns):
+                out_T[j] = (one - cost_T[j]) * (total - grad_T[j])
