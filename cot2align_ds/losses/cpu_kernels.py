@@ -1,22 +1,29 @@
-"""Compiled Sinkhorn scaling loops for CPU arrays (numba): one pass over the kernel per iteration.
+"""Compiled (numba) CPU kernels of the OT loss: Sinkhorn scaling loops and the loss's passes.
 
 Shape legend as in ``sinkhorn``: P problems, S rows (student), T columns (teacher), N iterations.
 Vectors are kept as (P, 1, S) / (P, 1, T) rows, as the NumPy/torch loops of ``sinkhorn`` keep them.
+``sinkhorn.run_compiled`` calls these on NumPy views of CPU tensors (``CPU_ARRAY_BACKEND``
+"numba", the default); GPU tensors never come here.
 
 Why compiled. An iteration ``v = b / (K^T u + tiny)``, ``u = a / (K v + tiny)`` as two BLAS
 matrix-vector products reads K twice. Row by row, the row update needs ``K_i . v`` and the next
 column update needs ``u_i K_i``: both read the same row, so one pass serves both halves
 (``u_i`` is known as soon as its own dot product is). The backward recursion has the same shape.
 The passes run problem by problem, so each kernel stays in cache through all its iterations, and
-four rows at a time, so ``v`` and the column accumulator are loaded once per four rows.
-``bench/bench_ot.py`` times the loss with these loops against the NumPy ones.
+four rows at a time, so ``v`` and the column accumulator are loaded once per four rows. A
+problem whose iterate stops changing stops iterating (``scaling_forward``: exact, see there).
+The loss's own passes (``transport_terms``, ``transport_cost_grad``, ``attention_cost_grad``)
+replace chains of whole-tensor ops, each with its fresh B*S*T buffer, by one pass per row.
+``bench/bench_ot.py`` times the loss with these kernels against NumPy and torch loops.
 
-Floating point: sums are reassociated (vectorised), as BLAS reassociates them, so iterates match
-the NumPy loops to float rounding, not bitwise. No NaN/Inf assumptions are made (``fastmath``
-is limited to reassociation, contraction and signed zeros), so a NaN in K still propagates.
+Floating point: sums are reassociated (vectorised), as BLAS reassociates them, so results match
+the NumPy/torch paths to float rounding, not bitwise. No NaN/Inf assumptions are made
+(``fastmath`` is limited to reassociation, contraction and signed zeros), so a NaN in K still
+propagates. Scalars come in the arrays' dtype (a Python float would promote float32 loops to
+float64).
 
 Functions take ``start, stop``: the problems to run, so callers can split a batch over threads
-(``nogil``).
+(``nogil``). Indexing is unchecked: callers check that every array has one entry per problem.
 """
 
 from __future__ import annotations
@@ -135,8 +142,9 @@ def scaling_forward(
     k's denominators go to ``rows_PNS[:, k]`` and ``columns_PNT[:, k]`` (else nothing is
     stored).
 
-    ``stop_when_stationary``: once an iteration leaves u bitwise unchanged, every later one is
-    an exact repeat (the same inputs through the same operations), so the problem stops there
+    ``stop_when_stationary``: once an iteration (after the first) leaves u bitwise unchanged,
+    every later one is an exact repeat (the same inputs through the same operations, v included,
+    since ``K^T u`` is then summed by the same pass as before), so the problem stops there
     with the u, v (and kept denominators, copied) that all ``num_iters`` iterations would give,
     bit for bit. Far from the fixed point nothing changes; near it (large epsilon, bounded
     costs) the iterates stop moving in fp32 after a few iterations. ``iters_P[p]``: the
@@ -166,7 +174,9 @@ def scaling_forward(
                 changed = _scale_rows(
                     kernel_ST, v_T, a_S, tiny, rows_PNS[p, 0], u_S, acc_T, not last
                 )
-            if stop_when_stationary and not changed and not last:
+            # Not at k = 0: that pass's K^T u came from _accumulate_rows, whose sums run in
+            # another order than the fused passes', so a repeat is exact only from k = 1 on.
+            if stop_when_stationary and not changed and not last and k > 0:
                 iters_P[p] = k + 1
                 if keep:
                     for later in range(k + 1, num_iters):

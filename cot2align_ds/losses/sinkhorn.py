@@ -21,7 +21,9 @@ After an absorption every column of K sums to at most b_j, so no entry overflows
 underflows fp32 stays zero until the next absorption, and a row or column whose current mass is
 below ~1e-19 takes a damped step. Both can only happen far from the fixed point (tiny epsilon,
 early iterations) and slow it down there; they never change the fixed point.
-``absorb_every=1`` absorbs after every iteration.
+``absorb_every=1`` absorbs after every iteration. On CPU the scaling updates run compiled
+(``cpu_kernels``: one pass over K per iteration, and a problem whose iterate is bitwise
+unchanged stops, with exactly the results of the full count); GPU tensors run them as torch ops.
 
 ``absorb_every=None`` (the default) picks the interval from the kernel's dynamic range
 ``R = (max C - min C) / epsilon`` over the real entries. When ``R <= 20`` every kernel entry is
@@ -71,6 +73,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -374,7 +377,7 @@ class _TransportCost(torch.autograd.Function):
 
 def _compiled_transport_grad(saved, grad_B, epsilon):
     """``_TransportCost``'s backward from the compiled forward's saved tensors: the same
-    ``dL/dC``, with ``P = K1 u v^T`` and the block's kernel gradient formed row by row."""
+    ``dL/dC``, with ``P = K1 u v^T`` rebuilt inside the pass that forms it."""
     kernel_BST, cost_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, u_B1S, v_B1T = saved[:8]
     row_terms_B1S, column_terms_B1T = saved[8:]
     left_B2NS, right_B2NT = _scaling_backward(
@@ -742,9 +745,9 @@ def _run_loop(loop, *tensors):
 
     The loops are chains of small matrix-vector products and elementwise ops on (B, 1, N) rows,
     where per-call overhead and the matrix-vector kernel decide the time; ``bench/bench_ot.py``
-    times the whole loss with each backend. The views share memory with the tensors. OpenBLAS keeps its own
-    thread pool: within the loop it is held to torch's thread count, so a process pinned to N
-    threads stays on N. Problems run in cache-sized groups (``CACHE_GROUPS``; the bench times
+    times the whole loss with each backend. The views share memory with the tensors. OpenBLAS
+    keeps its own thread pool: within the loop it is held to torch's thread count, so a process
+    pinned to N threads stays on N. Problems run in cache-sized groups (``CACHE_GROUPS``; the bench times
     the loss with and without them).
     """
     if tensors[0].device.type != "cpu" or CPU_ARRAY_BACKEND == "torch":
@@ -839,6 +842,10 @@ def run_compiled(name, tensors, scalars):
 @functools.cache
 def _thread_pool(threads):
     return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="sinkhorn")
+
+
+# A forked child (a DataLoader worker) inherits the pools but not their threads: it builds its own.
+os.register_at_fork(after_in_child=_thread_pool.cache_clear)
 
 
 @functools.cache

@@ -246,8 +246,8 @@ class Objective:
 
         The layer pairs of a view share lengths and masks, so they batch with no padding;
         batching across views would pad short standard answers to CoT lengths. bench_ot_calls
-        times both against one call per group: per view 0.83-0.93x, across views 1.14-1.22x
-        (2026-11-24).
+        times both against one call per group: per view 0.93-1.00x, across views 1.18-1.22x
+        (2026-11-24, with the compiled CPU kernels; 0.83-0.93x and 1.14-1.22x before them).
         """
         project = projectors["ot"]
         sums = {}

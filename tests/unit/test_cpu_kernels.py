@@ -1,4 +1,4 @@
-"""The compiled (numba) scaling loops against the NumPy loops they replace on CPU."""
+"""The compiled (numba) CPU kernels against the NumPy loops and torch ops they replace."""
 
 from __future__ import annotations
 
@@ -223,3 +223,27 @@ def test_attention_cost_backward_matches_the_torch_ops(monkeypatch, dtype):
     for ours, theirs in zip(grads["numba"], grads["torch"], strict=True):
         assert_close(ours, theirs, **tolerance)
     assert grads["numba"][0][1, 4:].abs().max() == 0  # padded positions: exactly zero
+
+
+def test_a_forked_child_runs_the_threaded_kernels(monkeypatch):
+    # The parent's thread pool has no threads in a fork: the child must build its own, not hang.
+    import multiprocessing
+
+    monkeypatch.setattr(sinkhorn, "CPU_ARRAY_BACKEND", "numba")
+    kernel_BST = _kernel((4, 6, 5), torch.float32, seed=8)
+    a_B1S, b_B1T = _marginals(4, 6, torch.float32), _marginals(4, 5, torch.float32)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = sinkhorn._scaling_forward(kernel_BST, a_B1S, b_B1T, 5, 1e-19)[0]
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            result = pool.apply_async(_forward_in_child, (kernel_BST, a_B1S, b_B1T))
+            got = result.get(timeout=60)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(got, expected)
+
+
+def _forward_in_child(kernel_BST, a_B1S, b_B1T):
+    torch.set_num_threads(2)
+    return sinkhorn._scaling_forward(kernel_BST, a_B1S, b_B1T, 5, 1e-19)[0]
