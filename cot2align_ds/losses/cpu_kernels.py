@@ -214,6 +214,7 @@ def scaling_backward(
         grad_out_T = grad_out_P1T[p, 0]
         for j in range(num_columns):
             acc_T[j] += grad_out_T[j]
+        unused = np.zeros(1, dtype=kernel_PST.dtype)  # _weigh_rows stores no denominators
         for k in range(num_iters - 1, -1, -1):
             grad_column_T = right_P2NT[p, num_iters + k]
             column_slope_T = column_slope_PNT[p, k]
@@ -221,7 +222,6 @@ def scaling_backward(
                 grad_column_T[j] = acc_T[j] * column_slope_T[j]
             if k > 0:
                 # grad u_{k-1} = K grad_column_k, and at once grad_row_{k-1} and its K^T product.
-                unused = np.zeros(1, dtype=kernel_PST.dtype)
                 _weigh_rows(
                     kernel_ST,
                     grad_column_T,
