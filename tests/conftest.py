@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from support import TEACHER_ARCH
+from support import STUDENT_ARCH, TEACHER_ARCH
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -66,10 +66,29 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
     teacher = AutoModelForCausalLM.from_config(config)
     teacher.save_pretrained(root / "teacher", safe_serialization=True)
     teacher_tok.save_pretrained(root / "teacher")
+    # Saved fp32 students (one per tokenizer): runs in two precisions then start from the same
+    # weights, rounded once to bf16.
+    for name, tokenizer in (("student_student", student_tok), ("student_teacher", teacher_tok)):
+        arch = dict(STUDENT_ARCH)
+        config = AutoConfig.for_model(
+            arch.pop("model_type"),
+            vocab_size=len(tokenizer),
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            # Wide enough weights for peaked logits: at the default 0.02 every output is near
+            # uniform, and rounding to bf16 could not move a loss in any digit a test reads.
+            initializer_range=0.3,
+            **arch,
+        )
+        AutoModelForCausalLM.from_config(config).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
     return {
         "root": root,
         "train": root / "train.jsonl",
         "teacher": root / "teacher",
         "teacher_tok": root / "teacher_tok",
         "student_tok": root / "student_tok",
+        "student_student": root / "student_student",
+        "student_teacher": root / "student_teacher",
     }

@@ -27,6 +27,8 @@ from safetensors.torch import save_file
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+from cot2align_ds.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -131,6 +133,35 @@ def is_partitioned(parameter: torch.nn.Parameter) -> bool:
     return hasattr(parameter, "ds_id") and parameter.numel() == 0
 
 
+class EngineDtypeError(UserError):
+    """The module's weights are not all in the dtype the DeepSpeed config runs in."""
+
+
+_DS_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def run_dtype(ds_config: dict[str, Any]) -> torch.dtype:
+    """The dtype DeepSpeed keeps module weights in under ``ds_config``."""
+    for section, dtype in _DS_DTYPES.items():
+        if (ds_config.get(section) or {}).get("enabled"):
+            return dtype
+    return torch.float32
+
+
+def require_run_dtype(module: torch.nn.Module, ds_config: dict[str, Any], role: str) -> None:
+    """One line naming the stray weights, instead of DeepSpeed's bare assertion (ZeRO-3 flattens
+    weights into one buffer per dtype) or a dtype mismatch at the first matmul."""
+    wanted = run_dtype(ds_config)
+    stray = [(n, p.dtype) for n, p in module.named_parameters() if p.dtype != wanted]
+    if stray:
+        name, dtype = stray[0]
+        raise EngineDtypeError(
+            f"{role}: {len(stray)} weight(s) are {str(dtype).removeprefix('torch.')} (first: "
+            f"'{name}') but the run is {str(wanted).removeprefix('torch.')}; load or cast the "
+            "model in train.precision (a checkpoint with mixed dtypes needs converting first)"
+        )
+
+
 def build_student_engine(
     module: torch.nn.Module,
     ds_config: dict[str, Any],
@@ -139,6 +170,7 @@ def build_student_engine(
     *,
     betas: tuple[float, float] = (0.9, 0.999),
 ) -> Any:
+    require_run_dtype(module, ds_config, "student")
     optimizer = torch.optim.AdamW(param_groups, betas=betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas)
     engine, *_ = deepspeed.initialize(
@@ -148,6 +180,7 @@ def build_student_engine(
 
 
 def build_teacher_engine(module: torch.nn.Module, ds_config: dict[str, Any]) -> Any:
+    require_run_dtype(module, ds_config, "teacher")
     module.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=module, config=ds_config)
     engine.eval()

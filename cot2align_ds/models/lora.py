@@ -17,7 +17,15 @@ from transformers import AutoModelForCausalLM
 from cot2align_ds.config import LoraConfig
 
 
-def apply_lora(model: torch.nn.Module, lora: LoraConfig) -> PeftModel:
+def apply_lora(
+    model: torch.nn.Module, lora: LoraConfig, dtype: torch.dtype | None = None
+) -> PeftModel:
+    """Wrap ``model`` with adapters in ``dtype`` (default: fp32, peft's own choice).
+
+    peft creates adapters in fp32 beside a bf16 base; the adapter's matmul with a bf16
+    activation then fails, and DeepSpeed's ZeRO-3 flattening refuses mixed dtypes. DeepSpeed's
+    optimizer keeps fp32 master copies of every trainable weight, so bf16 adapters lose nothing.
+    """
     peft_config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -25,7 +33,13 @@ def apply_lora(model: torch.nn.Module, lora: LoraConfig) -> PeftModel:
         target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_config)
+    wrapped = get_peft_model(model, peft_config, autocast_adapter_dtype=dtype is None)
+    if dtype is not None:
+        for name, parameter in wrapped.named_parameters():
+            # Only the adapters: base weights may be ZeRO-3 partitions, which must not be cast.
+            if "lora_" in name:
+                parameter.data = parameter.data.to(dtype)
+    return wrapped
 
 
 def save_lora_student(

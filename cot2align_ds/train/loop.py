@@ -33,6 +33,7 @@ from cot2align_ds.models.loading import (
     hidden_size_of,
     load_causal_lm,
     load_tokenizer,
+    torch_dtype,
 )
 from cot2align_ds.models.lora import apply_lora, save_lora_student
 from cot2align_ds.models.student_module import StudentWithProjectors, param_groups
@@ -223,10 +224,14 @@ class Trainer:
         check_vocab_fits(student, self.student_tokenizer, "student")
         if self.teacher_model is not None:
             check_vocab_fits(self.teacher_model, self.teacher_tokenizer, "teacher")
+        # Adapters and projectors are built after the model and in fp32 by default; DeepSpeed
+        # flattens every trainable tensor into one buffer per dtype and wants the run's dtype.
+        dtype = torch_dtype(precision)
         if cfg.student.lora is not None:
-            student = apply_lora(student, cfg.student.lora)
+            student = apply_lora(student, cfg.student.lora, dtype=dtype)
         teacher_hidden = hidden_size_of(self.teacher_model) if self.teacher_model else 0
         projectors = self.objective.build_projectors(hidden_size_of(student), teacher_hidden)
+        projectors.to(dtype)
         self.student_module = StudentWithProjectors(student, projectors)
 
     def _vocab_map(self) -> torch.Tensor | None:

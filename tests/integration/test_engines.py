@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from support import STUDENT_ARCH, tiny_run_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -115,3 +116,19 @@ def test_uld_distillation_lowers_loss_and_saves_a_loadable_student(workspace, tm
         ]["device"]
         == "cpu"
     )
+
+
+def test_mixed_dtype_module_is_one_line_error_naming_the_weight():
+    """DeepSpeed's own check is a bare assertion deep in ZeRO-3 flattening."""
+    import torch
+    from torch import nn
+
+    from cot2align_ds.engine.deepspeed_engines import EngineDtypeError, require_run_dtype
+
+    module = nn.Sequential(nn.Linear(2, 2).to(torch.bfloat16), nn.Linear(2, 2))
+    ds_config = {"bf16": {"enabled": True}}
+    with pytest.raises(EngineDtypeError, match=r"2 weight\(s\) are float32 \(first: '1.weight'\)"):
+        require_run_dtype(module, ds_config, "student")
+    require_run_dtype(module.to(torch.bfloat16), ds_config, "student")
+    with pytest.raises(EngineDtypeError, match="the run is float32"):
+        require_run_dtype(module, {"bf16": {"enabled": False}}, "teacher")

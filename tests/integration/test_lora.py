@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from support import tiny_run_config
@@ -14,12 +16,28 @@ from cot2align_ds.data.records import read_records
 from cot2align_ds.eval.evaluate import evaluate_records, load_model_for_eval
 
 
-def test_lora_student_distils_saves_adapter_and_merged_model(workspace, tmp_path):
+@pytest.mark.parametrize(
+    "precision,method,cot2align",
+    [("fp32", "uld", False), ("bf16", "uld", False), ("bf16", "dskd_cma", True)],
+)
+def test_lora_student_distils_saves_adapter_and_merged_model(
+    workspace, tmp_path, precision, method, cot2align
+):
     from cot2align_ds.train.loop import run_train
 
-    config = tiny_run_config(workspace, tmp_path / "run", train={"max_steps": 4, "lr": 1e-2})
+    config = tiny_run_config(
+        workspace,
+        tmp_path / "run",
+        distill={"method": method},
+        train={"max_steps": 4, "lr": 1e-2, "precision": precision},
+    )
     config["student"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0}
+    if cot2align:
+        config["cot2align"] = {"enabled": True, "num_iters": 10}
+        config["data"]["cot_records"] = "non_empty_input"
     result = run_train(validate_config(config))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert len(rows) == 4 and all(math.isfinite(v) for row in rows for v in row.values())
     adapter_dir = tmp_path / "run" / "student_adapter"
     adapter = load_file(adapter_dir / "adapter_model.safetensors")
     assert adapter and all("lora_" in name for name in adapter)
