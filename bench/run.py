@@ -29,6 +29,7 @@ SUITES = {
     "breakdown": "bench.bench_breakdown",
     "ot_calls": "bench.bench_ot_calls",
     "teacher": "bench.bench_teacher",
+    "real": "bench.bench_real",
 }
 
 

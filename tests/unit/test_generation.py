@@ -26,6 +26,7 @@ from cot2align_ds.eval.generation import (
     DecodingConfig,
     GenerationSettingsError,
     encode_prompts,
+    end_token_ids,
     generate,
     generate_ids,
 )
@@ -90,6 +91,20 @@ def test_generation_stops_before_the_first_eos(pairs) -> None:
     stopping.eos_token = tokenizer.convert_ids_to_tokens(stop_id)
     assert stopping.eos_token_id == stop_id
     cut = generate_ids(model, stopping, [PROMPTS[0], PROMPTS[1]], GREEDY, batch_size=2)[0]
+    assert cut == free_run[: free_run.index(stop_id)]
+
+
+def test_generation_also_stops_at_the_models_own_end_tokens(pairs) -> None:
+    # A chat model ends its turn with a token its generation_config lists beside the tokenizer's
+    # EOS (Gemma-3's <end_of_turn>, Llama-3's <|eot_id|>): generation ends before that one too.
+    model, tokenizer = pairs["llama-unigram"]
+    free_run = generate_ids(model, tokenizer, [PROMPTS[0]], GREEDY)[0]
+    stop_id = free_run[-1]
+    assert stop_id != tokenizer.eos_token_id and free_run.index(stop_id) > 0
+    chat_model = copy.deepcopy(model)
+    chat_model.generation_config.eos_token_id = [tokenizer.eos_token_id, stop_id]
+    assert end_token_ids(chat_model, tokenizer) == [tokenizer.eos_token_id, stop_id]
+    cut = generate_ids(chat_model, tokenizer, [PROMPTS[0], PROMPTS[1]], GREEDY, batch_size=2)[0]
     assert cut == free_run[: free_run.index(stop_id)]
 
 
