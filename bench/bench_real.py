@@ -199,7 +199,7 @@ def main() -> None:
         return
     from bench.run import print_table
 
-    print_table(run(args.quick), {}, args.quick)
+    print_table([{"suite": SECTION, **row} for row in run(args.quick)], {}, args.quick)
 
 
 if __name__ == "__main__":

