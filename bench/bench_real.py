@@ -132,7 +132,7 @@ def _run_child(name: str, chunked: bool) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def run(quick: bool = False) -> list[dict]:
+def run(quick: bool = False, cases: list[str] | None = None) -> list[dict]:
     from cot2align_ds.models.real_models import RealModelsUnavailable, ensure_real_models
 
     try:
@@ -142,7 +142,7 @@ def run(quick: bool = False) -> list[dict]:
         return []
     rows = []
     results = {}
-    for name in QUICK_CASES if quick else CASES:
+    for name in cases or (QUICK_CASES if quick else CASES):
         for chunked in (False, True):
             results[name, chunked] = _run_child(name, chunked)
     for name, chunked in results:
@@ -193,13 +193,16 @@ def main() -> None:
     parser.add_argument("--child", choices=sorted(CASES))
     parser.add_argument("--chunked", action="store_true")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--cases", help="comma-separated subset of: " + ", ".join(CASES))
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.chunked)))
         return
     from bench.run import print_table
 
-    print_table([{"suite": SECTION, **row} for row in run(args.quick)], {}, args.quick)
+    cases = args.cases.split(",") if args.cases else None
+    rows = run(args.quick, cases)
+    print_table([{"suite": SECTION, **row} for row in rows], {}, args.quick)
 
 
 if __name__ == "__main__":
