@@ -35,11 +35,28 @@ for _key, _value in {
 os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
+def _save_tiny_model(architecture: dict, tokenizer, path: Path, **extra) -> None:
+    """A model from ``architecture`` sized for ``tokenizer``, saved with it (safetensors)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch = dict(architecture)
+    config = AutoConfig.for_model(
+        arch.pop("model_type"),
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+        **arch,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory) -> dict[str, Path]:
     """Data, tokenizers and a saved random teacher, built once per session (about a second)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     from cot2align_ds.data.records import write_records
     from cot2align_ds.data.synthetic import ArithmeticTaskSpec, make_split
@@ -54,35 +71,13 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
     teacher_tok.save_pretrained(root / "teacher_tok")
     student_tok.save_pretrained(root / "student_tok")
     torch.manual_seed(0)
-    arch = dict(TEACHER_ARCH)
-    config = AutoConfig.for_model(
-        arch.pop("model_type"),
-        vocab_size=len(teacher_tok),
-        eos_token_id=teacher_tok.eos_token_id,
-        bos_token_id=teacher_tok.bos_token_id,
-        pad_token_id=teacher_tok.pad_token_id,
-        **arch,
-    )
-    teacher = AutoModelForCausalLM.from_config(config)
-    teacher.save_pretrained(root / "teacher", safe_serialization=True)
-    teacher_tok.save_pretrained(root / "teacher")
+    _save_tiny_model(TEACHER_ARCH, teacher_tok, root / "teacher")
     # Saved fp32 students (one per tokenizer): runs in two precisions then start from the same
-    # weights, rounded once to bf16.
+    # weights, rounded once to bf16. Wide enough weights for peaked logits: at the default 0.02
+    # every output is near uniform, and rounding to bf16 could not move a loss in any digit a
+    # test reads.
     for name, tokenizer in (("student_student", student_tok), ("student_teacher", teacher_tok)):
-        arch = dict(STUDENT_ARCH)
-        config = AutoConfig.for_model(
-            arch.pop("model_type"),
-            vocab_size=len(tokenizer),
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            # Wide enough weights for peaked logits: at the default 0.02 every output is near
-            # uniform, and rounding to bf16 could not move a loss in any digit a test reads.
-            initializer_range=0.3,
-            **arch,
-        )
-        AutoModelForCausalLM.from_config(config).save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
+        _save_tiny_model(STUDENT_ARCH, tokenizer, root / name, initializer_range=0.3)
     return {
         "root": root,
         "train": root / "train.jsonl",

