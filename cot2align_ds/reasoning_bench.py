@@ -1,4 +1,4 @@
-"""The small reasoning benchmark (issue 8): does CoT augmentation + Cross-CoT OT improve
+"""The small reasoning benchmark: does CoT augmentation + Cross-CoT OT improve
 reasoning transfer over the base cross-tokenizer methods?
 
 One shared pipeline (data, tokenizers, teacher SFT on gold standard + CoT views, CoT

@@ -104,11 +104,12 @@ def is_converted(name: str, cache_dir: Path | None = None) -> bool:
 
 
 def _missing(requirements: Iterable[str]) -> list[str]:
+    """The requirements (``name`` or ``name==version``) not installed at that version."""
     missing = []
     for requirement in requirements:
         name, _, version = requirement.partition("==")
         try:
-            installed = importlib.metadata.version(name.split(">")[0])
+            installed = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             missing.append(requirement)
             continue
