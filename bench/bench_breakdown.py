@@ -93,8 +93,8 @@ def _ignore_only_hidden(forward: Callable[..., Any]) -> Callable[..., Any]:
     """The peer of the LM-head skip: every view's forward computes all its logits."""
 
     @functools.wraps(forward)
-    def full_head(side: dict, only_hidden: bool = False) -> Any:
-        return forward(side)
+    def full_head(*inputs: Any, only_hidden: bool = False) -> Any:
+        return forward(*inputs)
 
     return full_head
 
@@ -137,7 +137,7 @@ class _Case:
         seconds["other"] = total - sum(v for k, v in seconds.items() if k != "other")
         # Same count as the loop's tokens_per_s (student main view), so the per-token ratio
         # below matches bench_step's: CoT2Align's main view holds the longer CoT records.
-        tokens = sum(int(batch["student"]["attention_mask"].sum()) for batch in window)
+        tokens = sum(int(batch.student.attention_mask.sum()) for batch in window)
         return {**seconds, "total": total, "tokens": float(tokens)}
 
 

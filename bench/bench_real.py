@@ -94,14 +94,14 @@ def child(name: str, chunked: bool) -> dict:
     measured: dict = {}
     original_step = loop.Trainer.train_step
 
-    def measured_step(self, window):
+    def measured_step(self, window, **kwargs):
         step = len(measured.get("steps", [])) + 1
         if step == 1:
             phases["engines built"] = _rss_mb()
         else:
             reset_peak()
         begun = time.perf_counter()
-        result = original_step(self, window)
+        result = original_step(self, window, **kwargs)
         measured.setdefault("steps", []).append({"s": time.perf_counter() - begun, **_rss_mb()})
         return result
 

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cot2align_ds.errors import UserError
+from cot2align_ds.methods import METHOD_NAMES, get_method
 
 
 class ConfigError(UserError):
@@ -81,7 +82,7 @@ class DataConfig(_Strict):
         return self
 
 
-KDMethod = Literal["sft", "vanilla_kd", "uld", "mined", "dskd", "dskd_cma"]
+KDMethod = Literal[METHOD_NAMES]  # the method registry, ``methods.py``
 Divergence = Literal[
     "forward_kl", "reverse_kl", "js", "skew_forward_kl", "skew_reverse_kl", "adaptive_kl"
 ]
@@ -243,11 +244,12 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _method_needs_teacher(self) -> RunConfig:
-        if self.distill.method != "sft" and self.teacher is None:
+        needs_teacher = get_method(self.distill.method).needs_teacher
+        if needs_teacher and self.teacher is None:
             raise ValueError(
                 f"distill.method={self.distill.method} needs a teacher: set teacher.name_or_path"
             )
-        if self.cot2align.enabled and self.distill.method == "sft":
+        if self.cot2align.enabled and not needs_teacher:
             raise ValueError("cot2align.enabled needs a base KD method: set distill.method")
         if self.cot2align.enabled and self.cot2align.cross_cot and self.data.cot_records == "none":
             raise ValueError(

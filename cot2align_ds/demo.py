@@ -23,6 +23,7 @@ from cot2align_ds.data.augment import run_augment
 from cot2align_ds.data.examples import make_examples
 from cot2align_ds.data.records import Record, read_records, write_records, write_text_atomic
 from cot2align_ds.data.synthetic import ArithmeticTaskSpec, make_split
+from cot2align_ds.methods import METHODS
 from cot2align_ds.models.toy_tokenizers import train_byte_bpe, train_unigram
 from cot2align_ds.train.loop import run_train
 
@@ -93,7 +94,10 @@ def stage_config(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
     return config
 
 
-DIFFERENT_VOCAB_METHODS = ("uld", "mined", "dskd_cma")
+# The teacher-using methods that work across tokenizers: the demo's pair has two.
+DIFFERENT_VOCAB_METHODS = tuple(
+    m.name for m in METHODS.values() if m.needs_teacher and m.cross_tokenizer
+)
 
 
 def run_demo(

@@ -30,6 +30,7 @@ from typing import Any
 
 from cot2align_ds.data.records import write_text_atomic
 from cot2align_ds.errors import UserError
+from cot2align_ds.methods import METHODS as REGISTRY
 from cot2align_ds.run_dir import best_model_dir
 
 RESULTS_FILENAME = "eval_results.json"
@@ -45,15 +46,8 @@ _DATASET_ALIASES = {
     "super_natural_instructions": "sni",
     "dialog_sum": "dialogsum",
 }
-METHODS = {
-    "teacher_sft": "Teacher (SFT)",
-    "sft": "SFT",
-    "vanilla_kd": "Vanilla KD",
-    "dskd": "DSKD",
-    "uld": "ULD",
-    "mined": "MinED",
-    "dskd_cma": "DSKD-CMA",
-}
+# Row order and labels: the teacher, then the method registry's order.
+METHODS = {"teacher_sft": "Teacher (SFT)"} | {name: m.label for name, m in REGISTRY.items()}
 _NO_COT_VARIANT = {"teacher_sft", "sft"}  # CoT2Align needs a teacher and a base KD method
 _METRIC_LABELS = {"rouge_l": "ROUGE-L", "exact_match": "Exact match"}
 _SPLIT_WORDS = {"test", "dev", "valid", "validation", "eval"}

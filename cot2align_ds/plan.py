@@ -44,6 +44,7 @@ from cot2align_ds.config import ModelSpec, RunConfig, load_config
 from cot2align_ds.engine.ds_config import resolve_run_ds_configs
 from cot2align_ds.errors import UserError
 from cot2align_ds.losses.sinkhorn import sinkhorn_problem_bytes
+from cot2align_ds.methods import get_method, needs_hidden_states, projector_params
 from cot2align_ds.models.loading import load_tokenizer, model_config
 
 GIB = 1024**3
@@ -60,21 +61,6 @@ _WORKER_OVERHEAD = int(0.25 * GIB)  # a forked data-loader worker: tokenizers + 
 # sit once in the (shared) page cache; each rank materialises one full tensor before keeping only
 # its ZeRO-3 partition.
 _MAX_SHARD_BYTES = 5 * GIB
-
-# fp32 vocabulary-sized intermediates alive at the loss's peak (forward + backward), per gathered
-# response row, for (student vocab V, teacher vocab W). Read off the loss implementations: CE
-# keeps a log-softmax and its gradient; KL-type KD adds a tempered log-softmax (student) and
-# softmax (teacher); ULD adds sorted probabilities and int64 sort indices (two fp32 copies);
-# DSKD adds the teacher-in-student-space logits and the student-in-teacher-space logits.
-_LOGIT_COPIES: dict[str, tuple[int, int]] = {
-    "sft": (2, 0),
-    "vanilla_kd": (4, 2),
-    "uld": (6, 4),
-    "mined": (5, 2),
-    "dskd": (6, 3),
-    "dskd_cma": (6, 3),
-}
-_PROJECTOR_METHODS = ("dskd", "dskd_cma")
 
 
 class PlanError(UserError):
@@ -449,7 +435,7 @@ class _Setting:
 
     @property
     def needs_hidden_states(self) -> bool:
-        return self.run.cot2align.enabled or self.run.distill.method in _PROJECTOR_METHODS
+        return needs_hidden_states(self.run.distill.method, self.run.cot2align.enabled)
 
 
 def _zero(ds: dict[str, Any]) -> dict[str, Any]:
@@ -634,7 +620,9 @@ def _logit_items(
     setting: _Setting, student: ModelSize, teacher: ModelSize | None, chunk_size: int | None
 ) -> list[MemoryItem]:
     copies = dict(
-        zip(("student", "teacher"), _LOGIT_COPIES[setting.run.distill.method], strict=True)
+        zip(
+            ("student", "teacher"), get_method(setting.run.distill.method).logit_copies, strict=True
+        )
     )
     note = f"chunks of {chunk_size} rows" if chunk_size else "unchunked"
     items = []
@@ -727,19 +715,6 @@ def _process_items(
     return items
 
 
-def projector_params(run: RunConfig, student_hidden: int, teacher_hidden: int) -> int:
-    """The distillation projectors ``Objective.build_projectors`` adds (weights + biases)."""
-    d_s, d_t = student_hidden, teacher_hidden
-    total = 0
-    if run.distill.method in _PROJECTOR_METHODS:
-        total += (d_t * d_s + d_s) + (d_s * d_t + d_t)  # t2s, s2t
-    if run.distill.method == "dskd_cma":
-        total += 4 * d_s * d_t + 2 * d_t  # query: 2 d_s -> 2 d_t
-    if run.cot2align.enabled:
-        total += d_t * d_s + d_s  # ot: d_t -> d_s, shared by the layer pairs
-    return total
-
-
 def _student_param_counts(
     run: RunConfig, student: ModelSize, teacher: ModelSize | None
 ) -> tuple[int, int]:
@@ -749,7 +724,9 @@ def _student_param_counts(
     frozen = student.num_params if lora else 0
     trainable = student.lora_params(lora.r, lora.target_modules) if lora else student.num_params
     if teacher is not None:
-        trainable += projector_params(run, student.hidden_size, teacher.hidden_size)
+        trainable += projector_params(
+            run.distill.method, run.cot2align.enabled, student.hidden_size, teacher.hidden_size
+        )
     return frozen, trainable
 
 
@@ -790,7 +767,7 @@ def estimate_memory(
     _check_topology(world_size, gpus_per_node)
     student = model_size(student_config or spec_config(run_config.student, "student"))
     teacher = None
-    if run_config.teacher is not None and run_config.distill.method != "sft":
+    if run_config.teacher is not None and get_method(run_config.distill.method).needs_teacher:
         teacher = model_size(teacher_config or spec_config(run_config.teacher, "teacher"))
     student_ds, teacher_ds = _resolve_ds(run_config, world_size, student, teacher)
     setting = _Setting(
@@ -929,7 +906,6 @@ __all__ = [
     "model_size",
     "ot_bytes",
     "peak_bytes",
-    "projector_params",
     "run_plan",
     "spec_config",
 ]

@@ -11,6 +11,7 @@ from rich.table import Table
 from cot2align_ds.config import ConfigError, RunConfig, config_to_dict, load_config
 from cot2align_ds.engine.ds_config import resolve_run_ds_configs
 from cot2align_ds.errors import UserError
+from cot2align_ds.methods import METHODS
 from cot2align_ds.models.loading import config_hidden_size
 
 
@@ -153,7 +154,7 @@ def run_real_demo_command(output_dir: Path, *, quick: bool, seed: int) -> dict:
 
 
 def print_demo_table(results: dict) -> None:
-    names = {"uld": "ULD", "mined": "MinED", "dskd_cma": "DSKD-CMA"}
+    names = {name: m.label for name, m in METHODS.items() if m.needs_teacher and m.cross_tokenizer}
     labels = {
         "teacher": "teacher (Llama-style, byte-level BPE)",
         "student_sft": "student trained alone (SFT)",

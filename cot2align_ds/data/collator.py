@@ -5,10 +5,8 @@ Legend: B batch, C CoT rows (at least 1, see below), S student positions, T teac
 Each text is tokenized separately by each tokenizer: prompt (special tokens as the tokenizer
 adds them, at most ``max_prompt_tokens``, cut from the left so the "Response:" marker next to
 the answer survives, leading special tokens kept; evaluation cuts prompts the same way) then
-answer + EOS (truncated so the total stays within ``max_total_tokens``). Labels are already
-shifted: ``labels[t]`` is the target of the logits at position ``t`` and -100 where that target
-is not an answer token, so "response positions" are simply ``labels != -100`` on every side.
-Padding is on the right.
+answer + EOS (truncated so the total stays within ``max_total_tokens``). The batch layout (shifted
+labels, right padding, response positions) is ``data/batch.py``.
 
 Cross-tokenizer alignment (MinED) is computed here, in the worker, not in the training step:
 ``aligned_teacher_pos_BS`` gives, for each student logits position, the teacher logits position
@@ -25,9 +23,8 @@ import torch
 
 from cot2align_ds.alignment.mined_dp import mined_dp_align
 from cot2align_ds.alignment.offsets import align_by_char_boundaries, clean_char_spans
+from cot2align_ds.data.batch import IGNORE_INDEX, DistillBatch, StandardViews, TokenSide
 from cot2align_ds.data.examples import Example
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -78,12 +75,11 @@ def tokenize_pair(
     return TokenizedPair(input_ids, labels, len(prompt_ids), spans)
 
 
-def pad_side(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad tokenized pairs into ``input_ids``, ``attention_mask``, ``labels`` (B, L).
+def pad_side(pairs: Sequence[TokenizedPair], pad_id: int) -> TokenSide:
+    """Right-pad tokenized pairs into one ``TokenSide``.
 
-    Also ``response_index`` / ``response_mask`` (B, K), K = the most response positions in a
-    row: sequence-level losses (OT) gather just those positions, so their cost grows with the
-    answer length, not the padded prompt + answer length, and the shape needs no host sync.
+    K (response positions) is the most response positions in a row, known here in the worker, so
+    the training step needs no host sync to shape its gathers.
     """
     length = max((len(pair.input_ids) for pair in pairs), default=1)
     batch = len(pairs)
@@ -101,13 +97,7 @@ def pad_side(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, torch.Ten
     order = torch.sort((~is_response).to(torch.int8), dim=1, stable=True).indices
     response_index = order[:, :num_response]
     response_mask = torch.gather(is_response, 1, response_index)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "response_index": response_index,
-        "response_mask": response_mask,
-    }
+    return TokenSide(input_ids, attention_mask, labels, response_index, response_mask)
 
 
 def answer_alignment(
@@ -144,14 +134,10 @@ def pad_positions(rows: list[np.ndarray], length: int) -> torch.Tensor:
 
 
 class DistillCollator:
-    """Picklable callable: list of ``Example`` -> nested dict of tensors.
+    """Picklable callable: list of ``Example`` -> ``DistillBatch``.
 
-    Keys: ``student`` / ``teacher`` (main view: the CoT view for CoT examples, the standard one
-    otherwise); ``is_cot_B``; with ``cot_views``: ``student_standard`` / ``teacher_standard``
-    (the standard views of the CoT examples), ``cot_rows_C`` (their rows in the main batch) and
-    ``cot_valid_C``. A batch without CoT examples still carries one (invalid) row so that every
-    rank runs the same forward passes under ZeRO-3; its losses are masked to zero.
-    With ``alignment`` ("offsets" or "dp"): ``aligned_teacher_pos_BS``.
+    ``cot_views`` adds the standard views of the CoT examples (Cross-CoT); ``alignment``
+    ("offsets" or "dp") adds MinED's one-to-one token alignment.
     """
 
     def __init__(
@@ -178,26 +164,30 @@ class DistillCollator:
             tokenize_pair(tokenizer, p, a, **self.limits, with_offsets=offsets) for p, a in texts
         ]
 
-    def __call__(self, examples: Sequence[Example]) -> dict:
+    def _pad(self, role: str, pairs: list[TokenizedPair]) -> TokenSide:
+        return pad_side(pairs, self.tokenizers[role].pad_token_id)
+
+    def __call__(self, examples: Sequence[Example]) -> DistillBatch:
         main = [(example.prompt, example.answer) for example in examples]
-        batch: dict = {"is_cot_B": torch.tensor([e.is_cot for e in examples], dtype=torch.bool)}
-        batch["ids"] = [example.id for example in examples]
         pairs = {role: self._tokenize(role, main) for role in self.tokenizers}
-        for role, tokenizer in self.tokenizers.items():
-            batch[role] = pad_side(pairs[role], tokenizer.pad_token_id)
+        sides = {role: self._pad(role, role_pairs) for role, role_pairs in pairs.items()}
+        aligned = None
         if self.alignment is not None:
             rows = [
                 answer_alignment(s, t, self.alignment, self.tokenizers)
                 for s, t in zip(pairs["student"], pairs["teacher"], strict=True)
             ]
-            batch["aligned_teacher_pos_BS"] = pad_positions(
-                rows, batch["student"]["labels"].shape[1]
-            )
-        if self.cot_views:
-            self._add_standard_views(batch, examples)
-        return batch
+            aligned = pad_positions(rows, sides["student"].labels.shape[1])
+        return DistillBatch(
+            ids=[example.id for example in examples],
+            is_cot_B=torch.tensor([e.is_cot for e in examples], dtype=torch.bool),
+            student=sides["student"],
+            teacher=sides.get("teacher"),
+            aligned_teacher_pos_BS=aligned,
+            standard=self._standard_views(examples) if self.cot_views else None,
+        )
 
-    def _add_standard_views(self, batch: dict, examples: Sequence[Example]) -> None:
+    def _standard_views(self, examples: Sequence[Example]) -> StandardViews:
         cot_rows = [index for index, example in enumerate(examples) if example.is_cot]
         texts = [
             (examples[i].standard_prompt or "", examples[i].standard_answer or "") for i in cot_rows
@@ -205,10 +195,13 @@ class DistillCollator:
         valid = [True] * len(cot_rows)
         if not cot_rows:
             cot_rows, texts, valid = [0], [(examples[0].prompt, examples[0].answer)], [False]
-        batch["cot_rows_C"] = torch.tensor(cot_rows, dtype=torch.long)
-        batch["cot_valid_C"] = torch.tensor(valid, dtype=torch.bool)
-        for role, tokenizer in self.tokenizers.items():
-            batch[f"{role}_standard"] = pad_side(
-                [tokenize_pair(tokenizer, p, a, **self.limits) for p, a in texts],
-                tokenizer.pad_token_id,
-            )
+        sides = {
+            role: self._pad(role, [tokenize_pair(tokenizer, p, a, **self.limits) for p, a in texts])
+            for role, tokenizer in self.tokenizers.items()
+        }
+        return StandardViews(
+            student=sides["student"],
+            teacher=sides.get("teacher"),
+            rows_C=torch.tensor(cot_rows, dtype=torch.long),
+            valid_C=torch.tensor(valid, dtype=torch.bool),
+        )

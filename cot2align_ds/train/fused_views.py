@@ -17,28 +17,31 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cot2align_ds.data.batch import TokenSide
 from cot2align_ds.train.objective import ModelOutputs
 
-_FORWARD_KEYS = ("input_ids", "attention_mask")
 
-
-def stack_views(sides: list[dict]) -> dict[str, torch.Tensor]:
-    """``input_ids`` / ``attention_mask`` of every view as one (N, L) batch, right-padded.
+def stack_views(sides: list[TokenSide]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of every view as one (N, L) batch, right-padded.
 
     Padded positions get id 0 under attention mask 0: never attended to, never a target.
     """
-    width = max(side["input_ids"].shape[1] for side in sides)
-    return {
-        key: torch.cat([F.pad(side[key], (0, width - side[key].shape[1])) for side in sides])
-        for key in _FORWARD_KEYS
-    }
+    width = max(side.input_ids.shape[1] for side in sides)
+
+    def stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([F.pad(tensor, (0, width - tensor.shape[1])) for tensor in tensors])
+
+    return (
+        stacked([side.input_ids for side in sides]),
+        stacked([side.attention_mask for side in sides]),
+    )
 
 
-def split_outputs(fused: ModelOutputs, sides: list[dict]) -> list[ModelOutputs]:
+def split_outputs(fused: ModelOutputs, sides: list[TokenSide]) -> list[ModelOutputs]:
     """Each view's (B_v, L_v, ...) slices of a forward over ``stack_views(sides)``."""
     parts, start = [], 0
     for side in sides:
-        rows, length = side["input_ids"].shape
+        rows, length = side.input_ids.shape
         end = start + rows
 
         def own(tensor: torch.Tensor, start=start, end=end, length=length) -> torch.Tensor:

@@ -21,12 +21,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 from cot2align_ds.alignment.offsets import require_offsets
 from cot2align_ds.alignment.vocab_map import mined_vocab_map
 from cot2align_ds.config import ConfigError, RunConfig, config_to_dict
+from cot2align_ds.data.batch import DistillBatch, TokenSide
 from cot2align_ds.data.collator import DistillCollator
 from cot2align_ds.data.examples import Example, make_examples
 from cot2align_ds.data.records import read_records, write_text_atomic
 from cot2align_ds.engine import deepspeed_engines as dse
 from cot2align_ds.engine.ds_config import resolve_run_ds_configs
 from cot2align_ds.errors import UserError
+from cot2align_ds.methods import NORMALISERS
 from cot2align_ds.models.loading import (
     check_vocab_fits,
     config_hidden_size,
@@ -43,10 +45,10 @@ from cot2align_ds.train import checkpointing as ckpt
 from cot2align_ds.train.dev_eval import DevEvaluator
 from cot2align_ds.train.fused_views import split_outputs, stack_views
 from cot2align_ds.train.objective import (
-    NORMALISER_KEYS,
     ModelAccess,
     ModelOutputs,
     Objective,
+    StepOutputs,
     batch_normalisers,
 )
 from cot2align_ds.train.schedule import cosine_with_floor
@@ -155,14 +157,6 @@ def _head_positions(only_hidden: bool) -> dict:
     return {"logits_to_keep": 1} if only_hidden else {}
 
 
-def _to_device(tree, device: torch.device):
-    if isinstance(tree, torch.Tensor):
-        return tree.to(device, non_blocking=True)
-    if isinstance(tree, dict):
-        return {key: _to_device(value, device) for key, value in tree.items()}
-    return tree
-
-
 class Trainer:
     """Owns the engines, the loader and the objective for one run."""
 
@@ -178,7 +172,6 @@ class Trainer:
         self._build_engines()
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.skipped_steps = 0
-        self._logging_next = False
         self.dev = self._dev_evaluator()
         if resume_tag is not None:
             self._resume(resume_tag)
@@ -316,27 +309,29 @@ class Trainer:
                 yield batch
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
-    def _forward_student(self, side: dict, only_hidden: bool = False) -> ModelOutputs:
+    def _forward_student(self, side: TokenSide, only_hidden: bool = False) -> ModelOutputs:
         output = self.student_engine(
-            input_ids=side["input_ids"],
-            attention_mask=side["attention_mask"],
+            input_ids=side.input_ids,
+            attention_mask=side.attention_mask,
             output_hidden_states=self.objective.needs_hidden_states,
             **_head_positions(only_hidden),
         )
         return ModelOutputs(output.logits, getattr(output, "hidden_states", None))
 
     @torch.no_grad()
-    def _forward_teacher(self, side: dict, only_hidden: bool = False) -> ModelOutputs:
+    def _forward_teacher(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, only_hidden: bool = False
+    ) -> ModelOutputs:
         output = self.teacher_engine(
-            input_ids=side["input_ids"],
-            attention_mask=side["attention_mask"],
+            input_ids=input_ids,
+            attention_mask=attention_mask,
             output_hidden_states=self.objective.needs_hidden_states,
             use_cache=False,
             **_head_positions(only_hidden),
         )
         return ModelOutputs(output.logits, getattr(output, "hidden_states", None))
 
-    def _window_counts(self, window: list[dict]) -> dict[str, torch.Tensor]:
+    def _window_counts(self, window: list[DistillBatch]) -> dict[str, torch.Tensor]:
         """Global counts of the window as device scalars (no host sync)."""
         counts = torch.stack([batch_normalisers(batch) for batch in window]).sum(0)
         counts = dse.all_reduce_sum(counts.to(self.device, torch.float32))
@@ -345,46 +340,53 @@ class Trainer:
         scale = self.ctx.world_size * self.config.train.grad_accum
         # An empty term (no CoT record anywhere) divides a zero sum by 1/scale: still zero.
         counts = counts.clamp_min(1.0) / scale
-        return dict(zip(NORMALISER_KEYS, counts.unbind(), strict=True))
+        return dict(zip(NORMALISERS, counts.unbind(), strict=True))
 
-    def _forward_all(self, batch: dict) -> dict[str, ModelOutputs]:
+    def _forward_teacher_views(self, sides: list[TokenSide]) -> list[ModelOutputs]:
+        """The teacher on the main view and, for Cross-CoT, the standard view: one fused call
+        (``fused_views.py``) or one call each, the standard view's LM head on one position."""
+        if len(sides) > 1 and self.config.cot2align.fuse_teacher_views:
+            return split_outputs(self._forward_teacher(*stack_views(sides)), sides)
+        return [
+            self._forward_teacher(side.input_ids, side.attention_mask, only_hidden=index > 0)
+            for index, side in enumerate(sides)
+        ]
+
+    def _forward_all(self, batch: DistillBatch) -> StepOutputs:
         """The same forward calls on every rank, whatever the batch holds (ZeRO-3 lockstep)."""
-        views = ["", "_standard"] if self.objective.needs_cross_views else [""]
-        outputs = {}
+        standard = batch.standard if self.objective.needs_cross_views else None
+        teacher = teacher_standard = None
         if self.teacher_engine is not None:
-            sides = [batch[f"teacher{view}"] for view in views]
-            if len(sides) > 1 and self.config.cot2align.fuse_teacher_views:
-                parts = split_outputs(self._forward_teacher(stack_views(sides)), sides)
-            else:
-                parts = [
-                    self._forward_teacher(side, only_hidden=bool(view))
-                    for side, view in zip(sides, views, strict=True)
-                ]
-            outputs.update(
-                {f"teacher{view}": part for view, part in zip(views, parts, strict=True)}
-            )
-        outputs["student"] = self._forward_student(batch["student"])
-        if len(views) > 1:
-            outputs["student_standard"] = self._forward_student(
-                batch["student_standard"], only_hidden=True
-            )
-        return outputs
+            sides = [batch.teacher] + ([standard.teacher] if standard is not None else [])
+            teacher, *rest = self._forward_teacher_views(sides)
+            teacher_standard = rest[0] if rest else None
+        student = self._forward_student(batch.student)
+        student_standard = None
+        if standard is not None:
+            student_standard = self._forward_student(standard.student, only_hidden=True)
+        return StepOutputs(student, teacher, student_standard, teacher_standard)
 
-    def train_step(self, window: list[dict]) -> dict[str, torch.Tensor]:
+    def train_step(
+        self, window: list[DistillBatch], log: bool = False
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One optimizer step over an accumulation window: the summed per-term values and, when
+        ``log``, OT plan diagnostics of the window's last micro-batch."""
         counts = self._window_counts(window)
         totals: dict[str, torch.Tensor] = {}
+        diagnostics: dict[str, torch.Tensor] = {}
         projectors = self.student_engine.module.projectors
         for index, batch in enumerate(window):
-            batch = _to_device(batch, self.device)
-            self.objective.collect_diagnostics = self._logging_next and index == len(window) - 1
+            batch = batch.to(self.device)
             outputs = self._forward_all(batch)
-            loss, values = self.objective(batch, outputs, projectors, self.access, counts)
-            self.student_engine.backward(loss)
+            last = log and index == len(window) - 1
+            loss = self.objective(batch, outputs, projectors, self.access, counts, diagnostics=last)
+            self.student_engine.backward(loss.total)
             self.student_engine.step()
-            for name, value in values.items():
+            for name, value in loss.terms.items():
                 totals[name] = totals.get(name, 0.0) + value
-            totals["total"] = totals.get("total", 0.0) + loss.detach()
-        return totals
+            totals["total"] = totals.get("total", 0.0) + loss.total.detach()
+            diagnostics.update(loss.diagnostics)
+        return totals, diagnostics
 
     # -- the loop -------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -401,15 +403,14 @@ class Trainer:
                 fetched = time.perf_counter()
                 self._audit(step, window)
                 log_now = step % cfg.log_every == 0 or step == self.total_steps
-                self._logging_next = log_now  # the objective collects OT diagnostics then
-                values = self.train_step(window)
+                values, diagnostics = self.train_step(window, log=log_now)
                 self.step = step
                 self._check_skipped(step)
-                tokens += sum(int(b["student"]["attention_mask"].sum()) for b in window)
+                tokens += sum(int(b.student.attention_mask.sum()) for b in window)
                 wait_s += fetched - started
                 step_s += time.perf_counter() - started
                 if log_now:
-                    last = self._log(step, values, tokens, wait_s, step_s)
+                    last = self._log(step, values, diagnostics, tokens, wait_s, step_s)
                     tokens, wait_s, step_s = 0, 0.0, 0.0
                 bar.update(1, {k: last[k] for k in ("loss/total",) if k in last})
                 stop = self.dev is not None and self.dev.due(step) and self._evaluate_dev(step)
@@ -422,7 +423,7 @@ class Trainer:
         self.tracker.close()
         return TrainResult(self.output_dir, model_dir, self.total_steps, last)
 
-    def _log(self, step, values, tokens, wait_s, step_s) -> dict[str, float]:
+    def _log(self, step, values, diagnostics, tokens, wait_s, step_s) -> dict[str, float]:
         reduced = torch.stack([v.float() for v in values.values()])
         # Sums of per-rank shares of the global mean: the all-reduce gives the global mean.
         shares = self.config.train.grad_accum * self.ctx.world_size
@@ -437,7 +438,7 @@ class Trainer:
         metrics["data_wait_share"] = wait_s / max(step_s, 1e-9)
         metrics["epoch"] = step / max(self.steps_per_epoch, 1)
         metrics["skipped_steps"] = float(self.skipped_steps)
-        metrics.update({k: float(v) for k, v in self.objective.diagnostics.items()})
+        metrics.update({k: float(v) for k, v in diagnostics.items()})
         metrics.update(dse.peak_memory_mb())
         # A skipped step's NaN loss is reported by _check_skipped; JSON cannot carry NaN.
         metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
@@ -531,12 +532,12 @@ class Trainer:
         rng = json.loads((root / tag / f"rng-rank{self.ctx.rank}.json").read_text())
         ckpt.set_rng_state(rng)
 
-    def _audit(self, step: int, window: list[dict]) -> None:
+    def _audit(self, step: int, window: list[DistillBatch]) -> None:
         if not self.config.train.record_example_ids:
             return
         path = self.output_dir / f"examples_seen.rank{self.ctx.rank}.jsonl"
         with path.open("a", encoding="utf-8") as handle:
-            ids = [example_id for batch in window for example_id in batch["ids"]]
+            ids = [example_id for batch in window for example_id in batch.ids]
             handle.write(json.dumps({"step": step, "ids": ids}) + "\n")
 
     def _write_ds_configs(self) -> None:

@@ -2,13 +2,11 @@
 
 ``total = (1 - a) * CE + a * (KD + OT)`` with ``a = distill.kd_rate``. Every term is a sum
 returned by a pure loss function, divided once by a global count taken over the whole
-accumulation window and all ranks (``window_normalisers`` in the loop), so a run at world size 2
-equals world size 1 with twice the accumulation. Terms and their normalisers:
+accumulation window and all ranks (``Trainer._window_counts``), so a run at world size 2 equals
+world size 1 with twice the accumulation. Terms and their normalisers (``methods.py``):
 
 * ``ce``: student next-token CE on the main view, per student response token;
-* base KD on the main view (``distill.method``): ``kd`` (vanilla, shared vocabulary),
-  ``kd_uld``, ``kd_mined``, or DSKD's ``kd_t2s_ce`` + ``kd_t2s_kd`` (per student token) and
-  ``kd_s2t_kd`` (per teacher token);
+* base KD on the main view: the ``kd_terms`` of ``distill.method`` in the method registry;
 * CoT2Align OT (``cot2align.enabled``): ``ot_main`` (student main <-> teacher main, per record)
   and the Cross-CoT terms ``ot_cross_std_cot`` (student standard <-> teacher CoT) and
   ``ot_cross_cot_std`` (student CoT <-> teacher standard), per CoT record; each summed over the
@@ -24,6 +22,7 @@ import torch
 from torch import nn
 
 from cot2align_ds.config import ConfigError, CoT2AlignConfig, DistillConfig
+from cot2align_ds.data.batch import DistillBatch, TokenSide
 from cot2align_ds.losses.cross_entropy import cross_entropy_loss
 from cot2align_ds.losses.divergences import kd_divergence
 from cot2align_ds.losses.dskd import dskd_cma_loss, dskd_loss
@@ -31,20 +30,25 @@ from cot2align_ds.losses.mined import mined_loss
 from cot2align_ds.losses.ot import cost_matrix, multi_pair_ot_loss
 from cot2align_ds.losses.sinkhorn import sinkhorn_log
 from cot2align_ds.losses.uld import uld_loss
+from cot2align_ds.methods import (
+    NORMALISERS,
+    OT_TERMS,
+    get_method,
+    needs_hidden_states,
+    projector_shapes,
+)
 
-NORMALISER_KEYS = ("student_tokens", "teacher_tokens", "records", "cot_records")
-OT_GROUPS = ("ot_main", "ot_cross_std_cot", "ot_cross_cot_std")
 
-
-def batch_normalisers(batch: dict) -> torch.Tensor:
-    """Counts of one micro-batch, in ``NORMALISER_KEYS`` order (summed over a window later)."""
-    student_tokens = (batch["student"]["labels"] != -100).sum()
-    teacher = batch.get("teacher")
-    teacher_tokens = (teacher["labels"] != -100).sum() if teacher else torch.tensor(0)
-    records = torch.tensor(batch["is_cot_B"].numel())
-    cot_records = batch["is_cot_B"].sum()
-    counts = [student_tokens, teacher_tokens, records, cot_records]
-    return torch.stack([count.to(torch.float64) for count in counts])
+def batch_normalisers(batch: DistillBatch) -> torch.Tensor:
+    """Counts of one micro-batch, in ``NORMALISERS`` order (summed over a window later)."""
+    teacher = batch.teacher
+    counts = {
+        "student_tokens": batch.student.response_tokens(),
+        "teacher_tokens": teacher.response_tokens() if teacher else torch.tensor(0),
+        "records": torch.tensor(batch.is_cot_B.numel()),
+        "cot_records": batch.is_cot_B.sum(),
+    }
+    return torch.stack([counts[name].to(torch.float64) for name in NORMALISERS])
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,27 @@ class ModelOutputs:
 
 
 @dataclass
+class StepOutputs:
+    """The forward passes of one micro-batch: the main views, and for Cross-CoT the standard
+    views of its CoT rows (``DistillBatch.standard``)."""
+
+    student: ModelOutputs
+    teacher: ModelOutputs | None = None
+    student_standard: ModelOutputs | None = None
+    teacher_standard: ModelOutputs | None = None
+
+
+@dataclass
+class StepLoss:
+    """The objective on one micro-batch: the total to backpropagate, each term's (detached)
+    normalised value, and, when asked for, OT plan diagnostics."""
+
+    total: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    diagnostics: dict[str, torch.Tensor]
+
+
+@dataclass
 class ModelAccess:
     """What DSKD needs beyond outputs; callables so ZeRO-3 gathers weights only when used."""
 
@@ -74,22 +99,9 @@ class ModelAccess:
     teacher_head_weight: Callable[[], torch.Tensor]
 
 
-_KD_TERMS: dict[str, list[tuple[str, str]]] = {
-    "sft": [],
-    "vanilla_kd": [("kd", "student_tokens")],
-    "uld": [("kd_uld", "student_tokens")],
-    "mined": [("kd_mined", "student_tokens")],
-    "dskd": [
-        ("kd_t2s_ce", "student_tokens"),
-        ("kd_t2s_kd", "student_tokens"),
-        ("kd_s2t_kd", "teacher_tokens"),
-    ],
-}
-_KD_TERMS["dskd_cma"] = _KD_TERMS["dskd"]
-
-
 class Objective:
-    """Builds the loss terms for a method; ``__call__`` returns (total, per-term values)."""
+    """The loss terms of a method (``methods.py``) and CoT2Align; ``__call__`` gives a
+    ``StepLoss``. Its attributes say what the forward passes must provide."""
 
     def __init__(
         self,
@@ -106,55 +118,36 @@ class Objective:
         if self.method == "mined" and teacher_to_student_vocab_W is None:
             raise ValueError("MinED needs the teacher->student vocabulary map")
         self.vocab_map_W = teacher_to_student_vocab_W
-        # Set by the loop before a logged step: OT plan diagnostics cost one extra solve.
-        self.collect_diagnostics = False
-        self.diagnostics: dict[str, torch.Tensor] = {}
-        kd_rate = 0.0 if self.method == "sft" else distill.kd_rate
+        spec = get_method(self.method)
+        kd_rate = distill.kd_rate if spec.kd_terms else 0.0
         self.terms = [Term("ce", 1.0 - kd_rate, "student_tokens")]
-        self.terms += [Term(n, kd_rate, norm) for n, norm in _KD_TERMS[self.method]]
+        self.terms += [Term(name, kd_rate, norm) for name, norm in spec.kd_terms]
         if cot2align.enabled:
-            weight = kd_rate * cot2align.ot_weight
-            self.terms.append(Term("ot_main", weight * cot2align.main_weight, "records"))
-            if cot2align.cross_cot:
-                cross = (
-                    ("ot_cross_std_cot", cot2align.cross_std_cot_weight),
-                    ("ot_cross_cot_std", cot2align.cross_cot_std_weight),
-                )
-                self.terms += [Term(n, weight * w, "cot_records") for n, w in cross]
-
-    # -- what the loop must provide -------------------------------------------------------------
-    @property
-    def needs_teacher(self) -> bool:
-        return self.method != "sft"
-
-    @property
-    def needs_hidden_states(self) -> bool:
-        return self.method in ("dskd", "dskd_cma") or self.ot.enabled
-
-    @property
-    def needs_cross_views(self) -> bool:
-        return self.ot.enabled and self.ot.cross_cot
-
-    @property
-    def alignment(self) -> str | None:
-        return self.config.mined_alignment if self.method == "mined" else None
+            weights = {
+                "ot_main": cot2align.main_weight,
+                "ot_cross_std_cot": cot2align.cross_std_cot_weight,
+                "ot_cross_cot_std": cot2align.cross_cot_std_weight,
+            }
+            ot_terms = OT_TERMS if cot2align.cross_cot else OT_TERMS[:1]
+            self.terms += [
+                Term(name, kd_rate * cot2align.ot_weight * weights[name], norm)
+                for name, norm in ot_terms
+            ]
+        # What the forward passes must provide, fixed for the run.
+        self.needs_teacher = spec.needs_teacher
+        self.needs_hidden_states = needs_hidden_states(self.method, cot2align.enabled)
+        self.needs_cross_views = cot2align.enabled and cot2align.cross_cot
+        self.alignment = distill.mined_alignment if spec.token_alignment else None
 
     def build_projectors(self, student_hidden: int, teacher_hidden: int) -> nn.ModuleDict:
-        projectors = nn.ModuleDict()
-        if self.method in ("dskd", "dskd_cma"):
-            projectors["t2s"] = nn.Linear(teacher_hidden, student_hidden)
-            projectors["s2t"] = nn.Linear(student_hidden, teacher_hidden)
-        if self.method == "dskd_cma":
-            projectors["query"] = nn.Linear(2 * student_hidden, 2 * teacher_hidden)
-        if self.ot.enabled:
-            projectors["ot"] = nn.Linear(teacher_hidden, student_hidden)
-        return projectors
+        shapes = projector_shapes(self.method, self.ot.enabled, student_hidden, teacher_hidden)
+        return nn.ModuleDict({name: nn.Linear(*shape) for name, shape in shapes.items()})
 
     # -- the terms ------------------------------------------------------------------------------
     def _kd_sums(self, batch, outputs, projectors, access) -> dict[str, torch.Tensor]:
         cfg, chunk = self.config, self.config.chunk_size
-        student, teacher = outputs["student"], outputs.get("teacher")
-        s_labels = batch["student"]["labels"]
+        student, teacher = outputs.student, outputs.teacher
+        s_labels = batch.student.labels
         if self.method == "vanilla_kd":
             mask = s_labels != -100
             return {
@@ -173,7 +166,7 @@ class Objective:
                 student.logits,
                 teacher.logits,
                 s_labels,
-                batch["teacher"]["labels"],
+                batch.teacher.labels,
                 temperature=cfg.temperature,
                 chunk_size=chunk,
             )
@@ -183,7 +176,7 @@ class Objective:
                 student.logits,
                 teacher.logits,
                 s_labels,
-                batch["aligned_teacher_pos_BS"],
+                batch.aligned_teacher_pos_BS,
                 self.vocab_map_W.to(student.logits.device),
                 temperature=cfg.temperature,
                 top_k=cfg.mined_top_k,
@@ -206,31 +199,31 @@ class Objective:
             skew=cfg.skew,
             chunk_size=cfg.chunk_size,
         )
-        s_side, t_side = batch["student"], batch["teacher"]
+        s_side, t_side = batch.student, batch.teacher
         if self.method == "dskd":
             losses = dskd_loss(
                 student.logits,
                 student.hidden_states[-1],
                 teacher.logits,
                 teacher.hidden_states[-1],
-                s_side["labels"],
+                s_side.labels,
                 **common,
             )
         else:
             with torch.no_grad():
                 embeds = {
-                    "student_input_embeds_BSD": access.student_embed(s_side["input_ids"]),
+                    "student_input_embeds_BSD": access.student_embed(s_side.input_ids),
                     "student_target_embeds_BSD": access.student_embed(_targets(s_side)),
-                    "teacher_input_embeds_BTH": access.teacher_embed(t_side["input_ids"]),
+                    "teacher_input_embeds_BTH": access.teacher_embed(t_side.input_ids),
                     "teacher_target_embeds_BTH": access.teacher_embed(_targets(t_side)),
                 }
             losses = dskd_cma_loss(
                 student.logits,
                 student.hidden_states[-1],
-                student_labels_BS=s_side["labels"],
+                student_labels_BS=s_side.labels,
                 teacher_logits_BTW=teacher.logits,
                 teacher_hidden_BTH=teacher.hidden_states[-1],
-                teacher_labels_BT=t_side["labels"],
+                teacher_labels_BT=t_side.labels,
                 query_projector=projectors["query"],
                 **embeds,
                 **common,
@@ -241,13 +234,15 @@ class Objective:
             "kd_s2t_kd": losses.s2t_kd.sum,
         }
 
-    def _ot_sums(self, batch, outputs, projectors) -> dict[str, torch.Tensor]:
-        """One batched Sinkhorn call per view, over all its layer pairs.
+    def _ot_sums(
+        self, batch, outputs, projectors, diagnostics: dict[str, torch.Tensor] | None
+    ) -> dict[str, torch.Tensor]:
+        """One batched Sinkhorn call per view, over all its layer pairs; with ``diagnostics``
+        (a dict to fill), the main view's plan diagnostics too (one extra solve).
 
         The layer pairs of a view share lengths and masks, so they batch with no padding;
-        batching across views would pad short standard answers to CoT lengths. bench_ot_calls
-        times both against one call per group: per view 0.93-1.00x, across views 1.18-1.22x
-        (2026-11-24, with the compiled CPU kernels; 0.83-0.93x and 1.14-1.22x before them).
+        batching across views would pad short standard answers to CoT lengths (``make bench``,
+        ``ot_calls``, times both against one call per group).
         """
         project = projectors["ot"]
         sums = {}
@@ -258,8 +253,8 @@ class Objective:
                 t_hidden = _gather(teacher.hidden_states[pair.teacher], teacher.index)
                 t_hidden = project(t_hidden.to(s_hidden.dtype))
                 groups.append((s_hidden, t_hidden, student.mask, teacher.mask, pair.weight))
-            if self.collect_diagnostics and name == "ot_main":
-                self.diagnostics = _plan_diagnostics(groups[-1], self.ot)
+            if diagnostics is not None and name == "ot_main":
+                diagnostics.update(_plan_diagnostics(groups[-1], self.ot))
             sums[name] = multi_pair_ot_loss(
                 groups,
                 cost=self.ot.cost,
@@ -272,14 +267,15 @@ class Objective:
 
     def _ot_views(self, batch, outputs) -> dict[str, tuple[_Side, _Side]]:
         """(student side, teacher side) per OT group, restricted to response positions."""
-        s_main = _Side.of(outputs["student"], batch["student"])
-        t_main = _Side.of(outputs["teacher"], batch["teacher"])
+        s_main = _Side.of(outputs.student, batch.student)
+        t_main = _Side.of(outputs.teacher, batch.teacher)
         views = {"ot_main": (s_main, t_main)}
         if not self.needs_cross_views:
             return views
-        rows, valid = batch["cot_rows_C"], batch["cot_valid_C"][:, None]
-        s_std = _Side.of(outputs["student_standard"], batch["student_standard"], valid)
-        t_std = _Side.of(outputs["teacher_standard"], batch["teacher_standard"], valid)
+        standard = batch.standard
+        rows, valid = standard.rows_C, standard.valid_C[:, None]
+        s_std = _Side.of(outputs.student_standard, standard.student, valid)
+        t_std = _Side.of(outputs.teacher_standard, standard.teacher, valid)
         if self.ot.reference_compat:
             # The reference masks the teacher's standard-view labels everywhere: term is zero.
             t_std = _Side(t_std.outputs, t_std.index, torch.zeros_like(t_std.mask))
@@ -290,38 +286,40 @@ class Objective:
     # -- composition ----------------------------------------------------------------------------
     def __call__(
         self,
-        batch: dict,
-        outputs: dict[str, ModelOutputs],
+        batch: DistillBatch,
+        outputs: StepOutputs,
         projectors: nn.ModuleDict,
         access: ModelAccess | None,
         window_counts: dict[str, torch.Tensor],
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        student = outputs["student"]
+        *,
+        diagnostics: bool = False,
+    ) -> StepLoss:
+        student = outputs.student
         chunk = self.config.chunk_size
         sums = {
-            "ce": cross_entropy_loss(
-                student.logits, batch["student"]["labels"], chunk_size=chunk
-            ).sum
+            "ce": cross_entropy_loss(student.logits, batch.student.labels, chunk_size=chunk).sum
         }
         sums.update(self._kd_sums(batch, outputs, projectors, access))
+        plan_diagnostics: dict[str, torch.Tensor] = {}
         if self.ot.enabled:
-            sums.update(self._ot_sums(batch, outputs, projectors))
+            wanted = plan_diagnostics if diagnostics else None
+            sums.update(self._ot_sums(batch, outputs, projectors, wanted))
         total = student.logits.new_zeros((), dtype=torch.float32)
         values = {}
         for term in self.terms:
             value = sums[term.name] / window_counts[term.normaliser]
             values[term.name] = value.detach()
             total = total + term.weight * value
-        if "student_standard" in outputs:
+        if outputs.student_standard is not None:
             # Keeps the cross-view pass in the graph even when all its rows are masked (ZeRO-3
             # expects the same parameters to take part in every backward).
-            total = total + 0.0 * outputs["student_standard"].logits.float().sum()
-        return total, values
+            total = total + 0.0 * outputs.student_standard.logits.float().sum()
+        return StepLoss(total, values, plan_diagnostics)
 
 
-def _targets(side: dict) -> torch.Tensor:
+def _targets(side: TokenSide) -> torch.Tensor:
     """Next-token targets with ignored positions pointed at a real id (they are masked)."""
-    return side["labels"].clamp_min(0)
+    return side.labels.clamp_min(0)
 
 
 @dataclass
@@ -337,9 +335,9 @@ class _Side:
         return self.outputs.hidden_states
 
     @classmethod
-    def of(cls, outputs: ModelOutputs, side: dict, valid: torch.Tensor | None = None) -> _Side:
-        mask = side["response_mask"] if valid is None else side["response_mask"] & valid
-        return cls(outputs, side["response_index"], mask)
+    def of(cls, outputs: ModelOutputs, side: TokenSide, valid: torch.Tensor | None = None) -> _Side:
+        mask = side.response_mask if valid is None else side.response_mask & valid
+        return cls(outputs, side.response_index, mask)
 
     def rows(self, rows: torch.Tensor, valid: torch.Tensor) -> _Side:
         hidden = tuple(h[rows] for h in self.outputs.hidden_states)

@@ -8,7 +8,7 @@ import torch
 from support import tiny_run_config
 
 from cot2align_ds.config import validate_config
-from cot2align_ds.train.objective import NORMALISER_KEYS
+from cot2align_ds.methods import NORMALISERS
 
 
 def _trainer(workspace, tmp_path, method):
@@ -31,18 +31,18 @@ def _loss(trainer, batch, fuse: bool, full_heads: bool):
     if full_heads:  # the peer: every view's forward computes all its logits
         student, teacher = trainer._forward_student, trainer._forward_teacher
         trainer._forward_student = lambda side, only_hidden=False: student(side)
-        trainer._forward_teacher = lambda side, only_hidden=False: teacher(side)
+        trainer._forward_teacher = lambda ids, mask, only_hidden=False: teacher(ids, mask)
     try:
         with torch.no_grad():
             outputs = trainer._forward_all(batch)
-            counts = {key: torch.tensor(1.0) for key in NORMALISER_KEYS}
-            loss, values = trainer.objective(
+            counts = {key: torch.tensor(1.0) for key in NORMALISERS}
+            loss = trainer.objective(
                 batch, outputs, trainer.student_engine.module.projectors, trainer.access, counts
             )
     finally:
         vars(trainer).pop("_forward_student", None)
         vars(trainer).pop("_forward_teacher", None)
-    return outputs, loss, values
+    return outputs, loss.total, loss.terms
 
 
 @pytest.mark.parametrize("method", ["uld", "dskd_cma"])
@@ -50,28 +50,36 @@ def test_fused_teacher_and_headless_standard_views_match_separate_full_forwards(
     workspace, tmp_path, method
 ):
     trainer = _trainer(workspace, tmp_path, method)
-    batch = next(batch for batch in trainer.loader if bool(batch["cot_valid_C"].any()))
+    batch = next(batch for batch in trainer.loader if bool(batch.standard.valid_C.any()))
     trainer.student_engine.eval()  # dropout off: both passes see the same function
     fused, fused_loss, fused_values = _loss(trainer, batch, fuse=True, full_heads=False)
     apart, apart_loss, apart_values = _loss(trainer, batch, fuse=False, full_heads=True)
 
     # The standard views' logits were not computed past the last position.
-    rows = batch["student_standard"]["input_ids"].shape[0]
-    assert fused["student_standard"].logits.shape[:2] == (rows, 1)
-    assert (
-        apart["student_standard"].logits.shape[1] == batch["student_standard"]["input_ids"].shape[1]
-    )
+    standard = batch.standard
+    rows, length = standard.student.input_ids.shape
+    assert fused.student_standard.logits.shape[:2] == (rows, 1)
+    assert apart.student_standard.logits.shape[1] == length
+    sides = {
+        "teacher": batch.teacher,
+        "teacher_standard": standard.teacher,
+        "student": batch.student,
+        "student_standard": standard.student,
+    }
     # Every real position of every view sees the same hidden states and teacher logits.
-    for key in ("teacher", "teacher_standard", "student", "student_standard"):
-        mask = batch[key]["attention_mask"].bool()
-        for got, want in zip(fused[key].hidden_states, apart[key].hidden_states, strict=True):
+    for key, side in sides.items():
+        mask = side.attention_mask.bool()
+        got_states, want_states = (
+            getattr(fused, key).hidden_states,
+            getattr(apart, key).hidden_states,
+        )
+        for got, want in zip(got_states, want_states, strict=True):
             assert got.shape == want.shape, key
             torch.testing.assert_close(got[mask], want[mask], atol=1e-5, rtol=1e-4)
     for key in ("teacher", "teacher_standard"):
-        mask = batch[key]["attention_mask"].bool()
-        torch.testing.assert_close(
-            fused[key].logits[mask], apart[key].logits[mask], atol=1e-5, rtol=1e-4
-        )
+        mask = sides[key].attention_mask.bool()
+        got, want = getattr(fused, key).logits, getattr(apart, key).logits
+        torch.testing.assert_close(got[mask], want[mask], atol=1e-5, rtol=1e-4)
     assert set(fused_values) == set(apart_values)
     assert any(name.startswith("ot_cross") for name in fused_values)
     torch.testing.assert_close(fused_loss, apart_loss, atol=1e-5, rtol=1e-5)

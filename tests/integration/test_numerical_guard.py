@@ -4,6 +4,7 @@ the run stops with a clear message past ``train.max_skipped_steps``."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -23,10 +24,10 @@ class _PoisonedObjective:
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
-        loss, values = self._objective(*args, **kwargs)
+        loss = self._objective(*args, **kwargs)
         if self._poisoned is None or self.calls in self._poisoned:
-            loss = loss * float("nan")
-        return loss, values
+            loss = replace(loss, total=loss.total * float("nan"))
+        return loss
 
 
 def _trainer(workspace, tmp_path, **train):
@@ -50,8 +51,8 @@ def test_a_nan_step_is_skipped_counted_and_not_applied(workspace, tmp_path):
     snapshots = []
     original_step = trainer.train_step
 
-    def recording_step(window):
-        result = original_step(window)
+    def recording_step(window, **kwargs):
+        result = original_step(window, **kwargs)
         snapshots.append(
             dse.gathered_state_dict(trainer.student_engine, "student.")["lm_head.weight"]
         )

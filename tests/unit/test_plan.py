@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from cot2align_ds.config import validate_config
+from cot2align_ds.methods import projector_params
 from cot2align_ds.plan import (
     GIB,
     MemoryItem,
@@ -21,7 +22,6 @@ from cot2align_ds.plan import (
     meta_model_size,
     model_size,
     peak_bytes,
-    projector_params,
     run_plan,
 )
 from cot2align_ds.train.objective import Objective
@@ -328,7 +328,7 @@ def test_projector_counts_equal_the_objectives_projectors(method, ot):
     run = _run(distill={"method": method}, cot2align={"enabled": ot, "cross_cot": False})
     objective = Objective(run.distill, run.cot2align)
     projectors = objective.build_projectors(48, 80)
-    assert projector_params(run, 48, 80) == sum(p.numel() for p in projectors.parameters())
+    assert projector_params(method, ot, 48, 80) == sum(p.numel() for p in projectors.parameters())
 
 
 def test_warnings_fire_only_above_capacity():
