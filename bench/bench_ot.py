@@ -22,8 +22,8 @@ peer computes the same cost with the same ``cost_matrix`` and then:
 - ``lean per-sample loop``: the same loop without the per-iteration test and with the plan
   formed by broadcasting: what is left of the gap is batching alone (reported, no target).
 
-How ours runs on CPU: the scaling loops are compiled (numba, ``sinkhorn.CPU_ARRAY_BACKEND``)
-and stop a problem once its iterate is bitwise stationary (``sinkhorn.STATIONARY_EXIT``): every
+How ours runs on CPU: the scaling loops are compiled (numba, the solver backend's ``cpu_arrays``)
+and stop a problem once its iterate is bitwise stationary (``stationary_exit``): every
 later iteration would repeat it exactly, so plan, loss and gradients are those of all 100
 iterations, bit for bit (tests/unit/test_cpu_kernels.py), while the peers run every iteration.
 The report rows below time ours with every iteration run.
@@ -31,9 +31,9 @@ The report rows below time ours with every iteration run.
 Report rows, same inputs, B=8, one thread: ours with every iteration run; ours with its scaling
 loops run through NumPy views instead, and as torch ops (what GPU tensors run); ours with the
 loss ``<P, C>`` taken through ``sinkhorn_log`` and an autograd chain instead of the one-op
-``transport_cost`` (``sinkhorn.FUSED_LOSS``); at 512 and 1024, the NumPy loops with every
+``transport_cost`` (``fused_loss``); at 512 and 1024, the NumPy loops with every
 problem's kernel streamed at each scaling step instead of problems run in cache-sized groups
-(``sinkhorn.CACHE_GROUPS``); the bitwise padding mask (``fill_masked``) against
+(``cache_groups``); the bitwise padding mask (``fill_masked``) against
 ``torch.where``; the one-op masked attention cost against ``fill_masked`` + ``cost_matrix``.
 Each is forward + backward. And the floor against the loop: the cost op alone (forward +
 backward) and the 110 scaling iteration pairs alone (every iteration run).
@@ -98,18 +98,19 @@ def _ours(
     cache_groups: bool = True,
     stationary_exit: bool = True,
 ):
-    from cot2align_ds.losses import sinkhorn
-    from cot2align_ds.losses.ot import ot_loss
+    from cot2align_ds.losses.ot.backend import use_backend
+    from cot2align_ds.losses.ot.loss import ot_loss
+
+    backend = {
+        "cpu_arrays": loops,
+        "fused_loss": fused,
+        "cache_groups": cache_groups,
+        "stationary_exit": stationary_exit,
+    }
 
     def call(student_BSD, teacher_BTD, mask_BS):
         student, teacher = student_BSD.requires_grad_(), teacher_BTD.requires_grad_()
-        switches = ("CPU_ARRAY_BACKEND", "FUSED_LOSS", "CACHE_GROUPS", "STATIONARY_EXIT")
-        previous = [getattr(sinkhorn, name) for name in switches]
-        for name, value in zip(
-            switches, (loops, fused, cache_groups, stationary_exit), strict=True
-        ):
-            setattr(sinkhorn, name, value)
-        try:
+        with use_backend(**backend):
             loss_sum, _ = ot_loss(
                 student,
                 teacher,
@@ -121,9 +122,6 @@ def _ours(
                 absorb_every=absorb_every,
             )
             loss_sum.backward()
-        finally:
-            for name, value in zip(switches, previous, strict=True):
-                setattr(sinkhorn, name, value)
 
     return call
 
@@ -132,7 +130,7 @@ def _pot(kind: str):
     import ot
     import torch
 
-    from cot2align_ds.losses.ot import cost_matrix
+    from cot2align_ds.losses.ot.loss import cost_matrix
 
     def call(student_BSD, teacher_BTD, mask_BS):
         student, teacher = student_BSD.requires_grad_(), teacher_BTD.requires_grad_()
@@ -167,7 +165,7 @@ def _reference_loop(num_iters: int = NUM_ITERS, lean: bool = False):
     keeps only the loop itself (plan by broadcasting, no per-iteration test) as a harder peer."""
     import torch
 
-    from cot2align_ds.losses.ot import cost_matrix
+    from cot2align_ds.losses.ot.loss import cost_matrix
 
     def call(student_BSD, teacher_BTD, mask_BS):
         student, teacher = student_BSD.requires_grad_(), teacher_BTD.requires_grad_()
@@ -219,7 +217,7 @@ def _masking(kind: str):
 def _attention_cost(fused: bool):
     """The masked attention cost, forward + backward of a weighted sum."""
     from cot2align_ds.losses.masking import fill_masked
-    from cot2align_ds.losses.ot import cost_matrix, masked_attention_cost
+    from cot2align_ds.losses.ot.loss import cost_matrix, masked_attention_cost
 
     def call(student_BSD, teacher_BTD, mask_BS):
         student, teacher = student_BSD.requires_grad_(), teacher_BTD.requires_grad_()
@@ -244,9 +242,9 @@ def _scaling_iterations():
     floor that any loss at these settings pays."""
     import torch
 
-    from cot2align_ds.losses import sinkhorn
-    from cot2align_ds.losses.ot import masked_attention_cost
-    from cot2align_ds.losses.sinkhorn import _scaling_forward
+    from cot2align_ds.losses.ot.backend import use_backend
+    from cot2align_ds.losses.ot.loss import masked_attention_cost
+    from cot2align_ds.losses.ot.scaling import scaling_forward
 
     kernels = {}
 
@@ -258,11 +256,8 @@ def _scaling_iterations():
             marginal_B1N = torch.full((shape[0], 1, shape[1]), 1.0 / shape[1])
             kernels[shape] = torch.exp(cost_BST / -EPSILON), marginal_B1N
         kernel_BST, marginal_B1N = kernels[shape]
-        previous, sinkhorn.STATIONARY_EXIT = sinkhorn.STATIONARY_EXIT, False
-        try:
-            _scaling_forward(kernel_BST, marginal_B1N, marginal_B1N, NUM_ITERS + 10, 1e-19)
-        finally:
-            sinkhorn.STATIONARY_EXIT = previous
+        with use_backend(stationary_exit=False):
+            scaling_forward(kernel_BST, marginal_B1N, marginal_B1N, NUM_ITERS + 10, 1e-19)
 
     return call
 

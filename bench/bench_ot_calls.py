@@ -78,7 +78,7 @@ def _with_grad(groups: list[tuple]) -> list[tuple]:
 
 
 def batched_call(groups: list[tuple]) -> float:
-    from cot2align_ds.losses.ot import multi_pair_ot_loss
+    from cot2align_ds.losses.ot.loss import multi_pair_ot_loss
 
     result = multi_pair_ot_loss(_with_grad(groups))
     result.loss_sum.backward()
@@ -86,7 +86,7 @@ def batched_call(groups: list[tuple]) -> float:
 
 
 def per_view_calls(groups: list[tuple]) -> float:
-    from cot2align_ds.losses.ot import multi_pair_ot_loss
+    from cot2align_ds.losses.ot.loss import multi_pair_ot_loss
 
     groups, total = _with_grad(groups), 0.0
     for start in range(0, len(groups), LAYER_PAIRS):
@@ -96,7 +96,7 @@ def per_view_calls(groups: list[tuple]) -> float:
 
 
 def separate_calls(groups: list[tuple]) -> float:
-    from cot2align_ds.losses.ot import ot_loss
+    from cot2align_ds.losses.ot.loss import ot_loss
 
     total = 0.0
     for s, t, sm, tm, w in _with_grad(groups):

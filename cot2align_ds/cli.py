@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 import yaml
 
-from cot2align_ds.errors import user_error_types
+from cot2align_ds.errors import UserError, first_line
 
 app = typer.Typer(
     name="cot2align",
@@ -55,9 +55,8 @@ def user_errors(command: Callable[..., None]) -> Callable[..., None]:
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except user_error_types() as error:
-            lines = str(error).strip().splitlines() or [type(error).__name__]
-            typer.echo(f"error: {lines[0]}", err=True)
+        except UserError as error:
+            typer.echo(f"error: {first_line(error)}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper

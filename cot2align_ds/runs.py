@@ -126,7 +126,7 @@ def run_train_command(
 def run_demo_command(
     output_dir: Path, *, quick: bool, seed: int, methods: list[str], cot2align_base: str
 ) -> dict:
-    from cot2align_ds.demo import run_demo
+    from cot2align_ds.experiments.demo import run_demo
 
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"--output-dir '{output_dir}' is a file; give a directory")
@@ -144,7 +144,7 @@ def run_real_models_command(names: list[str] | None, cache_dir: Path | None, *, 
 
 
 def run_real_demo_command(output_dir: Path, *, quick: bool, seed: int) -> dict:
-    from cot2align_ds.real_demo import format_results, run_real_demo
+    from cot2align_ds.experiments.real_demo import format_results, run_real_demo
 
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"--output-dir '{output_dir}' is a file; give a directory")
@@ -180,7 +180,7 @@ def run_launch_command(config: str, **options) -> int:
 
 
 def run_plan_command(config: str, overrides: list[str], **options) -> None:
-    from cot2align_ds.plan import run_plan
+    from cot2align_ds.planning.planner import run_plan
 
     run_plan(config, overrides, **options)
 
@@ -211,7 +211,7 @@ def run_reasoning_bench_command(
     probe_names: list[str] | None = None,
     probe_seeds: list[int] | None = None,
 ) -> dict:
-    from cot2align_ds.reasoning_bench import run_probes, run_reasoning_bench
+    from cot2align_ds.experiments.reasoning_bench import run_probes, run_reasoning_bench
 
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"--output-dir '{output_dir}' is a file; give a directory")

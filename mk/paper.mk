@@ -58,7 +58,7 @@ PAPER_DEEPSPEED ?= $(dir $(PY))deepspeed
 PAPER_CLI ?= $(PAPER_ENV) $(PY) -m cot2align_ds.cli
 PAPER_TRAIN ?= $(PAPER_ENV) DEEPSPEED=$(PAPER_DEEPSPEED) launchers/local.sh
 PAPER_SFT ?= $(PAPER_ENV) $(PAPER_DEEPSPEED) --module cot2align_ds.cli sft-teacher --config
-PAPER_BEST_MODEL ?= $(PY) -m cot2align_ds.paper_table --best-model
+PAPER_BEST_MODEL ?= $(PY) -m cot2align_ds.experiments.paper_table --best-model
 PAPER_EVAL_SEEDS := 10,20,30,40,50
 
 # --- helpers: $(1) setting, $(2) dataset, $(3) run ---------------------------------------------
@@ -136,10 +136,10 @@ paper-data: $(foreach d,$(PAPER_DATASETS),$(call paper_data_done,$(d)))
 $(foreach s,$(PAPER_SETTINGS),$(eval paper-$(s): $(call paper_evals,$(s))))
 
 paper-all: $(addprefix paper-,$(PAPER_SETTINGS))
-	$(OFFLINE) $(PY) -m cot2align_ds.paper_table $(PAPER_ROOT)
+	$(OFFLINE) $(PY) -m cot2align_ds.experiments.paper_table $(PAPER_ROOT)
 
 paper-table: install
-	$(OFFLINE) $(PY) -m cot2align_ds.paper_table $(PAPER_ROOT)
+	$(OFFLINE) $(PY) -m cot2align_ds.experiments.paper_table $(PAPER_ROOT)
 
 .DEFAULT_GOAL := $(paper_default_goal)
 endif

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from cot2align_ds.errors import UserError
+
 SPACE_MARKERS = "Ġ▁"
 _MARKER_SET = frozenset(SPACE_MARKERS)
 # str.isspace per code point; every whitespace code point is below U+3001 (the last entry,
@@ -41,7 +43,7 @@ _MARKER_SET = frozenset(SPACE_MARKERS)
 _SPACE_TABLE = np.array([chr(code).isspace() for code in range(0x3002)], dtype=bool)
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer cannot be used as given; the message says what to fix."""
 
 

@@ -41,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from cot2align_ds.data.answers import extract_answer, parse_number
 from cot2align_ds.data.records import (
     Record,
     RecordError,
@@ -51,9 +52,8 @@ from cot2align_ds.data.records import (
 )
 from cot2align_ds.data.templates import TEMPLATES, cot_prompt
 from cot2align_ds.errors import UserError
-from cot2align_ds.eval.evaluate import load_model_for_eval
-from cot2align_ds.eval.generation import DecodingConfig, encode_prompts, generate_ids
-from cot2align_ds.eval.metrics import extract_answer, parse_number
+from cot2align_ds.inference.generation import DecodingConfig, encode_prompts, generate_ids
+from cot2align_ds.inference.loading import load_model_for_eval
 
 AugmentSelection = Literal["non_empty_input", "all"]
 SHARDS_DIRNAME = "shards"

@@ -25,6 +25,7 @@ from cot2align_ds.alignment.mined_dp import mined_dp_align
 from cot2align_ds.alignment.offsets import align_by_char_boundaries, clean_char_spans
 from cot2align_ds.data.batch import IGNORE_INDEX, DistillBatch, StandardViews, TokenSide
 from cot2align_ds.data.examples import Example
+from cot2align_ds.inference.generation import truncate_prompt
 
 
 @dataclass(frozen=True)
@@ -33,17 +34,6 @@ class TokenizedPair:
     labels: list[int]
     prompt_length: int
     answer_spans: np.ndarray | None = None  # (N, 2) char spans of the kept answer tokens
-
-
-def truncate_prompt(ids: list[int], max_tokens: int, special_ids: set[int]) -> list[int]:
-    """Keep the last ``max_tokens`` ids, but keep leading special tokens (BOS) in front."""
-    if len(ids) <= max_tokens:
-        return ids
-    num_prefix = 0
-    while num_prefix < max_tokens - 1 and ids[num_prefix] in special_ids:
-        num_prefix += 1
-    keep = max_tokens - num_prefix
-    return ids[:num_prefix] + ids[len(ids) - keep :]
 
 
 def tokenize_pair(

@@ -56,7 +56,7 @@ from typing import Any, Literal
 
 from cot2align_ds.data.records import Record, write_records, write_text_atomic
 from cot2align_ds.data.templates import TEMPLATES, standard_prompt
-from cot2align_ds.errors import UserError
+from cot2align_ds.errors import UserError, first_line
 
 DatasetName = Literal["dolly", "alpaca", "sni", "dialogsum"]
 SplitMode = Literal["auto", "resplit", "source"]
@@ -193,11 +193,6 @@ class PrepareResult:
 # ---------------------------------------------------------------------------------------------
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
 def _load_hub(spec: DatasetSpec, cache_dir: Path | None) -> dict[str, Any]:
     import datasets
 
@@ -215,7 +210,7 @@ def _load_hub(spec: DatasetSpec, cache_dir: Path | None) -> dict[str, Any]:
         ) from None
     except (OSError, ValueError) as error:
         raise PrepareError(
-            f"cannot load {spec.hub_name} ({_first_line(error)}); pass --source with a local copy"
+            f"cannot load {spec.hub_name} ({first_line(error)}); pass --source with a local copy"
         ) from None
 
 
@@ -258,11 +253,11 @@ def _load_local(source: Path, cache_dir: Path | None) -> dict[str, Any]:
             "json", data_files=_local_data_files(source), cache_dir=cache_dir
         )
     except FileNotFoundError as error:
-        raise PrepareError(f"--source {source}: {_first_line(error)}") from None
+        raise PrepareError(f"--source {source}: {first_line(error)}") from None
     except datasets.exceptions.DatasetGenerationError as error:
         cause = error.__cause__ or error
         raise PrepareError(
-            f"--source {source}: not readable as JSON/JSONL ({_first_line(cause)}); fix the file"
+            f"--source {source}: not readable as JSON/JSONL ({first_line(cause)}); fix the file"
         ) from None
     return dict(loaded)
 
@@ -403,7 +398,7 @@ def token_counter(
         loaded = AutoTokenizer.from_pretrained(str(tokenizer))
     except (OSError, ValueError) as error:
         raise PrepareError(
-            f"--tokenizer {tokenizer}: cannot load ({_first_line(error)}); pass a local "
+            f"--tokenizer {tokenizer}: cannot load ({first_line(error)}); pass a local "
             "tokenizer directory"
         ) from None
     return (

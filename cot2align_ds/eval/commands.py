@@ -25,12 +25,12 @@ from cot2align_ds.eval.evaluate import (
     PAPER_SEEDS,
     EvalResult,
     evaluate_records,
-    load_model_for_eval,
     write_predictions,
 )
-from cot2align_ds.eval.generation import DecodingConfig
 from cot2align_ds.eval.metrics import EvalInputError, get_metric
-from cot2align_ds.report import make_report
+from cot2align_ds.eval.report import make_report
+from cot2align_ds.inference.generation import DecodingConfig
+from cot2align_ds.inference.loading import load_model_for_eval
 
 EVAL_ARGS_FILENAME = "eval_args.json"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

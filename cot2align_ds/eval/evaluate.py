@@ -2,48 +2,32 @@
 
 The paper's protocol (METHOD.md section 5): standard prompts only, sampling with temperature 1,
 top_p 1, no top-k, no-repeat n-gram 6, ROUGE-L F x 100, mean and sample std over seeds
-10..50. Greedy decoding is deterministic, so it runs once whatever the seeds.
-
-Model loading goes through a small list of loaders (``CheckpointLoader``): each says whether
-it recognises a path and loads it. Hugging Face model directories are handled here; LoRA
-adapters and DeepSpeed checkpoints register their own loader (``eval/loaders.py``).
+10..50. Greedy decoding is deterministic, so it runs once whatever the seeds. Models are loaded
+by ``inference/loading.py``.
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
+from cot2align_ds.data.answers import extract_answer
 from cot2align_ds.data.records import Record, write_jsonl_atomic, write_text_atomic
 from cot2align_ds.data.templates import cot_prompt, standard_prompt
-from cot2align_ds.errors import UserError
-from cot2align_ds.eval.generation import DecodingConfig, generate
-from cot2align_ds.eval.metrics import (
-    EvalInputError,
-    SeedStats,
-    aggregate_seeds,
-    extract_answer,
-    get_metric,
-)
+from cot2align_ds.eval.metrics import EvalInputError, SeedStats, aggregate_seeds, get_metric
+from cot2align_ds.inference.generation import DecodingConfig, generate
 
 PREDICTIONS_FILENAME = "predictions.jsonl"
 EVAL_RESULTS_FILENAME = "eval_results.json"
 PAPER_SEEDS = (10, 20, 30, 40, 50)
-
-
-class ModelLoadError(UserError):
-    """A path cannot be loaded as a model for evaluation."""
 
 
 @dataclass(frozen=True)
@@ -235,138 +219,3 @@ def _row_to_prediction(row: dict, scores: dict[str, float]) -> Prediction:
         extracted_answer=row.get("extracted_answer", ""),
         scores=scores,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Model loading
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    device: str | torch.device = "cpu"
-    dtype: str | torch.dtype | None = None
-    trust_remote_code: bool = False
-    tokenizer_path: Path | None = None
-    base_model: str | None = None  # architecture/base weights for adapters and ZeRO checkpoints
-
-
-LoadedModel = tuple[PreTrainedModel, PreTrainedTokenizerBase]
-
-
-@dataclass(frozen=True)
-class CheckpointLoader:
-    """Recognises one kind of saved model (``matches``) and loads it for evaluation."""
-
-    name: str
-    matches: Callable[[Path], bool]
-    load: Callable[[Path, LoadOptions], LoadedModel]
-
-
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-)
-
-
-def _is_hf_model_dir(path: Path) -> bool:
-    return (path / "config.json").is_file()
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def _load_hf_model(path: Path, options: LoadOptions) -> LoadedModel:
-    extra = {} if options.dtype is None else {"dtype": options.dtype}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, trust_remote_code=options.trust_remote_code, local_files_only=True, **extra
-        )
-    except (OSError, ValueError, KeyError) as error:
-        raise ModelLoadError(f"{path}: cannot load the model ({_first_line(error)})") from None
-    tokenizer_path = options.tokenizer_path or path
-    # AutoTokenizer builds an empty default tokenizer for a directory without tokenizer files
-    # instead of failing, so their presence is checked first.
-    if not any((tokenizer_path / name).is_file() for name in _TOKENIZER_FILES):
-        raise ModelLoadError(
-            f"{tokenizer_path}: no tokenizer files; save the tokenizer next to the model or pass "
-            "tokenizer_path"
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            tokenizer_path, trust_remote_code=options.trust_remote_code, local_files_only=True
-        )
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ModelLoadError(
-            f"{tokenizer_path}: cannot load a tokenizer ({_first_line(error)}); "
-            "save one next to the model or pass tokenizer_path"
-        ) from None
-    _check_vocab(model, tokenizer, tokenizer_path)
-    return model.to(options.device).eval(), tokenizer
-
-
-def _check_vocab(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tokenizer_path: Path
-) -> None:
-    # Ids beyond the embedding table would fail deep inside generation; say so up front.
-    num_embeddings = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > num_embeddings:
-        raise ModelLoadError(
-            f"{tokenizer_path}: tokenizer has {len(tokenizer)} tokens but the model embeds only "
-            f"{num_embeddings}; pass the tokenizer the model was trained with"
-        )
-
-
-_LOADERS: list[CheckpointLoader] = [
-    CheckpointLoader("Hugging Face model directory", _is_hf_model_dir, _load_hf_model)
-]
-
-
-def register_loader(loader: CheckpointLoader) -> None:
-    """Add a loader tried before the existing ones (more specific formats go first)."""
-    _LOADERS.insert(0, loader)
-
-
-def load_model_for_eval(
-    path: str | Path,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: str | torch.dtype | None = None,
-    trust_remote_code: bool = False,
-    tokenizer_path: str | Path | None = None,
-    base_model: str | Path | None = None,
-) -> LoadedModel:
-    """Load a saved model and its tokenizer in eval mode on ``device``.
-
-    ``path``: a Hugging Face model directory, a LoRA adapter directory or a DeepSpeed ZeRO
-    checkpoint. ``base_model`` (hub name or directory) is the model an adapter was trained on,
-    or the architecture of a ZeRO checkpoint; by default it is read from the adapter's config
-    or found next to the checkpoint.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise ModelLoadError(f"{path} does not exist; pass a saved model directory")
-    options = LoadOptions(
-        device=device,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        tokenizer_path=None if tokenizer_path is None else Path(tokenizer_path),
-        base_model=None if base_model is None else str(base_model),
-    )
-    for loader in _LOADERS:
-        if loader.matches(path):
-            return loader.load(path, options)
-    raise ModelLoadError(
-        f"{path} is not a model directory (no config.json); pass a saved Hugging Face model "
-        "or a DeepSpeed checkpoint"
-    )
-
-
-# Registers the LoRA-adapter and DeepSpeed-checkpoint loaders; imported last because they are
-# built from the definitions above.
-from cot2align_ds.eval import loaders as _loaders  # noqa: E402, F401

@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from cot2align_ds.eval.evaluate import load_model_for_eval
+from cot2align_ds.inference.loading import load_model_for_eval
 from cot2align_ds.run_dir import FINAL_MODEL_DIRNAME, best_model_dir
 
 # Training precision -> the dtype the published weights are saved in.

@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from cot2align_ds.config import ModelSpec
-from cot2align_ds.errors import UserError
+from cot2align_ds.errors import UserError, first_line
 
 
 class ModelLoadError(UserError):
@@ -51,7 +51,7 @@ def load_tokenizer(spec: ModelSpec, role: str, *, strict: bool = True) -> PreTra
         )
     except (OSError, ValueError) as error:
         raise ModelLoadError(
-            f"{key}: cannot load tokenizer '{source}' ({_first_line(error)})"
+            f"{key}: cannot load tokenizer '{source}' ({first_line(error, 200)})"
         ) from None
     if not strict:
         return tokenizer
@@ -61,11 +61,6 @@ def load_tokenizer(spec: ModelSpec, role: str, *, strict: bool = True) -> PreTra
         # Padding positions are masked everywhere, so reusing EOS as pad is harmless.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
 
 
 def load_causal_lm(
@@ -86,7 +81,7 @@ def load_causal_lm(
         )
     except (OSError, ValueError) as error:
         raise ModelLoadError(
-            f"{role}.name_or_path: cannot load '{source}' ({_first_line(error)})"
+            f"{role}.name_or_path: cannot load '{source}' ({first_line(error, 200)})"
         ) from None
 
 
@@ -126,7 +121,7 @@ def model_config(spec: ModelSpec, role: str) -> PretrainedConfig:
         )
     except (OSError, ValueError) as error:
         raise ModelLoadError(
-            f"{role}.name_or_path: cannot load '{source}' ({_first_line(error)})"
+            f"{role}.name_or_path: cannot load '{source}' ({first_line(error, 200)})"
         ) from None
 
 

@@ -25,8 +25,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from cot2align_ds.config import EvalConfig
 from cot2align_ds.data.records import Record, write_jsonl_atomic, write_text_atomic
 from cot2align_ds.data.templates import TEMPLATES, standard_prompt
-from cot2align_ds.eval.generation import DecodingConfig, encode_prompts, generate
 from cot2align_ds.eval.metrics import EvalInputError, get_metric
+from cot2align_ds.inference.generation import DecodingConfig, encode_prompts, generate
 from cot2align_ds.run_dir import DEV_EVAL_FILENAME
 
 ReduceSum = Callable[[torch.Tensor], torch.Tensor]

@@ -27,8 +27,8 @@ from cot2align_ds.losses.cross_entropy import cross_entropy_loss
 from cot2align_ds.losses.divergences import kd_divergence
 from cot2align_ds.losses.dskd import dskd_cma_loss, dskd_loss
 from cot2align_ds.losses.mined import mined_loss
-from cot2align_ds.losses.ot import cost_matrix, multi_pair_ot_loss
-from cot2align_ds.losses.sinkhorn import sinkhorn_log
+from cot2align_ds.losses.ot.loss import cost_matrix, multi_pair_ot_loss
+from cot2align_ds.losses.ot.sinkhorn import sinkhorn_log
 from cot2align_ds.losses.uld import uld_loss
 from cot2align_ds.methods import (
     NORMALISERS,

@@ -29,7 +29,8 @@ from cot2align_ds.engine.checkpoints import (
 from cot2align_ds.engine.ds_config import load_ds_config, resolve_student_ds_config
 from cot2align_ds.errors import UserError
 from cot2align_ds.eval.commands import run_eval
-from cot2align_ds.eval.evaluate import evaluate_records, load_model_for_eval
+from cot2align_ds.eval.evaluate import evaluate_records
+from cot2align_ds.inference.loading import load_model_for_eval
 from cot2align_ds.models.loading import load_causal_lm, load_tokenizer
 from cot2align_ds.models.student_module import StudentWithProjectors, param_groups
 from cot2align_ds.train.dev_eval import DevEvaluator

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from cot2align_ds.config import validate_config
 from cot2align_ds.data.records import read_records
-from cot2align_ds.eval.evaluate import evaluate_records, load_model_for_eval
+from cot2align_ds.eval.evaluate import evaluate_records
+from cot2align_ds.inference.loading import load_model_for_eval
 
 
 @pytest.mark.parametrize(

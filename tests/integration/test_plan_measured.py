@@ -22,7 +22,8 @@ import yaml
 from support import STUDENT_ARCH, subprocess_env, tiny_run_config
 
 from cot2align_ds.config import load_config
-from cot2align_ds.plan import GIB, estimate_memory
+from cot2align_ds.planning.planner import estimate_memory
+from cot2align_ds.planning.sizing import GIB
 
 ROOT = Path(__file__).resolve().parents[2]
 # Runs `cot2align train` as a child and reports the largest RSS among its waited-for children

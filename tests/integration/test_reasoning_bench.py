@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cot2align_ds.reasoning_bench import (
+from cot2align_ds.experiments.reasoning_bench import (
     CELLS,
     QUICK,
     QUICK_SEEDS,
@@ -105,7 +105,7 @@ def test_results_files_aggregate_every_cell(bench):
 
 
 def test_probes_reuse_the_shared_pipeline_and_apply_their_changes(bench):
-    from cot2align_ds.reasoning_bench import PROBES_BY_NAME, run_probes
+    from cot2align_ds.experiments.reasoning_bench import PROBES_BY_NAME, run_probes
 
     out, _ = bench
     teacher_weights = next((out / "teacher").rglob("model.safetensors"))

@@ -24,7 +24,7 @@ def _evaluate_every_2_steps(config: dict, workspace, **extra) -> None:
 
 
 def test_dev_eval_keeps_best_checkpoint_and_stops_early(workspace, tmp_path):
-    from cot2align_ds.eval.evaluate import load_model_for_eval
+    from cot2align_ds.inference.loading import load_model_for_eval
     from cot2align_ds.train.loop import run_train
 
     config = tiny_run_config(
@@ -67,7 +67,7 @@ def test_sft_teacher_publishes_its_best_checkpoint_as_a_loadable_teacher(workspa
     import torch
 
     from cot2align_ds.config import load_config
-    from cot2align_ds.eval.evaluate import load_model_for_eval
+    from cot2align_ds.inference.loading import load_model_for_eval
     from cot2align_ds.models.loading import load_causal_lm, load_tokenizer
     from cot2align_ds.run_dir import best_model_dir
     from cot2align_ds.runs import run_sft_teacher_command

@@ -55,3 +55,15 @@ def toy_student_tokenizer(toy_texts):
     from cot2align_ds.models.toy_tokenizers import train_unigram
 
     return train_unigram(toy_texts, vocab_size=400)
+
+
+@pytest.fixture
+def solver_backend():
+    """``solver_backend(cpu_arrays="numpy")``: the OT solver's backend for the rest of the test
+    (nested calls change further fields; all are undone at teardown)."""
+    import contextlib
+
+    from cot2align_ds.losses.ot.backend import use_backend
+
+    with contextlib.ExitStack() as stack:
+        yield lambda **changes: stack.enter_context(use_backend(**changes))

@@ -9,7 +9,7 @@ import torch
 from cot2align_ds.losses.cross_entropy import cross_entropy_loss
 from cot2align_ds.losses.divergences import kd_divergence
 from cot2align_ds.losses.mined import mined_loss
-from cot2align_ds.losses.ot import ot_loss
+from cot2align_ds.losses.ot.loss import ot_loss
 from cot2align_ds.losses.uld import uld_loss
 
 B, S, T, V, W, D = 2, 7, 9, 50, 70, 16

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import cot2align_ds.losses.sinkhorn as sinkhorn
+from cot2align_ds.losses.ot import scaling
+from cot2align_ds.losses.ot.backend import use_backend
 
 F64 = torch.float64
 
@@ -20,9 +21,9 @@ def _marginals(num_problems, size, dtype):
     return torch.full((num_problems, 1, size), 1.0 / max(size, 1), dtype=dtype)
 
 
-def _under(monkeypatch, backend, function, *args, **kwargs):
-    monkeypatch.setattr(sinkhorn, "CPU_ARRAY_BACKEND", backend)
-    return function(*args, **kwargs)
+def _under(backend, function, *args, **kwargs):
+    with use_backend(cpu_arrays=backend):
+        return function(*args, **kwargs)
 
 
 # S, T not multiples of the kernels' four-row blocks; one row, one column; a wide problem.
@@ -32,13 +33,13 @@ SHAPES = [(3, 7, 9), (2, 13, 5), (2, 1, 3), (1, 4, 1), (2, 6, 40)]
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("keep", [False, True])
-def test_forward_matches_the_numpy_loops(monkeypatch, shape, dtype, keep):
+def test_forward_matches_the_numpy_loops(shape, dtype, keep):
     kernel_BST = _kernel(shape, dtype)
     a_B1S = _marginals(shape[0], shape[1], dtype)
     b_B1T = _marginals(shape[0], shape[2], dtype)
     args = (kernel_BST, a_B1S, b_B1T, 12, 1e-19)
-    compiled = _under(monkeypatch, "numba", sinkhorn._scaling_forward, *args, keep=keep)
-    numpy = _under(monkeypatch, "numpy", sinkhorn._scaling_forward, *args, keep=keep)
+    compiled = _under("numba", scaling.scaling_forward, *args, keep=keep)
+    numpy = _under("numpy", scaling.scaling_forward, *args, keep=keep)
     tolerance = {"rtol": 2e-6, "atol": 0} if dtype == torch.float32 else {"rtol": 1e-13, "atol": 0}
     outputs = 4 if keep else 2
     for ours, theirs in zip(compiled[:outputs], numpy[:outputs], strict=True):
@@ -47,59 +48,54 @@ def test_forward_matches_the_numpy_loops(monkeypatch, shape, dtype, keep):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
-def test_backward_matches_the_numpy_loops(monkeypatch, shape, dtype):
+def test_backward_matches_the_numpy_loops(solver_backend, shape, dtype):
     num_problems, num_student, num_teacher = shape
     kernel_BST = _kernel(shape, dtype, seed=1)
     a_B1S = _marginals(num_problems, num_student, dtype)
     b_B1T = _marginals(num_problems, num_teacher, dtype)
-    monkeypatch.setattr(sinkhorn, "CPU_ARRAY_BACKEND", "numpy")
-    _, _, rows_BNS, columns_BNT = sinkhorn._scaling_forward(
+    solver_backend(cpu_arrays="numpy")
+    _, _, rows_BNS, columns_BNT = scaling.scaling_forward(
         kernel_BST, a_B1S, b_B1T, 6, 1e-19, keep=True
     )
     generator = torch.Generator().manual_seed(2)
     grad_u_B1S = torch.randn(num_problems, 1, num_student, generator=generator, dtype=dtype)
     grad_v_B1T = torch.randn(num_problems, 1, num_teacher, generator=generator, dtype=dtype)
     args = (kernel_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, grad_u_B1S, grad_v_B1T)
-    compiled = _under(monkeypatch, "numba", sinkhorn._scaling_backward, *args)
-    numpy = _under(monkeypatch, "numpy", sinkhorn._scaling_backward, *args)
+    compiled = _under("numba", scaling.scaling_backward, *args)
+    numpy = _under("numpy", scaling.scaling_backward, *args)
     tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}
     assert_close(compiled[0], numpy[0], **tolerance)
     assert_close(compiled[1], numpy[1], **tolerance)
 
 
 @pytest.mark.parametrize("shape", [(2, 0, 5), (2, 5, 0)])
-def test_empty_sides_give_what_the_numpy_loops_give(monkeypatch, shape):
+def test_empty_sides_give_what_the_numpy_loops_give(shape):
     kernel_BST = torch.ones(shape)
     a_B1S, b_B1T = _marginals(2, shape[1], torch.float32), _marginals(2, shape[2], torch.float32)
-    compiled = _under(
-        monkeypatch, "numba", sinkhorn._scaling_forward, kernel_BST, a_B1S, b_B1T, 3, 1e-19
-    )
-    numpy = _under(
-        monkeypatch, "numpy", sinkhorn._scaling_forward, kernel_BST, a_B1S, b_B1T, 3, 1e-19
-    )
+    compiled = _under("numba", scaling.scaling_forward, kernel_BST, a_B1S, b_B1T, 3, 1e-19)
+    numpy = _under("numpy", scaling.scaling_forward, kernel_BST, a_B1S, b_B1T, 3, 1e-19)
     assert torch.equal(compiled[0], numpy[0]) and torch.equal(compiled[1], numpy[1])
 
 
-def test_nan_in_the_kernel_propagates(monkeypatch):
+def test_nan_in_the_kernel_propagates():
     # fastmath is limited to reassociation: a NaN must not be optimised away.
     kernel_BST = _kernel((2, 5, 6), torch.float32)
     kernel_BST[1, 2, 3] = float("nan")
     a_B1S, b_B1T = _marginals(2, 5, torch.float32), _marginals(2, 6, torch.float32)
     u_B1S, v_B1T, _, _ = _under(
-        monkeypatch, "numba", sinkhorn._scaling_forward, kernel_BST, a_B1S, b_B1T, 4, 1e-19
+        "numba", scaling.scaling_forward, kernel_BST, a_B1S, b_B1T, 4, 1e-19
     )
     assert torch.isfinite(u_B1S[0]).all() and torch.isfinite(v_B1T[0]).all()
     assert torch.isnan(u_B1S[1]).all() and torch.isnan(v_B1T[1]).all()
 
 
-def test_a_marginal_for_fewer_problems_is_refused(monkeypatch):
+def test_a_marginal_for_fewer_problems_is_refused():
     # The compiled loops index without bounds checks: shapes are checked before they run.
     kernel_BST = _kernel((3, 4, 5), torch.float32)
     with pytest.raises(ValueError, match="one entry per problem"):
         _under(
-            monkeypatch,
             "numba",
-            sinkhorn._scaling_forward,
+            scaling.scaling_forward,
             kernel_BST,
             _marginals(1, 4, torch.float32),
             _marginals(3, 5, torch.float32),
@@ -108,8 +104,8 @@ def test_a_marginal_for_fewer_problems_is_refused(monkeypatch):
         )
 
 
-def test_problems_split_over_threads_give_the_same_bits(monkeypatch):
-    monkeypatch.setattr(sinkhorn, "CPU_ARRAY_BACKEND", "numba")
+def test_problems_split_over_threads_give_the_same_bits(solver_backend):
+    solver_backend(cpu_arrays="numba")
     kernel_BST = _kernel((5, 11, 8), torch.float32, seed=3)
     a_B1S, b_B1T = _marginals(5, 11, torch.float32), _marginals(5, 8, torch.float32)
     previous = torch.get_num_threads()
@@ -117,7 +113,7 @@ def test_problems_split_over_threads_give_the_same_bits(monkeypatch):
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            results.append(sinkhorn._scaling_forward(kernel_BST, a_B1S, b_B1T, 9, 1e-19, keep=True))
+            results.append(scaling.scaling_forward(kernel_BST, a_B1S, b_B1T, 9, 1e-19, keep=True))
     finally:
         torch.set_num_threads(previous)
     for other in results[1:]:
@@ -129,7 +125,7 @@ def _run_forward(kernel_BST, num_iters, keep, stationary_exit):
     """cpu_kernels.scaling_forward on fresh state; returns (u, v, rows, columns, iterations)."""
     import numpy as np
 
-    from cot2align_ds.losses import cpu_kernels
+    from cot2align_ds.losses.ot import cpu_kernels
 
     kernel = kernel_BST.numpy()
     num_problems, num_student, num_teacher = kernel.shape
@@ -174,18 +170,18 @@ def test_stationary_exit_never_fires_on_nan():
 
 
 @pytest.mark.parametrize("grad_mode", ["truncated", "unrolled", "envelope"])
-def test_stationary_exit_leaves_the_ot_loss_bit_for_bit(monkeypatch, grad_mode):
-    from cot2align_ds.losses.ot import ot_loss
+def test_stationary_exit_leaves_the_ot_loss_bit_for_bit(solver_backend, grad_mode):
+    from cot2align_ds.losses.ot.loss import ot_loss
 
     generator = torch.Generator().manual_seed(6)
     student_BSD = torch.randn(3, 11, 8, generator=generator)
     teacher_BTD = torch.randn(3, 9, 8, generator=generator)
     student_mask_BS = torch.arange(11)[None, :] < torch.tensor([[11], [6], [3]])
     teacher_mask_BT = torch.arange(9)[None, :] < torch.tensor([[9], [9], [4]])
-    monkeypatch.setattr(sinkhorn, "CPU_ARRAY_BACKEND", "numba")
+    solver_backend(cpu_arrays="numba")
     results = []
     for stationary_exit in (True, False):
-        monkeypatch.setattr(sinkhorn, "STATIONARY_EXIT", stationary_exit)
+        solver_backend(stationary_exit=stationary_exit)
         student, teacher = (
             student_BSD.clone().requires_grad_(),
             teacher_BTD.clone().requires_grad_(),
@@ -200,8 +196,8 @@ def test_stationary_exit_leaves_the_ot_loss_bit_for_bit(monkeypatch, grad_mode):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
-def test_attention_cost_backward_matches_the_torch_ops(monkeypatch, dtype):
-    from cot2align_ds.losses.ot import masked_attention_cost
+def test_attention_cost_backward_matches_the_torch_ops(solver_backend, dtype):
+    from cot2align_ds.losses.ot.loss import masked_attention_cost
 
     generator = torch.Generator().manual_seed(7)
     student_BSD = torch.randn(2, 7, 6, generator=generator, dtype=dtype)
@@ -211,7 +207,7 @@ def test_attention_cost_backward_matches_the_torch_ops(monkeypatch, dtype):
     upstream_BST = torch.randn(2, 7, 5, generator=generator, dtype=dtype)
     grads = {}
     for backend in ("numba", "torch"):
-        monkeypatch.setattr(sinkhorn, "CPU_ARRAY_BACKEND", backend)
+        solver_backend(cpu_arrays=backend)
         student, teacher = (
             student_BSD.clone().requires_grad_(),
             teacher_BTD.clone().requires_grad_(),
@@ -225,17 +221,17 @@ def test_attention_cost_backward_matches_the_torch_ops(monkeypatch, dtype):
     assert grads["numba"][0][1, 4:].abs().max() == 0  # padded positions: exactly zero
 
 
-def test_a_forked_child_runs_the_threaded_kernels(monkeypatch):
+def test_a_forked_child_runs_the_threaded_kernels(solver_backend):
     # The parent's thread pool has no threads in a fork: the child must build its own, not hang.
     import multiprocessing
 
-    monkeypatch.setattr(sinkhorn, "CPU_ARRAY_BACKEND", "numba")
+    solver_backend(cpu_arrays="numba")
     kernel_BST = _kernel((4, 6, 5), torch.float32, seed=8)
     a_B1S, b_B1T = _marginals(4, 6, torch.float32), _marginals(4, 5, torch.float32)
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        expected = sinkhorn._scaling_forward(kernel_BST, a_B1S, b_B1T, 5, 1e-19)[0]
+        expected = scaling.scaling_forward(kernel_BST, a_B1S, b_B1T, 5, 1e-19)[0]
         with multiprocessing.get_context("fork").Pool(1) as pool:
             result = pool.apply_async(_forward_in_child, (kernel_BST, a_B1S, b_B1T))
             got = result.get(timeout=60)
@@ -246,4 +242,4 @@ def test_a_forked_child_runs_the_threaded_kernels(monkeypatch):
 
 def _forward_in_child(kernel_BST, a_B1S, b_B1T):
     torch.set_num_threads(2)
-    return sinkhorn._scaling_forward(kernel_BST, a_B1S, b_B1T, 5, 1e-19)[0]
+    return scaling.scaling_forward(kernel_BST, a_B1S, b_B1T, 5, 1e-19)[0]

@@ -14,7 +14,8 @@ from cot2align_ds.data.records import RecordError, read_records, write_records
 from cot2align_ds.data.synthetic import ArithmeticTaskSpec, make_split
 from cot2align_ds.errors import UserError
 from cot2align_ds.eval.commands import dataset_names, run_eval, run_report
-from cot2align_ds.eval.evaluate import evaluate_records, load_model_for_eval
+from cot2align_ds.eval.evaluate import evaluate_records
+from cot2align_ds.inference.loading import load_model_for_eval
 
 FAST = {"template": "compact", "max_new_tokens": 6, "max_prompt_tokens": 64, "batch_size": 4}
 

@@ -15,14 +15,12 @@ from cot2align_ds.data.records import Record
 from cot2align_ds.data.synthetic import ArithmeticTaskSpec, make_split
 from cot2align_ds.eval.evaluate import (
     EvalInputError,
-    ModelLoadError,
     evaluate_records,
-    load_model_for_eval,
     score_predictions_file,
     write_eval_results,
     write_predictions,
 )
-from cot2align_ds.eval.generation import (
+from cot2align_ds.inference.generation import (
     DecodingConfig,
     GenerationSettingsError,
     encode_prompts,
@@ -30,6 +28,7 @@ from cot2align_ds.eval.generation import (
     generate,
     generate_ids,
 )
+from cot2align_ds.inference.loading import ModelLoadError, load_model_for_eval
 from cot2align_ds.models.toy_tokenizers import train_byte_bpe, train_unigram
 
 GREEDY = DecodingConfig(max_new_tokens=10, greedy=True, no_repeat_ngram_size=0)

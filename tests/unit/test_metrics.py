@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from cot2align_ds.data.answers import extract_answer, parse_number
 from cot2align_ds.data.templates import COT_ANSWER_JOINER, cot_answer
 from cot2align_ds.eval.metrics import (
     EvalInputError,
     aggregate_seeds,
     corpus_score,
     exact_match,
-    extract_answer,
     normalize_answer,
-    parse_number,
     rouge_l,
 )
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from cot2align_ds.losses.ot import cost_matrix, multi_pair_ot_loss, ot_loss
+from cot2align_ds.losses.ot.loss import cost_matrix, multi_pair_ot_loss, ot_loss
 
 F64 = torch.float64
 
@@ -94,7 +94,7 @@ def test_fused_masked_attention_cost_equals_its_composition(dtype):
     # a problem with no real teacher position, and an upstream gradient that is nonzero at padded
     # positions (the op must still return exactly zero there).
     from cot2align_ds.losses.masking import fill_masked
-    from cot2align_ds.losses.ot import masked_attention_cost
+    from cot2align_ds.losses.ot.loss import masked_attention_cost
 
     student_BSD, teacher_BTD, student_mask_BS, teacher_mask_BT = _hidden(seed=5)
     teacher_mask_BT[2] = False

@@ -115,7 +115,7 @@ def test_prepare_augment_and_eval_commands(tmp_path):
     for command in evals:
         assert f"--data {data / 'test.jsonl'}" in command
         assert command.endswith("--template alpaca --seeds 10,20,30,40,50")
-        assert "cot2align_ds.paper_table --best-model" in command
+        assert "cot2align_ds.experiments.paper_table --best-model" in command
     assert f"--output-dir {runs / 'uld+cot2align' / 'eval'}" in evals[3]
 
 
@@ -130,7 +130,7 @@ def test_every_override_validates_against_the_recipe(tmp_path):
         recipe = _option(command, "--config")
         run = sft_teacher_config(recipe, _sets(command), Path(_option(command, "--output-dir")))
         assert run.distill.method == "sft" and run.data.cot_records == "none"
-    assert commands[-1].endswith(f"cot2align_ds.paper_table {tmp_path / 'runs'}")
+    assert commands[-1].endswith(f"cot2align_ds.experiments.paper_table {tmp_path / 'runs'}")
 
 
 def test_same_vocabulary_settings_use_their_methods(tmp_path):
@@ -180,7 +180,7 @@ def test_launchers_can_be_replaced(tmp_path):
 
 def test_paper_table_target(tmp_path):
     commands = _dry_run(tmp_path, "paper-table")
-    assert commands[-1].endswith(f"-m cot2align_ds.paper_table {tmp_path / 'runs'}")
+    assert commands[-1].endswith(f"-m cot2align_ds.experiments.paper_table {tmp_path / 'runs'}")
     assert "HF_HUB_OFFLINE=1" in commands[-1]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cot2align_ds.errors import UserError
-from cot2align_ds.paper_table import (
+from cot2align_ds.experiments.paper_table import (
     MISSING,
     TABLE_FILENAME,
     PaperTableError,

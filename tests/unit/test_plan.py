@@ -12,18 +12,15 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from cot2align_ds.config import validate_config
 from cot2align_ds.methods import projector_params
-from cot2align_ds.plan import (
-    GIB,
+from cot2align_ds.planning.memory import (
     MemoryItem,
     activation_bytes,
-    estimate_memory,
     layer_activation_bytes,
     logits_bytes,
-    meta_model_size,
-    model_size,
     peak_bytes,
-    run_plan,
 )
+from cot2align_ds.planning.planner import estimate_memory, run_plan
+from cot2align_ds.planning.sizing import GIB, meta_model_size, model_size
 from cot2align_ds.train.objective import Objective
 
 # Small configs that exercise every field the formulas read (GQA, biases, tying, head_dim).

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cot2align_ds.real_demo import first_line, teacher_agreement
+from cot2align_ds.experiments.real_demo import first_line, teacher_agreement
 
 
 def test_first_line_drops_the_next_example_a_base_model_writes():

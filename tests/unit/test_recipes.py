@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoConfig
 
 from cot2align_ds.config import load_config, shipped_recipes
-from cot2align_ds.plan import estimate_memory
+from cot2align_ds.planning.planner import estimate_memory
 
 PAPER = {
     # recipe: (student, teacher, method, kd_rate, lr, epochs, LoRA)

@@ -10,7 +10,7 @@ from matplotlib.image import imread
 from cot2align_ds.eval import evaluate
 from cot2align_ds.eval.evaluate import EvalResult, write_eval_results
 from cot2align_ds.eval.metrics import aggregate_seeds
-from cot2align_ds.report import EVAL_RESULTS_FILENAME, ReportError, make_report
+from cot2align_ds.eval.report import EVAL_RESULTS_FILENAME, ReportError, make_report
 from cot2align_ds.tracking import METRICS_FILENAME, Tracker
 
 

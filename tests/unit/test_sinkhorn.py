@@ -10,13 +10,15 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from cot2align_ds.losses.sinkhorn import (
+from cot2align_ds.losses.ot import backend as ot_backend
+from cot2align_ds.losses.ot.backend import use_backend
+from cot2align_ds.losses.ot.sinkhorn import (
     automatic_absorb_every,
     sinkhorn_chunk_size,
     sinkhorn_log,
     sinkhorn_problem_bytes,
-    transport_cost,
 )
+from cot2align_ds.losses.ot.transport import transport_cost
 
 F64 = torch.float64
 
@@ -403,11 +405,10 @@ def test_automatic_absorption_stays_finite_on_a_wide_kernel(dtype):
 @pytest.mark.parametrize("grad_mode", ["unrolled", "envelope", "truncated"])
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("backend", ["numba", "numpy"])
-def test_cpu_and_torch_loops_agree(monkeypatch, grad_mode, dtype, backend):
+def test_cpu_and_torch_loops_agree(solver_backend, grad_mode, dtype, backend):
     # CPU tensors run the scaling loops compiled (numba, the default) or through NumPy views;
     # every other device through torch. All must produce the same plan and gradient, up to the
     # order of float additions.
-    import cot2align_ds.losses.sinkhorn as sinkhorn
 
     cost_BST, student_mask_BS, teacher_mask_BT = _ragged_problem(seed=11, dtype=dtype)
     weights_BST = torch.rand(
@@ -415,7 +416,7 @@ def test_cpu_and_torch_loops_agree(monkeypatch, grad_mode, dtype, backend):
     )
     results = {}
     for loops in (backend, "torch"):
-        monkeypatch.setattr(sinkhorn, "CPU_ARRAY_BACKEND", loops)
+        solver_backend(cpu_arrays=loops)
         leaf = cost_BST.clone().requires_grad_()
         plan_BST = sinkhorn_log(
             leaf, student_mask_BS, teacher_mask_BT, epsilon=0.5, num_iters=30, grad_mode=grad_mode
@@ -432,8 +433,6 @@ def test_numpy_loops_keep_blas_on_torch_thread_count():
     import numpy as np
     from threadpoolctl import threadpool_info
 
-    import cot2align_ds.losses.sinkhorn as sinkhorn
-
     seen = []
 
     def loop(xp, kernel):
@@ -443,7 +442,7 @@ def test_numpy_loops_keep_blas_on_torch_thread_count():
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        sinkhorn._run_loop(loop, torch.zeros(2, 3, 3))
+        ot_backend.run_loop(loop, torch.zeros(2, 3, 3))
     finally:
         torch.set_num_threads(previous)
     [(xp, array_type, blas)] = seen
@@ -453,24 +452,23 @@ def test_numpy_loops_keep_blas_on_torch_thread_count():
 # -- transport_cost: the loss <P, C> as one autograd op ----------------------------------------
 
 
-def _transport_under(monkeypatch, setting, values, cost_BST, masks, **solver):
-    """Value and gradient of transport_cost with ``sinkhorn.<setting>`` set to each of ``values``."""
-    import cot2align_ds.losses.sinkhorn as sinkhorn
-
+def _transport_under(field, values, cost_BST, masks, **solver):
+    """Value and gradient of transport_cost with the solver backend's ``field`` set to each of
+    ``values``."""
     results = []
     weights_B = torch.linspace(0.5, 2.0, cost_BST.shape[0], dtype=cost_BST.dtype)
     for value in values:
-        monkeypatch.setattr(sinkhorn, setting, value)
         leaf = cost_BST.clone().requires_grad_()
-        value_B = transport_cost(leaf, *masks, **solver)
+        with use_backend(**{field: value}):
+            value_B = transport_cost(leaf, *masks, **solver)
         (value_B * weights_B).sum().backward()  # per-problem upstream gradients differ
         results.append((value_B.detach(), leaf.grad))
     return results
 
 
-def _transport_both_ways(monkeypatch, cost_BST, masks, **solver):
+def _transport_both_ways(cost_BST, masks, **solver):
     """Value and gradient of transport_cost, fused and through sinkhorn_log + autograd."""
-    return _transport_under(monkeypatch, "FUSED_LOSS", (True, False), cost_BST, masks, **solver)
+    return _transport_under("fused_loss", (True, False), cost_BST, masks, **solver)
 
 
 @pytest.mark.parametrize(
@@ -485,13 +483,10 @@ def _transport_both_ways(monkeypatch, cost_BST, masks, **solver):
         ("truncated", 10.0, 100, None),  # the reference setting
     ],
 )
-def test_transport_cost_matches_the_autograd_chain(
-    monkeypatch, grad_mode, epsilon, num_iters, absorb_every
-):
+def test_transport_cost_matches_the_autograd_chain(grad_mode, epsilon, num_iters, absorb_every):
     cost_BST, student_mask_BS, teacher_mask_BT = _ragged_problem(seed=21)
     solver = {"epsilon": epsilon, "num_iters": num_iters, "grad_mode": grad_mode}
     fused, chain = _transport_both_ways(
-        monkeypatch,
         cost_BST,
         (student_mask_BS, teacher_mask_BT),
         absorb_every=absorb_every,
@@ -519,17 +514,17 @@ def test_transport_cost_backward_matches_finite_differences():
     assert torch.autograd.gradcheck(loss, (cost_BST,), eps=1e-6, atol=1e-8)
 
 
-def test_transport_cost_chunks_and_empty_problems(monkeypatch):
+def test_transport_cost_chunks_and_empty_problems():
     cost_BST, student_mask_BS, teacher_mask_BT = _ragged_problem(seed=23)
     student_mask_BS = student_mask_BS.clone()
     student_mask_BS[1] = False  # no student position: zero cost, zero gradient
     masks = (student_mask_BS, teacher_mask_BT)
-    whole = _transport_both_ways(monkeypatch, cost_BST, masks, epsilon=0.5, num_iters=30)[0]
+    whole = _transport_both_ways(cost_BST, masks, epsilon=0.5, num_iters=30)[0]
     assert whole[0][1] == 0 and whole[1][1].abs().sum() == 0
     # A budget below the batch solves it in chunks (through sinkhorn_log): same results.
     budget = sinkhorn_problem_bytes(7, 9, num_grad_iters=10, absorb_every=30, bytes_per_element=8)
     chunked = _transport_both_ways(
-        monkeypatch, cost_BST, masks, epsilon=0.5, num_iters=30, memory_budget_bytes=budget
+        cost_BST, masks, epsilon=0.5, num_iters=30, memory_budget_bytes=budget
     )[0]
     assert_close(chunked[0], whole[0], rtol=1e-12, atol=1e-14)
     assert_close(chunked[1], whole[1], rtol=1e-10, atol=1e-13)
@@ -555,18 +550,16 @@ def test_transport_cost_low_precision_input(dtype):
 
 
 @pytest.mark.parametrize("grad_mode", ["truncated", "envelope"])
-def test_cache_groups_change_nothing(monkeypatch, grad_mode):
+def test_cache_groups_change_nothing(solver_backend, monkeypatch, grad_mode):
     # One problem per group (a tiny cache) against all problems streamed at each step: the same
     # per-problem products, so the same bits.
-    import cot2align_ds.losses.sinkhorn as sinkhorn
 
-    monkeypatch.setattr(sinkhorn, "CPU_ARRAY_BACKEND", "numpy")  # the loops that group
-    assert sinkhorn.cache_bytes() >= 1 << 16  # the real lookup: some plausible size
-    monkeypatch.setattr(sinkhorn, "cache_bytes", lambda: 1)
+    solver_backend(cpu_arrays="numpy")  # the loops that group
+    assert ot_backend.cache_bytes() >= 1 << 16  # the real lookup: some plausible size
+    monkeypatch.setattr(ot_backend, "cache_bytes", lambda: 1)
     cost_BST, *masks = _ragged_problem(seed=25, dtype=torch.float32)
     grouped, streamed = _transport_under(
-        monkeypatch,
-        "CACHE_GROUPS",
+        "cache_groups",
         (True, False),
         cost_BST,
         masks,
@@ -579,12 +572,11 @@ def test_cache_groups_change_nothing(monkeypatch, grad_mode):
 
 
 def test_scaling_loops_run_problems_in_cache_sized_groups(monkeypatch):
-    import cot2align_ds.losses.sinkhorn as sinkhorn
 
     def groups_seen(kernel_bytes_budget, num_problems=5, size=32):
         seen = []
-        monkeypatch.setattr(sinkhorn, "cache_bytes", lambda: kernel_bytes_budget)
-        sinkhorn._run_loop(
+        monkeypatch.setattr(ot_backend, "cache_bytes", lambda: kernel_bytes_budget)
+        ot_backend.run_loop(
             lambda xp, kernel, row: seen.append(kernel.shape[0]),
             torch.zeros(num_problems, size, size),
             torch.zeros(num_problems, 1, size),
@@ -599,12 +591,11 @@ def test_scaling_loops_run_problems_in_cache_sized_groups(monkeypatch):
 
 @pytest.mark.parametrize("grad_mode", ["truncated", "unrolled", "envelope"])
 @pytest.mark.parametrize("backend", ["numba", "numpy"])
-def test_transport_cost_cpu_and_torch_loops_agree(monkeypatch, grad_mode, backend):
+def test_transport_cost_cpu_and_torch_loops_agree(grad_mode, backend):
     # The torch loops are what GPU tensors run; on CPU they are selected by CPU_ARRAY_BACKEND.
     cost_BST, *masks = _ragged_problem(seed=26, dtype=torch.float32)
     numpy, torch_loops = _transport_under(
-        monkeypatch,
-        "CPU_ARRAY_BACKEND",
+        "cpu_arrays",
         (backend, "torch"),
         cost_BST,
         masks,

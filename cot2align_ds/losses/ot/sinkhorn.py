@@ -23,7 +23,8 @@ below ~1e-19 takes a damped step. Both can only happen far from the fixed point 
 early iterations) and slow it down there; they never change the fixed point.
 ``absorb_every=1`` absorbs after every iteration. On CPU the scaling updates run compiled
 (``cpu_kernels``: one pass over K per iteration, and a problem whose iterate is bitwise
-unchanged stops, with exactly the results of the full count); GPU tensors run them as torch ops.
+unchanged stops, with exactly the results of the full count); GPU tensors run them as torch ops
+(``backend.py``; ``scaling.py`` holds the iterations and their backward).
 
 ``absorb_every=None`` (the default) picks the interval from the kernel's dynamic range
 ``R = (max C - min C) / epsilon`` over the real entries. When ``R <= 20`` every kernel entry is
@@ -70,18 +71,14 @@ cheapest, and at large epsilon equivalent to the reference with half the OT weig
 
 from __future__ import annotations
 
-import concurrent.futures
-import functools
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .masking import fill_masked
+from cot2align_ds.losses.masking import fill_masked
+from cot2align_ds.losses.ot.scaling import ScalingBlock, scaling_forward
 
 GRAD_MODES = ("unrolled", "envelope", "truncated")
 
@@ -142,14 +139,14 @@ def sinkhorn_log(
     Returns:
         plan_BST (fp32 or fp64), zero at masked entries; plus diagnostics when asked.
     """
-    _check_args(cost_BST, student_mask_BS, teacher_mask_BT, epsilon, grad_mode)
+    check_args(cost_BST, student_mask_BS, teacher_mask_BT, epsilon, grad_mode)
     _check_counts(num_iters=num_iters, num_grad_iters=num_grad_iters)
     if absorb_every is not None:
         _check_counts(absorb_every=absorb_every)
     num_problems = cost_BST.shape[0]
     if num_problems == 0:
         return _empty_result(cost_BST, return_diagnostics)
-    options, chunk = _plan_solve(
+    options, chunk = plan_solve(
         cost_BST,
         student_mask_BS,
         teacher_mask_BT,
@@ -167,72 +164,11 @@ def sinkhorn_log(
     )
     if not return_diagnostics:
         return plan_BST
-    masks = _problem_masks(student_mask_BS, teacher_mask_BT)
+    masks = problem_masks(student_mask_BS, teacher_mask_BT)
     return plan_BST, _diagnose(cost_BST, *masks, epsilon, plan_BST, f_BS, g_BT, iters)
 
 
-def transport_cost(
-    cost_BST: torch.Tensor,
-    student_mask_BS: torch.Tensor,
-    teacher_mask_BT: torch.Tensor,
-    *,
-    epsilon: float,
-    num_iters: int,
-    grad_mode: str = "truncated",
-    num_grad_iters: int = 10,
-    absorb_every: int | None = None,
-    cost_range: float | None = None,
-    memory_budget_bytes: int | None = None,
-) -> torch.Tensor:
-    """Transport cost ``sum_ij P_ij C_ij`` of each problem's entropic plan, (B,) fp32 (fp64 stays).
-
-    Arguments as in ``sinkhorn_log`` (no ``tol``: a training loss runs its fixed iteration
-    count). Same value and gradient as ``(sinkhorn_log(...) * C).sum((1, 2))`` up to float
-    rounding, but when the differentiated iterations form one absorption block (the
-    ``"truncated"`` and ``"unrolled"`` defaults) or the mode is ``"envelope"``, and the batch is
-    solved in one chunk, it runs as one autograd op whose backward is written out (below)
-    instead of an autograd chain through kernel, plan and product: four fresh B*S*T buffers
-    instead of about a dozen, two with the compiled CPU loops (kernel and gradient; the plan is
-    never formed). ``bench/bench_ot.py`` times the loss either way.
-
-    Unlike ``sinkhorn_log``, C must be finite at masked entries (they get no mass, but
-    ``0 * NaN`` would reach the loss): the costs of ``losses.ot`` are, because padded states
-    are zeroed before the cost is formed.
-    """
-    num_problems = cost_BST.shape[0]
-    if num_problems > 0 and FUSED_LOSS:
-        _check_args(cost_BST, student_mask_BS, teacher_mask_BT, epsilon, grad_mode)
-        options, chunk = _plan_solve(
-            cost_BST,
-            student_mask_BS,
-            teacher_mask_BT,
-            epsilon=epsilon,
-            num_iters=num_iters,
-            grad_mode=grad_mode,
-            num_grad_iters=num_grad_iters,
-            tol=None,
-            absorb_every=absorb_every,
-            cost_range=cost_range,
-            memory_budget_bytes=memory_budget_bytes,
-        )
-        if chunk == num_problems and options.num_grad <= options.absorb_every:
-            return _TransportCost.apply(cost_BST, student_mask_BS, teacher_mask_BT, options)
-    plan_BST = sinkhorn_log(
-        cost_BST,
-        student_mask_BS,
-        teacher_mask_BT,
-        epsilon=epsilon,
-        num_iters=num_iters,
-        grad_mode=grad_mode,
-        num_grad_iters=num_grad_iters,
-        absorb_every=absorb_every,
-        cost_range=cost_range,
-        memory_budget_bytes=memory_budget_bytes,
-    )
-    return (plan_BST * cost_BST).sum((1, 2))
-
-
-def _plan_solve(
+def plan_solve(
     cost_BST,
     student_mask_BS,
     teacher_mask_BT,
@@ -271,136 +207,10 @@ def _plan_solve(
     return options, chunk
 
 
-# False routes ``transport_cost`` through ``sinkhorn_log`` and autograd (the bench's peer).
-FUSED_LOSS = True
-
-
-class _TransportCost(torch.autograd.Function):
-    """``transport_cost`` with one differentiated absorption block (or none: envelope).
-
-    Forward, per problem: warm iterations without autograd end at potentials f, g; the block
-    starts from ``K1 = exp(log K + f + g)``, runs its scaling iterations to (u, v), and the plan
-    is ``P = K1 u v^T``; the loss is ``L = <P, C>``.
-
-    Backward, with G the kernel gradient of the scaling block fed with ``dL/du = (K1 * C) v``
-    and ``dL/dv = (K1 * C)^T u`` (``_scaling_backward``)::
-
-        dL/dC = P - (P * C + K1 * G) / epsilon
-
-    (the direct term, then ``log K = -C / epsilon`` through the plan and through K1). Masked
-    entries of K1 and P are exactly zero, so the gradient there is too, provided C is finite
-    there (``transport_cost``'s contract). Envelope: ``dL/dC = P``.
-
-    With the compiled CPU loops the same quantities come from passes over K1 and C
-    (``cpu_kernels.transport_terms`` / ``transport_cost_grad``): ``dL/du``, ``dL/dv`` and the
-    loss in one pass, and in the backward ``dL/dC = K1 * (u v^T (1 - C/epsilon) - G/epsilon)``
-    with ``P = K1 u v^T``, in place in G's buffer, so neither P nor P * C is ever stored.
-    """
-
-    @staticmethod
-    def forward(ctx, cost_BST, student_mask_BS, teacher_mask_BT, options):
-        student_mask_BS, teacher_mask_BT = _problem_masks(student_mask_BS, teacher_mask_BT)
-        problem = _Problem(cost_BST, student_mask_BS, teacher_mask_BT, options.epsilon, clean=False)
-        a_B1S, b_B1T, tiny = problem.a_B1S, problem.b_B1T, problem.tiny
-        num_warm = options.num_iters - options.num_grad
-        f_BS, g_BT = problem.initial_potentials()
-        if num_warm <= options.absorb_every:
-            # One absorption, f = 0: the kernel in the log-kernel's own buffer, then the warm
-            # plan K exp(f) exp(g) in place, which is the block's kernel K1.
-            kernel_BST = problem.log_kernel_BST.add_(g_BT[:, None, :]).exp_()
-            if num_warm > 0:
-                u_B1S, v_B1T, _, _ = _scaling_forward(kernel_BST, a_B1S, b_B1T, num_warm, tiny)
-                kernel_BST.mul_(u_B1S.mT).mul_(v_B1T)
-        else:
-            kernel_BST, *_ = problem.iterate(
-                f_BS, g_BT, num_warm, absorb_every=options.absorb_every, tol=None
-            )
-        ctx.cost_dtype = cost_BST.dtype
-        if options.num_grad == 0:
-            ctx.save_for_backward(kernel_BST)
-            return (kernel_BST * cost_BST).sum((1, 2))
-        u_B1S, v_B1T, rows_BNS, columns_BNT = _scaling_forward(
-            kernel_BST, a_B1S, b_B1T, options.num_grad, tiny, keep=True
-        )
-        ctx.epsilon = options.epsilon
-        ctx.compiled = compiled_cpu(kernel_BST)
-        if ctx.compiled:
-            # One pass over K1 and C gives the loss's gradients with respect to u and v, and
-            # through them the loss: no plan or P * C buffer (the backward rebuilds P from K1).
-            cost_BST = cost_BST.to(kernel_BST.dtype)
-            row_terms_B1S, column_terms_B1T = torch.empty_like(u_B1S), torch.empty_like(v_B1T)
-            run_compiled(
-                "transport_terms",
-                (kernel_BST, cost_BST, u_B1S, v_B1T, row_terms_B1S, column_terms_B1T),
-                (),
-            )
-            ctx.save_for_backward(
-                kernel_BST, cost_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, u_B1S, v_B1T,
-                row_terms_B1S, column_terms_B1T,
-            )  # fmt: skip
-            return (u_B1S * row_terms_B1S).sum((1, 2))
-        plan_BST = torch.mul(kernel_BST, u_B1S.mT).mul_(v_B1T)
-        # P * C serves the loss and, saved, the backward (so C itself is not kept).
-        weighted_BST = torch.mul(plan_BST, cost_BST)
-        ctx.save_for_backward(
-            plan_BST, weighted_BST, kernel_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, u_B1S, v_B1T
-        )
-        return weighted_BST.sum((1, 2))
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_B):
-        saved = ctx.saved_tensors
-        plan_BST = saved[0]
-        grad_B11 = grad_B.to(plan_BST.dtype)[:, None, None]
-        if len(saved) == 1:  # envelope
-            return (plan_BST * grad_B11).to(ctx.cost_dtype), None, None, None
-        if ctx.compiled:
-            return (
-                _compiled_transport_grad(saved, grad_B, ctx.epsilon).to(ctx.cost_dtype),
-                None,
-                None,
-                None,
-            )
-        weighted_BST, kernel_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, u_B1S, v_B1T = saved[1:]
-        # dL/du = (K1 * C) v = rowsum(P * C) / u. Where u = 0 (masked rows) the block's backward
-        # multiplies this gradient by u / (K v) = 0, so any finite value is exact there.
-        grad_u_B1S = _divide_where_positive(weighted_BST.sum(2)[:, None, :], u_B1S)
-        grad_v_B1T = _divide_where_positive(weighted_BST.sum(1)[:, None, :], v_B1T)
-        left_B2NS, right_B2NT = _scaling_backward(
-            kernel_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, grad_u_B1S, grad_v_B1T
-        )
-        grad_BST = torch.bmm(left_B2NS.mT, right_B2NT).mul_(kernel_BST).add_(weighted_BST)
-        grad_BST.mul_(grad_B11 / -ctx.epsilon).addcmul_(plan_BST, grad_B11)
-        return grad_BST.to(ctx.cost_dtype), None, None, None
-
-
-def _compiled_transport_grad(saved, grad_B, epsilon):
-    """``_TransportCost``'s backward from the compiled forward's saved tensors: the same
-    ``dL/dC``, with ``P = K1 u v^T`` rebuilt inside the pass that forms it."""
-    kernel_BST, cost_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, u_B1S, v_B1T = saved[:8]
-    row_terms_B1S, column_terms_B1T = saved[8:]
-    left_B2NS, right_B2NT = _scaling_backward(
-        kernel_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, row_terms_B1S, column_terms_B1T
-    )
-    # G as one batched GEMM (its inner dimension is 2 * num_grad); the rest in one pass, in place.
-    grad_BST = torch.bmm(left_B2NS.mT, right_B2NT)
-    grad_B = grad_B.to(kernel_BST.dtype).expand(kernel_BST.shape[0])
-    run_compiled(
-        "transport_cost_grad",
-        (kernel_BST, cost_BST, u_B1S, v_B1T, grad_B, grad_BST),
-        (1.0 / epsilon,),
-    )
-    return grad_BST
-
-
-def _divide_where_positive(numerator, denominator):
-    return torch.where(denominator > 0, numerator / denominator, 0.0)
-
-
 # Kernel dynamic range (in units of epsilon) up to which plain scaling iterations are safe in fp32
 # without intermediate absorptions: see the module docstring.
 SAFE_LOG_RANGE = 20.0
+
 _DEFAULT_ABSORB_EVERY = 10
 
 
@@ -477,7 +287,7 @@ def _empty_result(cost_BST, return_diagnostics):
     return plan_BST, SinkhornDiagnostics(empty_B, empty_B, 0)
 
 
-def _check_args(cost_BST, student_mask_BS, teacher_mask_BT, epsilon, grad_mode):
+def check_args(cost_BST, student_mask_BS, teacher_mask_BT, epsilon, grad_mode):
     if cost_BST.dim() != 3:
         raise ValueError(f"cost_BST must have shape (B, S, T), got {tuple(cost_BST.shape)}")
     num_problems, num_student, num_teacher = cost_BST.shape
@@ -526,17 +336,17 @@ def _solve_in_chunks(cost_BST, student_mask_BS, teacher_mask_BT, options, chunk)
 
 def _solve_chunk(cost_BST, student_mask_BS, teacher_mask_BT, options):
     """Warm phase without autograd, then the differentiated phase; plan, potentials, iterations."""
-    student_mask_BS, teacher_mask_BT = _problem_masks(student_mask_BS, teacher_mask_BT)
+    student_mask_BS, teacher_mask_BT = problem_masks(student_mask_BS, teacher_mask_BT)
     num_warm = options.num_iters - options.num_grad
     differentiated = options.num_grad > 0 and torch.is_grad_enabled() and cost_BST.requires_grad
     recompute = differentiated and options.recompute
     problem = None
     if options.num_grad > 0 and not recompute:
         # Built once with autograd; the warm phase runs on a detached view of the same log-kernel.
-        problem = _Problem(cost_BST, student_mask_BS, teacher_mask_BT, options.epsilon)
+        problem = Problem(cost_BST, student_mask_BS, teacher_mask_BT, options.epsilon)
     with torch.no_grad():
         if problem is None:
-            warm = _Problem(cost_BST, student_mask_BS, teacher_mask_BT, options.epsilon)
+            warm = Problem(cost_BST, student_mask_BS, teacher_mask_BT, options.epsilon)
         else:
             warm = problem.detached()
         f_BS, g_BT = warm.initial_potentials()
@@ -566,7 +376,7 @@ def _solve_chunk(cost_BST, student_mask_BS, teacher_mask_BT, options):
 
 
 def _differentiated_phase(cost_BST, student_mask_BS, teacher_mask_BT, f_BS, g_BT, options):
-    problem = _Problem(cost_BST, student_mask_BS, teacher_mask_BT, options.epsilon)
+    problem = Problem(cost_BST, student_mask_BS, teacher_mask_BT, options.epsilon)
     return _iterate_differentiated(problem, f_BS, g_BT, options)
 
 
@@ -580,7 +390,7 @@ def _iterate_differentiated(problem, f_BS, g_BT, options):
 
 @torch.no_grad()
 def _diagnose(cost_BST, student_mask_BS, teacher_mask_BT, epsilon, plan_BST, f_BS, g_BT, iters):
-    problem = _Problem(cost_BST, student_mask_BS, teacher_mask_BT, epsilon)
+    problem = Problem(cost_BST, student_mask_BS, teacher_mask_BT, epsilon)
     plan_BST = plan_BST.detach()
     error_B = (plan_BST.sum(2) - problem.a_B1S[:, 0]).abs().sum(1)
     error_B = error_B + (plan_BST.sum(1) - problem.b_B1T[:, 0]).abs().sum(1)
@@ -591,14 +401,14 @@ def _diagnose(cost_BST, student_mask_BS, teacher_mask_BT, epsilon, plan_BST, f_B
     return SinkhornDiagnostics(marginal_error_B=error_B, entropy_B=entropy_B, num_iters=iters)
 
 
-def _problem_masks(student_mask_BS, teacher_mask_BT):
+def problem_masks(student_mask_BS, teacher_mask_BT):
     """Empty out problems that lack real positions on either side, so their plan is all zero."""
     student_mask_BS, teacher_mask_BT = student_mask_BS.bool(), teacher_mask_BT.bool()
     solvable_B1 = (student_mask_BS.any(1) & teacher_mask_BT.any(1))[:, None]
     return student_mask_BS & solvable_B1, teacher_mask_BT & solvable_B1
 
 
-class _Problem:
+class Problem:
     """Log-kernel and marginals of one chunk; the iteration itself is ``iterate``."""
 
     def __init__(self, cost_BST, student_mask_BS, teacher_mask_BT, epsilon, *, clean=True):
@@ -624,7 +434,7 @@ class _Problem:
 
     def detached(self):
         """The same problem on the detached log-kernel, for iterations without autograd."""
-        twin = object.__new__(_Problem)
+        twin = object.__new__(Problem)
         twin.__dict__.update(self.__dict__)
         twin.log_kernel_BST = self.log_kernel_BST.detach()
         twin.inplace, twin._buffer_BST = True, None
@@ -681,270 +491,12 @@ class _Problem:
 
     def _scaling_iterations(self, kernel_BST, num_iters):
         if not self.inplace:
-            return _ScalingBlock.apply(kernel_BST, self.a_B1S, self.b_B1T, num_iters, self.tiny)
-        return _scaling_forward(kernel_BST, self.a_B1S, self.b_B1T, num_iters, self.tiny)[:2]
+            return ScalingBlock.apply(kernel_BST, self.a_B1S, self.b_B1T, num_iters, self.tiny)
+        return scaling_forward(kernel_BST, self.a_B1S, self.b_B1T, num_iters, self.tiny)[:2]
 
     def _column_error(self, kernel_BST, u_BS, v_BT):
         column_sum_BT = torch.bmm(u_BS[:, None, :], kernel_BST)[:, 0] * v_BT
         return (column_sum_BT - self.b_B1T[:, 0]).abs().sum(1)
-
-
-def _scaling_forward(kernel_BST, a_B1S, b_B1T, num_iters, tiny, keep=False):
-    """Plain scaling updates ``v = b / (K^T u)``, ``u = a / (K v)`` from ``u = 1``.
-
-    Vectors are kept as (B, 1, N) rows so each half-step is ``u @ K`` written into a preallocated
-    buffer, ``+= tiny`` and a division: per-op overhead dominates small problems on CPU. Returns
-    the last ``u_B1S, v_B1T`` and, with ``keep``, every iteration's denominators ``K v + tiny`` and
-    ``K^T u + tiny`` as (B, N, S) and (B, N, T): all the backward pass needs besides K.
-    """
-    num_problems, num_student, num_teacher = kernel_BST.shape
-    slots = num_iters if keep else 1
-    rows_BNS = kernel_BST.new_empty((num_problems, slots, num_student))
-    columns_BNT = kernel_BST.new_empty((num_problems, slots, num_teacher))
-    u_B1S, v_B1T = torch.ones_like(a_B1S), torch.empty_like(b_B1T)
-
-    def loop(xp, kernel, kernel_t, a, b, u, v, rows, columns):
-        for k in range(num_iters):
-            slot = slice(k, k + 1) if keep else slice(0, 1)
-            column, row = columns[:, slot], rows[:, slot]
-            xp.matmul(u, kernel, out=column)
-            column += tiny
-            xp.divide(b, column, out=v)
-            xp.matmul(v, kernel_t, out=row)
-            row += tiny
-            xp.divide(a, row, out=u)
-
-    if compiled_cpu(kernel_BST):
-        iters_B = torch.empty(num_problems, dtype=torch.int64)  # not reported further
-        run_compiled(
-            "scaling_forward",
-            (kernel_BST, a_B1S, b_B1T, u_B1S, v_B1T, rows_BNS, columns_BNT, iters_B),
-            (num_iters, tiny, keep, STATIONARY_EXIT),
-        )
-        return (u_B1S, v_B1T, rows_BNS, columns_BNT) if keep else (u_B1S, v_B1T, None, None)
-    # (1, S) @ (S, T) and (1, T) @ (T, S): on CPU several times faster than (S, T) @ (T, 1).
-    _run_loop(
-        loop,
-        kernel_BST,
-        kernel_BST.transpose(1, 2),
-        a_B1S,
-        b_B1T,
-        u_B1S,
-        v_B1T,
-        rows_BNS,
-        columns_BNT,
-    )
-    if not keep:
-        return u_B1S, v_B1T, None, None
-    return u_B1S, v_B1T, rows_BNS, columns_BNT
-
-
-def _run_loop(loop, *tensors):
-    """Run ``loop(xp, *arrays)``: on NumPy views of CPU tensors, on the tensors themselves elsewhere
-    (CPU tensors come here only when ``CPU_ARRAY_BACKEND`` is not the compiled default).
-
-    The loops are chains of small matrix-vector products and elementwise ops on (B, 1, N) rows,
-    where per-call overhead and the matrix-vector kernel decide the time; ``bench/bench_ot.py``
-    times the whole loss with each backend. The views share memory with the tensors. OpenBLAS
-    keeps its own thread pool: within the loop it is held to torch's thread count, so a process
-    pinned to N threads stays on N. Problems run in cache-sized groups (``CACHE_GROUPS``; the bench times
-    the loss with and without them).
-    """
-    if tensors[0].device.type != "cpu" or CPU_ARRAY_BACKEND == "torch":
-        loop(torch, *tensors)
-        return
-    arrays = [tensor.detach().numpy() for tensor in tensors]
-    num_problems = arrays[0].shape[0]
-    # Problems do not interact: run them in groups whose kernels stay in the cache through all
-    # the iterations, instead of streaming every kernel from memory at each step.
-    group = num_problems
-    if CACHE_GROUPS:
-        group = max(1, cache_bytes() // _CACHE_SHARE // max(arrays[0][:1].nbytes, 1))
-    with _blas_controller().limit(limits=torch.get_num_threads(), user_api="blas"):
-        for start in range(0, num_problems, group):
-            loop(np, *[_problems(array, start, start + group) for array in arrays])
-
-
-# A group's kernels take at most this fraction of the largest cache (the rest holds vectors and
-# whatever else runs). Chosen from ad-hoc timings of the loss at B=8, S=T=1024 on our dev
-# machine's 32 MiB L3 (2026-11-24, interleaved): groups of 16 MiB 530 ms, 8 MiB 470 ms, one
-# 4 MiB problem 466 ms. The bench times grouped against streamed, not the fraction.
-_CACHE_SHARE = 8
-# False streams every problem's kernel at each step (the bench's peer for the grouping).
-CACHE_GROUPS = True
-
-
-def _problems(array, start, end):
-    """Problems ``start:end`` of an array indexed by problem (a broadcast problem: itself)."""
-    return array if array.shape[0] == 1 else array[start:end]
-
-
-@functools.cache
-def cache_bytes() -> int:
-    """This CPU's largest cache in bytes (Linux sysfs), else 8 MiB."""
-    sizes = []
-    for size_file in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = size_file.read_text().strip().upper()
-        scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
-        digits = text.rstrip("KM")
-        if digits.isdigit():
-            sizes.append(int(digits) * scale)
-    return max(sizes, default=8 << 20)
-
-
-# "numba" (default), "numpy" or "torch": what runs the scaling loops (and the passes of
-# ``cpu_kernels``) for CPU tensors. All give the same results up to float rounding
-# (tests/unit/test_sinkhorn.py and test_cpu_kernels.py compare them).
-CPU_ARRAY_BACKEND = "numba"
-
-
-# The compiled loops stop a problem once its iterate is bitwise stationary, with the results of
-# the full iteration count (``cpu_kernels.scaling_forward``). False runs every iteration (the
-# bench's peer; tests compare the two bit for bit).
-STATIONARY_EXIT = True
-
-
-def compiled_cpu(tensor) -> bool:
-    """Whether work on ``tensor`` runs in the compiled CPU kernels (``cpu_kernels``)."""
-    return tensor.device.type == "cpu" and CPU_ARRAY_BACKEND == "numba"
-
-
-def run_compiled(name, tensors, scalars):
-    """Run ``cpu_kernels.<name>(*arrays, *scalars, start, stop)`` on NumPy views of CPU
-    tensors indexed by problem along their first dimension, with the problems split over torch's
-    thread count: the compiled kernels release the GIL, and problems do not interact."""
-    from . import cpu_kernels  # numba compiles (or loads its cache) on first use
-
-    arrays = [tensor.detach().numpy() for tensor in tensors]
-    if any(array.shape[0] != arrays[0].shape[0] for array in arrays):
-        # The compiled loops index without bounds checks: a mismatch would corrupt memory.
-        raise ValueError(
-            f"compiled kernels need one entry per problem, got {[a.shape for a in arrays]}"
-        )
-    typed = [
-        arrays[0].dtype.type(value) if isinstance(value, float) else value for value in scalars
-    ]
-    function = getattr(cpu_kernels, name)
-    num_problems = arrays[0].shape[0]
-    threads = max(1, min(torch.get_num_threads(), num_problems))
-    bounds = [num_problems * part // threads for part in range(threads + 1)]
-    if threads == 1:
-        function(*arrays, *typed, 0, num_problems)
-        return
-    runs = [
-        _thread_pool(threads).submit(function, *arrays, *typed, start, stop)
-        for start, stop in zip(bounds[:-1], bounds[1:], strict=True)
-    ]
-    for run in runs:
-        run.result()
-
-
-@functools.cache
-def _thread_pool(threads):
-    return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="sinkhorn")
-
-
-# A forked child (a DataLoader worker) inherits the pools but not their threads: it builds its own.
-os.register_at_fork(after_in_child=_thread_pool.cache_clear)
-
-
-@functools.cache
-def _blas_controller():
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController()
-
-
-class _ScalingBlock(torch.autograd.Function):
-    """Scaling iterations of one absorption block, differentiated with respect to the kernel
-    (backward: ``_scaling_backward``, then one batched GEMM)."""
-
-    @staticmethod
-    def forward(ctx, kernel_BST, a_B1S, b_B1T, num_iters, tiny):
-        u_B1S, v_B1T, rows_BNS, columns_BNT = _scaling_forward(
-            kernel_BST, a_B1S, b_B1T, num_iters, tiny, keep=True
-        )
-        ctx.save_for_backward(kernel_BST, a_B1S, b_B1T, rows_BNS, columns_BNT)
-        return u_B1S, v_B1T
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_u_B1S, grad_v_out_B1T):
-        kernel_BST, a_B1S, b_B1T, rows_BNS, columns_BNT = ctx.saved_tensors
-        if grad_u_B1S is None:
-            grad_u_B1S = torch.zeros_like(a_B1S)
-        if grad_v_out_B1T is None:
-            grad_v_out_B1T = torch.zeros_like(b_B1T)
-        left_B2NS, right_B2NT = _scaling_backward(
-            kernel_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, grad_u_B1S, grad_v_out_B1T
-        )
-        return torch.bmm(left_B2NS.mT, right_B2NT), None, None, None, None
-
-
-def _scaling_backward(kernel_BST, a_B1S, b_B1T, rows_BNS, columns_BNT, grad_u_B1S, grad_v_out_B1T):
-    """Backward of ``_scaling_forward(keep=True)``: the kernel gradient as ``left^T @ right``.
-
-    ``grad_u_B1S``, ``grad_v_out_B1T``: gradients with respect to the block's last u and v.
-    Returns ``left_B2NS, right_B2NT`` with ``dK = sum_k grad_row_k (x) v_k + u_{k-1} (x)
-    grad_column_k = left^T @ right``, left = [grad rows; u_{k-1}], right = [v_k; grad columns]:
-    the recursion runs on vectors and the caller forms dK with one batched GEMM (plain autograd
-    would add two rank-1 outer products into a B*S*T buffer per iteration).
-    """
-    num_problems, num_iters, num_student = rows_BNS.shape
-    num_teacher = columns_BNT.shape[2]
-    left_B2NS = rows_BNS.new_empty((num_problems, 2 * num_iters, num_student))
-    right_B2NT = columns_BNT.new_empty((num_problems, 2 * num_iters, num_teacher))
-    # Iteration k: c = K^T u_{k-1} + tiny, v_k = b / c, r = K v_k + tiny, u_k = a / r
-    # (u_{-1} = 1). d u_k / d r = -u_k / r and d v_k / d c = -v_k / c, for all k at once.
-    u_BNS = a_B1S / rows_BNS
-    v_BNT = torch.div(b_B1T, columns_BNT, out=right_B2NT[:, :num_iters])
-    left_B2NS[:, num_iters].fill_(1.0)
-    left_B2NS[:, num_iters + 1 :] = u_BNS[:, :-1]
-    row_slope_BNS = u_BNS.div_(rows_BNS).neg_()
-    column_slope_BNT = -v_BNT / columns_BNT
-    # Written in place by the loop: a private, dense copy of the incoming gradient.
-    grad_u_B1S = grad_u_B1S.clone(memory_format=torch.contiguous_format)
-    grad_v_B1T = torch.empty_like(b_B1T)
-
-    def loop(xp, kernel, kernel_t, row_slope, column_slope, left, right, grad_u, grad_v, grad_out):
-        for k in reversed(range(num_iters)):
-            step, grad_row = slice(k, k + 1), left[:, k : k + 1]
-            grad_column = right[:, num_iters + k : num_iters + k + 1]
-            xp.multiply(grad_u, row_slope[:, step], out=grad_row)
-            xp.matmul(grad_row, kernel, out=grad_v)
-            if k == num_iters - 1:
-                grad_v += grad_out
-            xp.multiply(grad_v, column_slope[:, step], out=grad_column)
-            xp.matmul(grad_column, kernel_t, out=grad_u)
-
-    if compiled_cpu(kernel_BST):
-        run_compiled(
-            "scaling_backward",
-            (
-                kernel_BST,
-                row_slope_BNS,
-                column_slope_BNT,
-                left_B2NS,
-                right_B2NT,
-                grad_u_B1S,
-                grad_v_out_B1T.expand_as(grad_v_B1T),
-            ),
-            (),
-        )
-        return left_B2NS, right_B2NT
-    _run_loop(
-        loop,
-        kernel_BST,
-        kernel_BST.transpose(1, 2),
-        row_slope_BNS,
-        column_slope_BNT,
-        left_B2NS,
-        right_B2NT,
-        grad_u_B1S,
-        grad_v_B1T,
-        grad_v_out_B1T.expand_as(grad_v_B1T),
-    )
-    return left_B2NS, right_B2NT
 
 
 def _log_zero_where_masked(keep, dtype):

@@ -1,45 +1,123 @@
-"""Evaluation loaders for LoRA adapter directories and DeepSpeed ZeRO checkpoints.
+"""Load a saved model and its tokenizer for inference (evaluation, CoT augmentation, export).
 
-Both are registered with ``evaluate.register_loader`` when this module is imported (which
-``evaluate`` does), so ``load_model_for_eval`` accepts them wherever it accepts a saved model.
+``load_model_for_eval`` accepts three kinds of saved model, each recognised by a
+``CheckpointLoader`` and tried in order, the most specific first:
 
-* A LoRA adapter (peft: ``adapter_config.json``) is applied to its base model (``base_model``,
-  else the adapter config's ``base_model_name_or_path``) and merged, so generation runs at the
-  speed of a plain model.
-* A ZeRO checkpoint holds weights but no architecture. The architecture comes from
+* a DeepSpeed ZeRO checkpoint holds weights but no architecture. The architecture comes from
   ``base_model``, else from the first ``config.json`` found in the checkpoint directory or up to
   two levels above it: a Hugging Face model config, or the run config the training wrote into
   its ``output_dir`` (whose ``student`` section built the model). Weights of the training
-  module's ``student.`` submodule are kept; the distillation projectors are dropped.
+  module's ``student.`` submodule are kept; the distillation projectors are dropped;
+* a LoRA adapter (peft: ``adapter_config.json``) is applied to its base model (``base_model``,
+  else the adapter config's ``base_model_name_or_path``) and merged, so generation runs at the
+  speed of a plain model;
+* a Hugging Face model directory.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from cot2align_ds.config import ConfigError, LoraConfig, validate_config
 from cot2align_ds.engine.checkpoints import (
     consolidated_state_dict_from_zero_checkpoint,
     is_zero_checkpoint,
 )
-from cot2align_ds.eval.evaluate import (
-    _TOKENIZER_FILES,
-    CheckpointLoader,
-    LoadedModel,
-    LoadOptions,
-    ModelLoadError,
-    _check_vocab,
-    _first_line,
-    _load_hf_model,
-    register_loader,
-)
+from cot2align_ds.errors import UserError, first_line
 from cot2align_ds.models.loading import load_causal_lm, load_tokenizer, model_config
+
+
+class ModelLoadError(UserError):
+    """A path cannot be loaded as a model for evaluation."""
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    device: str | torch.device = "cpu"
+    dtype: str | torch.dtype | None = None
+    trust_remote_code: bool = False
+    tokenizer_path: Path | None = None
+    base_model: str | None = None  # architecture/base weights for adapters and ZeRO checkpoints
+
+
+LoadedModel = tuple[PreTrainedModel, PreTrainedTokenizerBase]
+
+
+@dataclass(frozen=True)
+class CheckpointLoader:
+    """Recognises one kind of saved model (``matches``) and loads it for evaluation."""
+
+    name: str
+    matches: Callable[[Path], bool]
+    load: Callable[[Path, LoadOptions], LoadedModel]
+
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+)
+
+
+def _is_hf_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def _load_hf_model(path: Path, options: LoadOptions) -> LoadedModel:
+    extra = {} if options.dtype is None else {"dtype": options.dtype}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, trust_remote_code=options.trust_remote_code, local_files_only=True, **extra
+        )
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelLoadError(f"{path}: cannot load the model ({first_line(error)})") from None
+    tokenizer_path = options.tokenizer_path or path
+    # AutoTokenizer builds an empty default tokenizer for a directory without tokenizer files
+    # instead of failing, so their presence is checked first.
+    if not any((tokenizer_path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{tokenizer_path}: no tokenizer files; save the tokenizer next to the model or pass "
+            "tokenizer_path"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_path, trust_remote_code=options.trust_remote_code, local_files_only=True
+        )
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ModelLoadError(
+            f"{tokenizer_path}: cannot load a tokenizer ({first_line(error)}); "
+            "save one next to the model or pass tokenizer_path"
+        ) from None
+    _check_vocab(model, tokenizer, tokenizer_path)
+    return model.to(options.device).eval(), tokenizer
+
+
+def _check_vocab(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tokenizer_path: Path
+) -> None:
+    # Ids beyond the embedding table would fail deep inside generation; say so up front.
+    num_embeddings = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > num_embeddings:
+        raise ModelLoadError(
+            f"{tokenizer_path}: tokenizer has {len(tokenizer)} tokens but the model embeds only "
+            f"{num_embeddings}; pass the tokenizer the model was trained with"
+        )
+
 
 ADAPTER_CONFIG_FILENAME = "adapter_config.json"
 STUDENT_PREFIX = "student."  # the student's weights inside the training engine's module
@@ -51,7 +129,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelLoadError(f"{path}: unreadable JSON ({_first_line(error)})") from None
+        raise ModelLoadError(f"{path}: unreadable JSON ({first_line(error)})") from None
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path}: expected a JSON object")
     return data
@@ -83,7 +161,7 @@ def _load_pretrained(source: str, options: LoadOptions, what: str) -> LoadedMode
             options.tokenizer_path or source, trust_remote_code=options.trust_remote_code
         )
     except (OSError, ValueError) as error:
-        raise ModelLoadError(f"{what} '{source}': cannot load ({_first_line(error)})") from None
+        raise ModelLoadError(f"{what} '{source}': cannot load ({first_line(error)})") from None
     _check_vocab(model, tokenizer, Path(options.tokenizer_path or source))
     return model.to(options.device).eval(), tokenizer
 
@@ -115,7 +193,7 @@ def load_lora_adapter(path: Path, options: LoadOptions) -> LoadedModel:
         adapted = PeftModel.from_pretrained(model, str(path), is_trainable=False)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ModelLoadError(
-            f"{path}: cannot apply the adapter to base model '{base}' ({_first_line(error)}); "
+            f"{path}: cannot apply the adapter to base model '{base}' ({first_line(error)}); "
             "pass the base_model it was trained on"
         ) from None
     merged = adapted.merge_and_unload() if hasattr(adapted, "merge_and_unload") else adapted
@@ -163,7 +241,7 @@ def _from_hf_config(
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source), **kwargs)
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     except (OSError, ValueError, KeyError) as error:
-        raise ModelLoadError(f"{source}: cannot build the model ({_first_line(error)})") from None
+        raise ModelLoadError(f"{source}: cannot build the model ({first_line(error)})") from None
     return _Architecture(model, tokenizer, str(tokenizer_source), where)
 
 
@@ -287,7 +365,43 @@ def load_zero_checkpoint(path: Path, options: LoadOptions) -> LoadedModel:
     return model.to(options.device).eval(), architecture.tokenizer
 
 
-register_loader(CheckpointLoader("LoRA adapter", is_lora_adapter, load_lora_adapter))
-register_loader(
-    CheckpointLoader("DeepSpeed ZeRO checkpoint", is_zero_checkpoint, load_zero_checkpoint)
+_LOADERS = (
+    CheckpointLoader("DeepSpeed ZeRO checkpoint", is_zero_checkpoint, load_zero_checkpoint),
+    CheckpointLoader("LoRA adapter", is_lora_adapter, load_lora_adapter),
+    CheckpointLoader("Hugging Face model directory", _is_hf_model_dir, _load_hf_model),
 )
+
+
+def load_model_for_eval(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    tokenizer_path: str | Path | None = None,
+    base_model: str | Path | None = None,
+) -> LoadedModel:
+    """Load a saved model and its tokenizer in eval mode on ``device``.
+
+    ``path``: a Hugging Face model directory, a LoRA adapter directory or a DeepSpeed ZeRO
+    checkpoint. ``base_model`` (hub name or directory) is the model an adapter was trained on,
+    or the architecture of a ZeRO checkpoint; by default it is read from the adapter's config
+    or found next to the checkpoint.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path} does not exist; pass a saved model directory")
+    options = LoadOptions(
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        tokenizer_path=None if tokenizer_path is None else Path(tokenizer_path),
+        base_model=None if base_model is None else str(base_model),
+    )
+    for loader in _LOADERS:
+        if loader.matches(path):
+            return loader.load(path, options)
+    raise ModelLoadError(
+        f"{path} is not a model directory (no config.json); pass a saved Hugging Face model "
+        "or a DeepSpeed checkpoint"
+    )

@@ -24,9 +24,14 @@ from cot2align_ds.config import ConfigError, load_config, validate_config
 from cot2align_ds.data.augment import run_augment
 from cot2align_ds.data.records import read_records, write_text_atomic
 from cot2align_ds.data.synthetic import ArithmeticTaskSpec, make_split
-from cot2align_ds.demo import TEACHER_ARCHITECTURE, make_tokenizers, stage_config, write_splits
 from cot2align_ds.eval.metrics import aggregate_seeds
-from cot2align_ds.report import make_report
+from cot2align_ds.eval.report import make_report
+from cot2align_ds.experiments.demo import (
+    TEACHER_ARCHITECTURE,
+    make_tokenizers,
+    stage_config,
+    write_splits,
+)
 from cot2align_ds.train.loop import run_train
 
 RECIPE = "reasoning_bench"
@@ -257,11 +262,8 @@ def evaluate_model(
     ``cot_prompts`` adds ``exact_match_id_cot``: the ID test prompted with the CoT template and
     the answer read after "the answer is" (a diagnostic of what the student learnt from the
     rationales; the benchmark's protocol is standard prompts)."""
-    from cot2align_ds.eval.evaluate import (
-        evaluate_records,
-        load_model_for_eval,
-        write_predictions,
-    )
+    from cot2align_ds.eval.evaluate import evaluate_records, write_predictions
+    from cot2align_ds.inference.loading import load_model_for_eval
 
     model, tokenizer = load_model_for_eval(model_dir)
     views = [("id", "standard"), ("ood", "standard")] + ([("id", "cot")] if cot_prompts else [])

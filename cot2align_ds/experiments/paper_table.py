@@ -1,6 +1,6 @@
 """The paper's results table from the ``eval_results.json`` files under a runs root.
 
-``python -m cot2align_ds.paper_table runs/paper`` (what ``make paper-table`` runs) finds every
+``python -m cot2align_ds.experiments.paper_table runs/paper`` (what ``make paper-table`` runs) finds every
 ``<root>/<setting>/[<dataset>/]<run>/eval/eval_results.json`` written by ``cot2align eval``
 (``{dataset: {metric: {"mean", "std", "per_seed"}}}``) and writes one markdown table, atomically,
 to ``<root>/paper_table.md`` (or ``--output``): a row per setting x method, the method with and
@@ -233,7 +233,7 @@ def write_paper_table(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m cot2align_ds.paper_table", description=__doc__.split("\n\n")[0]
+        prog="python -m cot2align_ds.experiments.paper_table", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("root", nargs="?", type=Path, help="runs root, e.g. runs/paper")
     parser.add_argument("--output", type=Path, help=f"default: <root>/{TABLE_FILENAME}")

@@ -6,7 +6,7 @@ trainable Linear(H -> D) lives in the model, not here). Masks are boolean, True 
 that take part (the response positions).
 
 Per problem the loss is the transport cost ``sum_ij P_ij C_ij`` of the entropic plan P between
-uniform distributions over the real positions of each side (``sinkhorn.transport_cost``). Losses
+uniform distributions over the real positions of each side (``transport.transport_cost``). Losses
 return sums and counts; the caller divides once.
 """
 
@@ -19,8 +19,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .masking import fill_masked
-from .sinkhorn import compiled_cpu, run_compiled, transport_cost
+from cot2align_ds.losses.masking import fill_masked
+from cot2align_ds.losses.ot.backend import compiled_cpu, run_compiled
+from cot2align_ds.losses.ot.transport import transport_cost
 
 COST_KINDS = ("attention", "cosine", "euclidean")
 

@@ -2,7 +2,7 @@
 
 Shape legend as in ``sinkhorn``: P problems, S rows (student), T columns (teacher), N iterations.
 Vectors are kept as (P, 1, S) / (P, 1, T) rows, as the NumPy/torch loops of ``sinkhorn`` keep them.
-``sinkhorn.run_compiled`` calls these on NumPy views of CPU tensors (``CPU_ARRAY_BACKEND``
+``backend.run_compiled`` calls these on NumPy views of CPU tensors (backend ``cpu_arrays``
 "numba", the default); GPU tensors never come here.
 
 Why compiled. An iteration ``v = b / (K^T u + tiny)``, ``u = a / (K v + tiny)`` as two BLAS
@@ -197,7 +197,7 @@ def scaling_backward(
     start,
     stop,
 ):
-    """The recursion of ``sinkhorn._scaling_backward`` for problems ``start:stop``: writes the
+    """The recursion of ``scaling.scaling_backward`` for problems ``start:stop``: writes the
     gradients of the rows (``left[:, k]``) and columns (``right[:, N + k]``) of every iteration k.
     ``grad_u_P1S`` / ``grad_out_P1T``: the gradients arriving at the last u and v."""
     num_iters = row_slope_PNS.shape[1]
@@ -265,7 +265,7 @@ def transport_cost_grad(
 ):
     """In place, for problems ``start:stop``: ``out`` holds the scaling block's kernel gradient G
     on entry and ``g K * (u v^T * (1 - C / epsilon) - G / epsilon)`` on exit, g = ``grad_P[p]``:
-    the cost gradient of ``transport_cost`` (see ``sinkhorn._TransportCost``)."""
+    the cost gradient of ``transport_cost`` (see ``transport._TransportCost``)."""
     num_rows, num_columns = kernel_PST.shape[1], kernel_PST.shape[2]
     for p in range(start, stop):
         kernel_ST, cost_ST, out_ST = kernel_PST[p], cost_PST[p], out_PST[p]

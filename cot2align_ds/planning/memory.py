@@ -1,8 +1,5 @@
-"""``cot2align plan``: estimate per-GPU and per-node CPU memory of a run before launching it.
-
-Parameter counts come from the models' configs (``transformers.AutoConfig``), read field by field
-for the architectures we know (GPT-2, Llama, Mistral, Qwen2); any other architecture is built on
-the ``meta`` device (no weights allocated) and counted. The memory terms:
+"""The planner's memory terms, per rank, from model sizes (``sizing.py``) and the run's DeepSpeed
+configs. The terms:
 
 - student states: 2 + 2 + 12 bytes per trainable parameter in bf16/fp16 (16-bit weights,
   16-bit gradients, fp32 master + Adam moments; DeepSpeed keeps the fp32 master even in fp32
@@ -18,9 +15,9 @@ the ``meta`` device (no weights allocated) and counted. The memory terms:
   layer inputs plus one recomputed layer with gradient checkpointing; CoT records add a forward
   pass of each model on their standard view;
 - logits: the model outputs (B x L x vocab in the model dtype) plus the fp32 copies the loss
-  makes (per method, ``_LOGIT_COPIES``), over ``chunk_size`` rows at a time when chunking is on;
+  makes (per method, ``Method.logit_copies`` in the method registry), over ``chunk_size`` rows at a time when chunking is on;
 - OT (CoT2Align): B x S x T fp32 cost/plan tensors per layer pair and view, plus the Sinkhorn
-  working memory (``losses.sinkhorn.sinkhorn_problem_bytes``);
+  working memory (``losses.ot.sinkhorn.sinkhorn_problem_bytes``);
 - the optimizer step's temporaries, checkpoint reading at start-up and rank 0's gathered state
   dict at save time.
 
@@ -32,22 +29,15 @@ allocator fragmentation comes on top.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
-
-from cot2align_ds.config import ModelSpec, RunConfig, load_config
-from cot2align_ds.engine.ds_config import resolve_run_ds_configs
-from cot2align_ds.errors import UserError
-from cot2align_ds.losses.sinkhorn import sinkhorn_problem_bytes
+from cot2align_ds.config import RunConfig
+from cot2align_ds.losses.ot.sinkhorn import sinkhorn_problem_bytes
 from cot2align_ds.methods import get_method, needs_hidden_states, projector_params
-from cot2align_ds.models.loading import load_tokenizer, model_config
+from cot2align_ds.planning.sizing import GIB, ModelSize
 
-GIB = 1024**3
 Accelerator = Literal["cuda", "cpu"]
 
 # Per-rank fixed costs. CUDA: context, cuBLAS/cuDNN workspaces and NCCL buffers on the GPU, and
@@ -61,220 +51,6 @@ _WORKER_OVERHEAD = int(0.25 * GIB)  # a forked data-loader worker: tokenizers + 
 # sit once in the (shared) page cache; each rank materialises one full tensor before keeping only
 # its ZeRO-3 partition.
 _MAX_SHARD_BYTES = 5 * GIB
-
-
-class PlanError(UserError):
-    """The planner cannot size a model; one line naming the config key."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Model sizes
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LinearShape:
-    """``count`` linear layers named ``name`` (the leaf name peft matches) of d_in -> d_out."""
-
-    name: str
-    d_in: int
-    d_out: int
-    count: int
-
-
-@dataclass(frozen=True)
-class ModelSize:
-    model_type: str
-    num_params: int  # unique parameters: tied embeddings counted once
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    vocab_size: int
-    num_heads: int
-    largest_module_params: int  # the most ZeRO-3 gathers for one module (embedding or a linear)
-    gated_mlp: bool
-    linears: tuple[LinearShape, ...] = ()  # transformer-block linears (LoRA targets)
-    source: str = "config fields"
-
-    def lora_params(self, rank: int, target_modules: Sequence[str] | str) -> int:
-        """LoRA adapter parameters: r * (d_in + d_out) per targeted linear layer."""
-        wanted = None if target_modules == "all-linear" else set(target_modules)
-        return sum(
-            rank * (linear.d_in + linear.d_out) * linear.count
-            for linear in self.linears
-            if wanted is None or linear.name in wanted
-        )
-
-
-def _gpt2_size(config: PretrainedConfig) -> ModelSize:
-    hidden, layers, vocab = config.n_embd, config.n_layer, config.vocab_size
-    inner = config.n_inner or 4 * hidden
-    linears = (
-        LinearShape("c_attn", hidden, 3 * hidden, layers),
-        LinearShape("c_proj", hidden, hidden, layers),
-        LinearShape("c_fc", hidden, inner, layers),
-        LinearShape("c_proj", inner, hidden, layers),
-    )
-    # Conv1D layers all carry a bias; two LayerNorms per block (weight + bias), one at the end.
-    block = sum(lin.d_in * lin.d_out + lin.d_out for lin in linears) + 4 * hidden
-    embeddings = (vocab + config.n_positions) * hidden
-    head = 0 if config.tie_word_embeddings else vocab * hidden
-    return ModelSize(
-        model_type="gpt2",
-        num_params=embeddings + layers * block + 2 * hidden + head,
-        num_layers=layers,
-        hidden_size=hidden,
-        intermediate_size=inner,
-        vocab_size=vocab,
-        num_heads=config.n_head,
-        largest_module_params=max(
-            vocab * hidden, config.n_positions * hidden, *(lin.d_in * lin.d_out for lin in linears)
-        ),
-        gated_mlp=False,
-        linears=linears,
-    )
-
-
-def _llama_like_size(config: PretrainedConfig) -> ModelSize:
-    """Llama, Mistral and Qwen2: GQA attention, gated (SwiGLU) MLP, RMSNorm."""
-    hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    inner = config.intermediate_size
-    linears = (
-        LinearShape("q_proj", hidden, heads * head_dim, layers),
-        LinearShape("k_proj", hidden, kv_heads * head_dim, layers),
-        LinearShape("v_proj", hidden, kv_heads * head_dim, layers),
-        LinearShape("o_proj", heads * head_dim, hidden, layers),
-        LinearShape("gate_proj", hidden, inner, layers),
-        LinearShape("up_proj", hidden, inner, layers),
-        LinearShape("down_proj", inner, hidden, layers),
-    )
-    block = sum(lin.d_in * lin.d_out for lin in linears) + 2 * hidden
-    block += _llama_like_biases(config, linears)
-    head = 0 if config.tie_word_embeddings else vocab * hidden
-    return ModelSize(
-        model_type=config.model_type,
-        num_params=vocab * hidden + layers * block + hidden + head,
-        num_layers=layers,
-        hidden_size=hidden,
-        intermediate_size=inner,
-        vocab_size=vocab,
-        num_heads=heads,
-        largest_module_params=max(vocab * hidden, max(lin.d_in * lin.d_out for lin in linears)),
-        gated_mlp=True,
-        linears=linears,
-    )
-
-
-def _llama_like_biases(config: PretrainedConfig, linears: tuple[LinearShape, ...]) -> int:
-    """Bias parameters of one block: Qwen2 always biases q/k/v; Llama has config flags."""
-    out = {lin.name: lin.d_out for lin in linears}
-    if config.model_type == "qwen2":
-        return out["q_proj"] + out["k_proj"] + out["v_proj"]
-    total = 0
-    if getattr(config, "attention_bias", False):
-        total += out["q_proj"] + out["k_proj"] + out["v_proj"] + out["o_proj"]
-    if getattr(config, "mlp_bias", False):
-        total += 2 * out["gate_proj"] + out["down_proj"]
-    return total
-
-
-_FORMULAS: dict[str, Callable[[PretrainedConfig], ModelSize]] = {
-    "gpt2": _gpt2_size,
-    "llama": _llama_like_size,
-    "mistral": _llama_like_size,
-    "qwen2": _llama_like_size,
-}
-
-
-def model_size(config: PretrainedConfig) -> ModelSize:
-    """Count from the config's fields; architectures we do not know are counted on ``meta``."""
-    formula = _FORMULAS.get(config.model_type)
-    if formula is not None:
-        return formula(config)
-    return meta_model_size(config)
-
-
-def meta_model_size(config: PretrainedConfig) -> ModelSize:
-    """Instantiate on the ``meta`` device (shapes only, no memory) and count the parameters."""
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except (ValueError, KeyError, TypeError) as error:
-        raise PlanError(
-            f"cannot size a {type(config).__name__} as a causal LM ({str(error).splitlines()[0]})"
-        ) from None
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    linears = _block_linears(model)
-    text = config.get_text_config()
-    hidden = _first_int(text, "hidden_size", "n_embd", "d_model")
-    inner = _first_int(text, "intermediate_size", "n_inner", "ffn_dim", default=0) or 4 * hidden
-    return ModelSize(
-        model_type=config.model_type,
-        num_params=sum(p.numel() for p in model.parameters()),
-        num_layers=_first_int(text, "num_hidden_layers", "n_layer", "num_layers"),
-        hidden_size=hidden,
-        intermediate_size=inner,
-        vocab_size=_first_int(text, "vocab_size"),
-        num_heads=_first_int(text, "num_attention_heads", "n_head", default=1),
-        largest_module_params=largest,
-        gated_mlp=any(lin.name in ("gate_proj", "w1", "gate_up_proj") for lin in linears),
-        linears=tuple(linears),
-        source="meta instantiation",
-    )
-
-
-def _block_linears(model: torch.nn.Module) -> list[LinearShape]:
-    """Every linear layer but the output head: what peft's ``all-linear`` targets."""
-    head = model.get_output_embeddings()
-    linears = []
-    for name, module in model.named_modules():
-        is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
-        if is_linear and module is not head:
-            d_out, d_in = _linear_dims(module, module.weight)
-            linears.append(LinearShape(name.rsplit(".", 1)[-1], d_in, d_out, 1))
-    return linears
-
-
-def _linear_dims(module: torch.nn.Module, weight: torch.Tensor) -> tuple[int, int]:
-    # transformers' Conv1D (GPT-2 style) stores its weight as (d_in, d_out), nn.Linear the reverse.
-    if type(module).__name__ == "Conv1D":
-        return int(weight.shape[1]), int(weight.shape[0])
-    return int(weight.shape[0]), int(weight.shape[1])
-
-
-def _first_int(config: PretrainedConfig, *names: str, default: int | None = None) -> int:
-    for name in names:
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    if default is None:
-        raise PlanError(f"cannot read {names[0]} from a {type(config).__name__}")
-    return default
-
-
-def spec_config(spec: ModelSpec, role: str) -> PretrainedConfig:
-    """The config of a student/teacher spec without loading weights.
-
-    An ``architecture`` spec gets its vocabulary from its tokenizer when it does not set one,
-    as the trainer does.
-    """
-    if spec.architecture is None:
-        return model_config(spec, role)
-    kwargs = dict(spec.architecture)
-    if "vocab_size" not in kwargs:
-        tokenizer = load_tokenizer(spec, role)
-        kwargs["vocab_size"] = len(tokenizer)
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            kwargs.setdefault(name, getattr(tokenizer, name))
-    return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-
-
-# ---------------------------------------------------------------------------------------------
-# Memory terms
-# ---------------------------------------------------------------------------------------------
 
 
 Phase = Literal["steady", "forward/backward", "optimizer step", "start-up", "checkpoint save"]
@@ -352,11 +128,17 @@ class MemoryPlan:
     def to_table(self) -> str:
         header = ("term", "phase", "per GPU (GiB)", "per node CPU (GiB)", "note")
         rows = [
-            (item.name, item.phase, _gib(item.gpu_bytes), _gib(item.cpu_bytes), item.note)
+            (item.name, item.phase, gib_text(item.gpu_bytes), gib_text(item.cpu_bytes), item.note)
             for item in self.items
         ]
         rows.append(
-            ("peak", "steady + largest phase", _gib(self.gpu_bytes), _gib(self.cpu_bytes), "")
+            (
+                "peak",
+                "steady + largest phase",
+                gib_text(self.gpu_bytes),
+                gib_text(self.cpu_bytes),
+                "",
+            )
         )
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
         lines = [self._title()]
@@ -365,7 +147,7 @@ class MemoryPlan:
             cells += [row[2].rjust(widths[2]), row[3].rjust(widths[3]), row[4]]
             lines.append("  ".join(cells).rstrip())
         lines += [
-            f"if {name}: {_gib(value)} GiB per GPU" for name, value in self.alternatives.items()
+            f"if {name}: {gib_text(value)} GiB per GPU" for name, value in self.alternatives.items()
         ]
         lines += [f"warning: {warning}" for warning in self.warnings]
         return "\n".join(lines)
@@ -378,7 +160,7 @@ class MemoryPlan:
         )
 
 
-def _gib(num_bytes: int) -> str:
+def gib_text(num_bytes: int) -> str:
     return f"{num_bytes / GIB:.2f}"
 
 
@@ -394,7 +176,7 @@ def _count(number: int) -> str:
 
 
 @dataclass(frozen=True)
-class _Setting:
+class PlanSetting:
     """What the memory terms need from the run config, resolved once."""
 
     run: RunConfig
@@ -467,7 +249,7 @@ def _live_params(size: ModelSize, ds: dict[str, Any], *, training: bool) -> int:
 
 
 def _student_states(
-    setting: _Setting, student: ModelSize, frozen: int, trainable: int
+    setting: PlanSetting, student: ModelSize, frozen: int, trainable: int
 ) -> list[MemoryItem]:
     """Weights, gradients and Adam states of the student engine, split by ZeRO partitioning.
 
@@ -498,7 +280,7 @@ def _student_states(
 
 
 def _student_buffers(
-    setting: _Setting, student: ModelSize, num_params: int, stage: int
+    setting: PlanSetting, student: ModelSize, num_params: int, stage: int
 ) -> MemoryItem:
     zero, p = _zero(setting.student_ds), setting.bytes_per_value
     reduce_bucket = int(zero.get("reduce_bucket_size", 0)) * p
@@ -514,7 +296,7 @@ def _student_buffers(
     )
 
 
-def _optimizer_step(setting: _Setting, trainable: int, stage: int) -> MemoryItem:
+def _optimizer_step(setting: PlanSetting, trainable: int, stage: int) -> MemoryItem:
     """The step's temporaries: fp32 gradients for the master copy, and Adam's ``denom`` and
     update (two fp32 tensors), per ZeRO-3 sub-group (``sub_group_size`` elements) at a time."""
     share = trainable // setting.world_size if stage >= 1 else trainable
@@ -525,7 +307,7 @@ def _optimizer_step(setting: _Setting, trainable: int, stage: int) -> MemoryItem
     return MemoryItem("optimizer step", gpu, cpu, "fp32 grads + Adam temporaries", "optimizer step")
 
 
-def _teacher_states(setting: _Setting, teacher: ModelSize) -> list[MemoryItem]:
+def _teacher_states(setting: PlanSetting, teacher: ModelSize) -> list[MemoryItem]:
     """A frozen ZeRO-3 teacher: 16-bit partitions, resident or offloaded to CPU/NVMe."""
     ds, p, ranks = setting.teacher_ds or {}, setting.bytes_per_value, setting.gpus_per_node
     partition = teacher.num_params * p // setting.world_size
@@ -575,7 +357,7 @@ def activation_bytes(
 
 
 def _activation_items(
-    setting: _Setting, student: ModelSize, teacher: ModelSize | None, checkpointing: bool
+    setting: PlanSetting, student: ModelSize, teacher: ModelSize | None, checkpointing: bool
 ) -> list[MemoryItem]:
     b, s, p = setting.batch, setting.seq_len, setting.bytes_per_value
     passes = setting.num_passes  # every pass's graph is kept until the one backward
@@ -617,7 +399,7 @@ def logits_bytes(
 
 
 def _logit_items(
-    setting: _Setting, student: ModelSize, teacher: ModelSize | None, chunk_size: int | None
+    setting: PlanSetting, student: ModelSize, teacher: ModelSize | None, chunk_size: int | None
 ) -> list[MemoryItem]:
     copies = dict(
         zip(
@@ -664,7 +446,7 @@ def ot_bytes(
     return num_layer_pairs * num_views * (3 * entries + kept_solver) + solver
 
 
-def _ot_item(setting: _Setting) -> MemoryItem | None:
+def _ot_item(setting: PlanSetting) -> MemoryItem | None:
     ot = setting.run.cot2align
     if not ot.enabled:
         return None
@@ -687,7 +469,7 @@ def _ot_item(setting: _Setting) -> MemoryItem | None:
 
 
 def _process_items(
-    setting: _Setting, teacher: ModelSize | None, student: ModelSize
+    setting: PlanSetting, teacher: ModelSize | None, student: ModelSize
 ) -> list[MemoryItem]:
     """Fixed per-process costs, data-loader workers, and reading checkpoints at start-up."""
     ranks, acc = setting.gpus_per_node, setting.accelerator
@@ -730,73 +512,8 @@ def _student_param_counts(
     return frozen, trainable
 
 
-# ---------------------------------------------------------------------------------------------
-# The planner
-# ---------------------------------------------------------------------------------------------
-
-
-def _resolve_ds(run: RunConfig, world_size: int, student: ModelSize, teacher: ModelSize | None):
-    resolved = resolve_run_ds_configs(
-        run,
-        world_size=world_size,
-        student_hidden=student.hidden_size,
-        teacher_hidden=teacher.hidden_size if teacher is not None else None,
-    )
-    return resolved.student, resolved.teacher
-
-
-def estimate_memory(
-    run_config: RunConfig,
-    *,
-    world_size: int,
-    gpus_per_node: int,
-    student_config: PretrainedConfig | None = None,
-    teacher_config: PretrainedConfig | None = None,
-    gradient_checkpointing: bool | None = None,
-    accelerator: Accelerator = "cuda",
-    gpu_mem_gb: float | None = None,
-    cpu_mem_gb: float | None = None,
-) -> MemoryPlan:
-    """Estimate per-GPU and per-node CPU memory of ``run_config`` at ``world_size`` ranks.
-
-    ``student_config`` / ``teacher_config`` replace the configs read from the run config's
-    model specs (hub lookups, tokenizers). ``gradient_checkpointing=None`` reads
-    ``train.gradient_checkpointing`` when the run config has it (off otherwise). Capacities in
-    GiB turn into warnings when the estimate exceeds them.
-    """
-    _check_topology(world_size, gpus_per_node)
-    student = model_size(student_config or spec_config(run_config.student, "student"))
-    teacher = None
-    if run_config.teacher is not None and get_method(run_config.distill.method).needs_teacher:
-        teacher = model_size(teacher_config or spec_config(run_config.teacher, "teacher"))
-    student_ds, teacher_ds = _resolve_ds(run_config, world_size, student, teacher)
-    setting = _Setting(
-        run_config,
-        world_size,
-        gpus_per_node,
-        accelerator,
-        2 if run_config.train.precision in ("bf16", "fp16") else 4,
-        student_ds,
-        teacher_ds,
-    )
-    if gradient_checkpointing is None:
-        gradient_checkpointing = bool(getattr(run_config.train, "gradient_checkpointing", False))
-    plan = _build_plan(setting, student, teacher, gradient_checkpointing)
-    plan.warnings.extend(capacity_warnings(plan, gpu_mem_gb=gpu_mem_gb, cpu_mem_gb=cpu_mem_gb))
-    return plan
-
-
-def _check_topology(world_size: int, gpus_per_node: int) -> None:
-    if world_size < 1 or gpus_per_node < 1:
-        raise PlanError(f"world size {world_size} and GPUs per node {gpus_per_node} must be >= 1")
-    if world_size % gpus_per_node and world_size > gpus_per_node:
-        raise PlanError(
-            f"world size {world_size} is not a multiple of {gpus_per_node} GPUs per node"
-        )
-
-
-def _items(
-    setting: _Setting,
+def memory_items(
+    setting: PlanSetting,
     student: ModelSize,
     teacher: ModelSize | None,
     checkpointing: bool,
@@ -812,11 +529,11 @@ def _items(
     return items + _process_items(setting, teacher, student)
 
 
-def _build_plan(
-    setting: _Setting, student: ModelSize, teacher: ModelSize | None, checkpointing: bool
+def build_plan(
+    setting: PlanSetting, student: ModelSize, teacher: ModelSize | None, checkpointing: bool
 ) -> MemoryPlan:
     chunk = setting.run.distill.chunk_size
-    items = _items(setting, student, teacher, checkpointing, chunk)
+    items = memory_items(setting, student, teacher, checkpointing, chunk)
     plan = MemoryPlan(
         setting.world_size, setting.gpus_per_node, setting.accelerator, student, teacher, items
     )
@@ -826,86 +543,6 @@ def _build_plan(
     if chunk is None:
         flips["distill.chunk_size=1024"] = (checkpointing, 1024)
     for label, (flip_checkpointing, flip_chunk) in flips.items():
-        flipped = _items(setting, student, teacher, flip_checkpointing, flip_chunk)
+        flipped = memory_items(setting, student, teacher, flip_checkpointing, flip_chunk)
         plan.alternatives[label] = peak_bytes(flipped, lambda item: item.gpu_bytes)
     return plan
-
-
-def capacity_warnings(
-    plan: MemoryPlan, *, gpu_mem_gb: float | None, cpu_mem_gb: float | None
-) -> list[str]:
-    """One line per exceeded capacity, naming the biggest term and a knob that shrinks it."""
-    warnings = []
-    if gpu_mem_gb is not None and plan.accelerator == "cuda" and plan.gpu_bytes > gpu_mem_gb * GIB:
-        top = max(plan.items, key=lambda item: item.gpu_bytes)
-        warnings.append(
-            f"per-GPU estimate {_gib(plan.gpu_bytes)} GiB exceeds --gpu-mem-gb {gpu_mem_gb:g}; "
-            f"largest term: {top.name} ({_gib(top.gpu_bytes)} GiB){_hint(top.name)}"
-        )
-    if cpu_mem_gb is not None and plan.host_bytes > cpu_mem_gb * GIB:
-        top = max(plan.items, key=lambda item: item.cpu_bytes)
-        warnings.append(
-            f"per-node CPU estimate {_gib(plan.host_bytes)} GiB exceeds --cpu-mem-gb {cpu_mem_gb:g}; "
-            f"largest term: {top.name} ({_gib(top.cpu_bytes)} GiB){_hint(top.name)}"
-        )
-    return warnings
-
-
-_HINTS = {
-    "student logits": "distill.chunk_size",
-    "teacher logits": "distill.chunk_size",
-    "student activations": "gradient checkpointing or a smaller train.micro_batch_size",
-    "OT buffers": "cot2align.memory_budget_mb or cot2align.grad_mode=envelope",
-    "teacher weights": "a teacher_zero3_offload_* DeepSpeed config or more ranks",
-    "student optimizer": "more ranks (ZeRO-3) or student.lora",
-}
-
-
-def _hint(name: str) -> str:
-    return f"; try {_HINTS[name]}" if name in _HINTS else ""
-
-
-def run_plan(
-    config: str,
-    overrides: list[str],
-    *,
-    world_size: int,
-    gpus_per_node: int,
-    gpu_mem_gb: float | None = None,
-    cpu_mem_gb: float | None = None,
-    gradient_checkpointing: bool | None = None,
-    as_json: bool = False,
-    echo: Callable[[str], None] = print,
-) -> MemoryPlan:
-    """``cot2align plan``: load and validate the config, estimate, print a table (or JSON)."""
-    run = load_config(config, overrides)
-    plan = estimate_memory(
-        run,
-        world_size=world_size,
-        gpus_per_node=min(gpus_per_node, world_size),
-        gradient_checkpointing=gradient_checkpointing,
-        gpu_mem_gb=gpu_mem_gb,
-        cpu_mem_gb=cpu_mem_gb,
-    )
-    echo(json.dumps(plan.to_dict(), indent=2) if as_json else plan.to_table())
-    return plan
-
-
-__all__ = [
-    "LinearShape",
-    "MemoryItem",
-    "MemoryPlan",
-    "ModelSize",
-    "PlanError",
-    "activation_bytes",
-    "capacity_warnings",
-    "estimate_memory",
-    "layer_activation_bytes",
-    "logits_bytes",
-    "meta_model_size",
-    "model_size",
-    "ot_bytes",
-    "peak_bytes",
-    "run_plan",
-    "spec_config",
-]

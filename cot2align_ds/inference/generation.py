@@ -18,8 +18,18 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from cot2align_ds.data.collator import truncate_prompt
 from cot2align_ds.errors import UserError
+
+
+def truncate_prompt(ids: list[int], max_tokens: int, special_ids: set[int]) -> list[int]:
+    """Keep the last ``max_tokens`` ids, but keep leading special tokens (BOS) in front."""
+    if len(ids) <= max_tokens:
+        return ids
+    num_prefix = 0
+    while num_prefix < max_tokens - 1 and ids[num_prefix] in special_ids:
+        num_prefix += 1
+    keep = max_tokens - num_prefix
+    return ids[:num_prefix] + ids[len(ids) - keep :]
 
 
 class GenerationSettingsError(UserError):

@@ -87,8 +87,10 @@ def _answers(model_dir: Path, test: list[Record], out: Path) -> dict:
     exact match against the gold answer, and the extracted answers."""
     import torch
 
-    from cot2align_ds.eval.evaluate import evaluate_records, load_model_for_eval, write_predictions
-    from cot2align_ds.eval.metrics import exact_match, extract_answer
+    from cot2align_ds.data.answers import extract_answer
+    from cot2align_ds.eval.evaluate import evaluate_records, write_predictions
+    from cot2align_ds.eval.metrics import exact_match
+    from cot2align_ds.inference.loading import load_model_for_eval
 
     model, tokenizer = load_model_for_eval(model_dir, dtype=torch.bfloat16)
     result = evaluate_records(

@@ -110,11 +110,8 @@ def run_demo(
 ) -> dict[str, dict]:
     """``methods``: base KD methods distilled in their own row; ``cot2align_base``: the one
     that also gets a "+ CoT2Align" row (trained on the teacher's own rationales)."""
-    from cot2align_ds.eval.evaluate import (
-        evaluate_records,
-        load_model_for_eval,
-        write_predictions,
-    )
+    from cot2align_ds.eval.evaluate import evaluate_records, write_predictions
+    from cot2align_ds.inference.loading import load_model_for_eval
 
     size = QUICK if quick else FULL
     started = time.perf_counter()

@@ -1,0 +1,141 @@
+"""``cot2align plan``: estimate per-GPU and per-node CPU memory of a run before launching it,
+from model sizes (``sizing.py``) and memory terms (``memory.py``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from transformers import PretrainedConfig
+
+from cot2align_ds.config import RunConfig, load_config
+from cot2align_ds.engine.ds_config import resolve_run_ds_configs
+from cot2align_ds.methods import get_method
+from cot2align_ds.planning.memory import (
+    Accelerator,
+    MemoryPlan,
+    PlanSetting,
+    build_plan,
+    gib_text,
+)
+from cot2align_ds.planning.sizing import GIB, ModelSize, PlanError, model_size, spec_config
+
+
+def _resolve_ds(run: RunConfig, world_size: int, student: ModelSize, teacher: ModelSize | None):
+    resolved = resolve_run_ds_configs(
+        run,
+        world_size=world_size,
+        student_hidden=student.hidden_size,
+        teacher_hidden=teacher.hidden_size if teacher is not None else None,
+    )
+    return resolved.student, resolved.teacher
+
+
+def estimate_memory(
+    run_config: RunConfig,
+    *,
+    world_size: int,
+    gpus_per_node: int,
+    student_config: PretrainedConfig | None = None,
+    teacher_config: PretrainedConfig | None = None,
+    gradient_checkpointing: bool | None = None,
+    accelerator: Accelerator = "cuda",
+    gpu_mem_gb: float | None = None,
+    cpu_mem_gb: float | None = None,
+) -> MemoryPlan:
+    """Estimate per-GPU and per-node CPU memory of ``run_config`` at ``world_size`` ranks.
+
+    ``student_config`` / ``teacher_config`` replace the configs read from the run config's
+    model specs (hub lookups, tokenizers). ``gradient_checkpointing=None`` reads
+    ``train.gradient_checkpointing`` when the run config has it (off otherwise). Capacities in
+    GiB turn into warnings when the estimate exceeds them.
+    """
+    _check_topology(world_size, gpus_per_node)
+    student = model_size(student_config or spec_config(run_config.student, "student"))
+    teacher = None
+    if run_config.teacher is not None and get_method(run_config.distill.method).needs_teacher:
+        teacher = model_size(teacher_config or spec_config(run_config.teacher, "teacher"))
+    student_ds, teacher_ds = _resolve_ds(run_config, world_size, student, teacher)
+    setting = PlanSetting(
+        run_config,
+        world_size,
+        gpus_per_node,
+        accelerator,
+        2 if run_config.train.precision in ("bf16", "fp16") else 4,
+        student_ds,
+        teacher_ds,
+    )
+    if gradient_checkpointing is None:
+        gradient_checkpointing = bool(getattr(run_config.train, "gradient_checkpointing", False))
+    plan = build_plan(setting, student, teacher, gradient_checkpointing)
+    plan.warnings.extend(capacity_warnings(plan, gpu_mem_gb=gpu_mem_gb, cpu_mem_gb=cpu_mem_gb))
+    return plan
+
+
+def _check_topology(world_size: int, gpus_per_node: int) -> None:
+    if world_size < 1 or gpus_per_node < 1:
+        raise PlanError(f"world size {world_size} and GPUs per node {gpus_per_node} must be >= 1")
+    if world_size % gpus_per_node and world_size > gpus_per_node:
+        raise PlanError(
+            f"world size {world_size} is not a multiple of {gpus_per_node} GPUs per node"
+        )
+
+
+def capacity_warnings(
+    plan: MemoryPlan, *, gpu_mem_gb: float | None, cpu_mem_gb: float | None
+) -> list[str]:
+    """One line per exceeded capacity, naming the biggest term and a knob that shrinks it."""
+    warnings = []
+    if gpu_mem_gb is not None and plan.accelerator == "cuda" and plan.gpu_bytes > gpu_mem_gb * GIB:
+        top = max(plan.items, key=lambda item: item.gpu_bytes)
+        warnings.append(
+            f"per-GPU estimate {gib_text(plan.gpu_bytes)} GiB exceeds --gpu-mem-gb {gpu_mem_gb:g}; "
+            f"largest term: {top.name} ({gib_text(top.gpu_bytes)} GiB){_hint(top.name)}"
+        )
+    if cpu_mem_gb is not None and plan.host_bytes > cpu_mem_gb * GIB:
+        top = max(plan.items, key=lambda item: item.cpu_bytes)
+        warnings.append(
+            f"per-node CPU estimate {gib_text(plan.host_bytes)} GiB exceeds --cpu-mem-gb {cpu_mem_gb:g}; "
+            f"largest term: {top.name} ({gib_text(top.cpu_bytes)} GiB){_hint(top.name)}"
+        )
+    return warnings
+
+
+_HINTS = {
+    "student logits": "distill.chunk_size",
+    "teacher logits": "distill.chunk_size",
+    "student activations": "gradient checkpointing or a smaller train.micro_batch_size",
+    "OT buffers": "cot2align.memory_budget_mb or cot2align.grad_mode=envelope",
+    "teacher weights": "a teacher_zero3_offload_* DeepSpeed config or more ranks",
+    "student optimizer": "more ranks (ZeRO-3) or student.lora",
+}
+
+
+def _hint(name: str) -> str:
+    return f"; try {_HINTS[name]}" if name in _HINTS else ""
+
+
+def run_plan(
+    config: str,
+    overrides: list[str],
+    *,
+    world_size: int,
+    gpus_per_node: int,
+    gpu_mem_gb: float | None = None,
+    cpu_mem_gb: float | None = None,
+    gradient_checkpointing: bool | None = None,
+    as_json: bool = False,
+    echo: Callable[[str], None] = print,
+) -> MemoryPlan:
+    """``cot2align plan``: load and validate the config, estimate, print a table (or JSON)."""
+    run = load_config(config, overrides)
+    plan = estimate_memory(
+        run,
+        world_size=world_size,
+        gpus_per_node=min(gpus_per_node, world_size),
+        gradient_checkpointing=gradient_checkpointing,
+        gpu_mem_gb=gpu_mem_gb,
+        cpu_mem_gb=cpu_mem_gb,
+    )
+    echo(json.dumps(plan.to_dict(), indent=2) if as_json else plan.to_table())
+    return plan
