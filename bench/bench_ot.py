@@ -12,7 +12,7 @@ peer computes the same cost with the same ``cost_matrix`` and then:
   stopThr=0)`` per problem, summed, autograd through the iterations;
 - ``POT solve envelope``: ``ot.solve(C_b, a, b, reg=10, max_iter=100, tol=0, grad="envelope")``
   per problem, backward of ``value`` (gradient = the plan);
-- ``reference loop``: the reference code's structure (METHOD.md section 4, and the public OT
+- ``reference loop``: the reference code's structure (docs/method.md section 4, and the public OT
   criteria of the DSKD-derived code it comes from): a Python loop over samples, each pruned to
   its real positions; plain (non-log) Sinkhorn ``v = b / (K^T u + 1e-9)``,
   ``u = a / (K v + 1e-9)`` with ``K = exp(-0.1 C)``; every iteration copies ``u`` and tests

@@ -112,7 +112,7 @@ class LayerPair(_Strict):
 
 
 class CoT2AlignConfig(_Strict):
-    """Sequence-level, layer-wise OT with Cross-CoT alignment (METHOD.md section 3)."""
+    """Sequence-level, layer-wise OT with Cross-CoT alignment (docs/method.md section 3)."""
 
     enabled: bool = False
     ot_weight: float = Field(

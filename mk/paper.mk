@@ -1,4 +1,4 @@
-# Paper experiments (METHOD.md section 5). The Makefile includes this file (`-include mk/paper.mk`).
+# Paper experiments (docs/method.md section 5). The Makefile includes this file (`-include mk/paper.mk`).
 #
 #   make paper-data                    prepare dolly, alpaca, sni, dialogsum into $(PAPER_DATA)/<dataset>/
 #   make paper-A                       setting A on every dataset: teacher SFT, CoT augmentation by

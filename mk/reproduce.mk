@@ -1,4 +1,4 @@
-# The small reasoning benchmark (issue 8). The Makefile includes this file
+# The small reasoning benchmark. The Makefile includes this file
 # (`-include mk/reproduce.mk`) and provides PY, OFFLINE and the `install` target.
 #
 #   make reproduce-small         the full grid: every cell x 3 seeds (budget: <= 60 min on 2 CPU cores)

@@ -61,3 +61,8 @@ def subprocess_env() -> dict[str, str]:
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH", "")]))
     return env
+
+
+def is_partitioned(parameter) -> bool:
+    """True when a parameter is a ZeRO-3 partition (the local tensor holds no full copy)."""
+    return hasattr(parameter, "ds_id") and parameter.numel() == 0

@@ -32,13 +32,14 @@ import json
 import multiprocessing
 import os
 import re
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from cot2align_ds.atomic import atomic_write
 
 MINED_MAP_VERSION = 1  # bump when the algorithm or normalisation changes (invalidates caches)
 _ROLES = ("eos_token_id", "bos_token_id", "pad_token_id", "unk_token_id")
@@ -457,26 +458,13 @@ def _load_cached(cache_dir: Path, key: str, size: int) -> np.ndarray | None:
     return map_W
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, then rename: readers (other ranks)
-    never see a partial file."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
 def _save_cached(cache_dir: Path, key: str, map_W: np.ndarray, meta: dict[str, Any]) -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
     array_path, meta_path = _cache_paths(cache_dir, key)
-    _atomic_write(array_path, lambda handle: np.save(handle, map_W, allow_pickle=False))
+    atomic_write(array_path, lambda handle: np.save(handle, map_W, allow_pickle=False), binary=True)
     # the metadata goes last: its presence with the right key marks a complete entry
     text = json.dumps({"key": key, **meta}, indent=2, sort_keys=True)
-    _atomic_write(meta_path, lambda handle: handle.write(text.encode()))
+    atomic_write(meta_path, lambda handle: handle.write(text))
 
 
 def mined_vocab_map(

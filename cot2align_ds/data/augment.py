@@ -1,6 +1,6 @@
 """CoT augmentation: the fine-tuned teacher writes a rationale for every selected training record.
 
-METHOD.md section 1, as one resumable command instead of hand edits of an evaluation script.
+docs/method.md section 1, as one resumable command instead of hand edits of an evaluation script.
 The teacher samples a continuation of each selected record's CoT prompt (which ends with
 "Let's think step by step."); the rationale is that text cut before the first "Therefore, the
 answer is" the teacher wrote itself, so the training CoT answer (rationale + joiner + gold) never
@@ -41,15 +41,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from cot2align_ds.atomic import write_jsonl_atomic, write_text_atomic
 from cot2align_ds.data.answers import extract_answer, parse_number
-from cot2align_ds.data.records import (
-    Record,
-    RecordError,
-    read_records,
-    write_jsonl_atomic,
-    write_records,
-    write_text_atomic,
-)
+from cot2align_ds.data.records import Record, RecordError, read_records, write_records
 from cot2align_ds.data.templates import TEMPLATES, cot_prompt
 from cot2align_ds.errors import UserError
 from cot2align_ds.inference.generation import DecodingConfig, encode_prompts, generate_ids

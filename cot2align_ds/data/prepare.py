@@ -34,7 +34,7 @@ split is never length-filtered, so the benchmark stays the published one.
 | sni | Muennighoff/natural-instructions (test tasks) | definition / inputs / targets | resplit | all/500/500 |
 | dialogsum | knkarthick/dialogsum | fixed instruction / dialogue / summary | source | all/500/1,500 |
 
-Dolly's sizes are DSKD's (METHOD.md section 5). The paper's sizes for the other three are not
+Dolly's sizes are DSKD's (docs/method.md section 5). The paper's sizes for the other three are not
 available to us: Alpaca uses Dolly's, so a recipe costs the same per dataset; S-NI uses the 119
 held-out Super-NI test tasks that MiniLLM/DSKD evaluate on (the hub's training split is several
 GB); DialogSum keeps its published splits (its test split lists each dialogue three times, with
@@ -54,7 +54,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cot2align_ds.data.records import Record, write_records, write_text_atomic
+from cot2align_ds.atomic import write_text_atomic
+from cot2align_ds.data.records import Record, write_records
 from cot2align_ds.data.templates import TEMPLATES, standard_prompt
 from cot2align_ds.errors import UserError, first_line
 

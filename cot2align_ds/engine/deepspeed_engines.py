@@ -23,10 +23,11 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
-from safetensors.torch import save_file
+from safetensors.torch import save
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+from cot2align_ds.atomic import write_bytes_atomic
 from cot2align_ds.errors import UserError
 
 
@@ -126,11 +127,6 @@ def zero3_loading(ds_config: dict[str, Any]) -> Iterator[None]:
     finally:
         del holder
         unset_hf_deepspeed_config()
-
-
-def is_partitioned(parameter: torch.nn.Parameter) -> bool:
-    """True when the parameter is a ZeRO-3 partition (the local tensor holds no full copy)."""
-    return hasattr(parameter, "ds_id") and parameter.numel() == 0
 
 
 class EngineDtypeError(UserError):
@@ -235,9 +231,8 @@ def load_checkpoint(engine: Any, root: Path, tag: str) -> None:
 
 
 def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path)
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    write_bytes_atomic(path, save(tensors))
 
 
 def engine_device(engine: Any) -> torch.device:

@@ -18,7 +18,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from cot2align_ds.data.records import Record, read_records, write_text_atomic
+from cot2align_ds.atomic import write_text_atomic
+from cot2align_ds.data.records import Record, read_records
 from cot2align_ds.data.templates import TEMPLATES
 from cot2align_ds.eval.evaluate import (
     EVAL_RESULTS_FILENAME,

@@ -1,6 +1,6 @@
 """Evaluation runs: generate on standard prompts, score, aggregate over seeds, write files.
 
-The paper's protocol (METHOD.md section 5): standard prompts only, sampling with temperature 1,
+The paper's protocol (docs/method.md section 5): standard prompts only, sampling with temperature 1,
 top_p 1, no top-k, no-repeat n-gram 6, ROUGE-L F x 100, mean and sample std over seeds
 10..50. Greedy decoding is deterministic, so it runs once whatever the seeds. Models are loaded
 by ``inference/loading.py``.
@@ -19,13 +19,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from cot2align_ds.atomic import write_jsonl_atomic, write_text_atomic
 from cot2align_ds.data.answers import extract_answer
-from cot2align_ds.data.records import Record, write_jsonl_atomic, write_text_atomic
+from cot2align_ds.data.records import Record
 from cot2align_ds.data.templates import cot_prompt, standard_prompt
 from cot2align_ds.eval.metrics import EvalInputError, SeedStats, aggregate_seeds, get_metric
 from cot2align_ds.inference.generation import DecodingConfig, generate
 
-PREDICTIONS_FILENAME = "predictions.jsonl"
 EVAL_RESULTS_FILENAME = "eval_results.json"
 PAPER_SEEDS = (10, 20, 30, 40, 50)
 
@@ -175,47 +175,3 @@ def write_predictions(path: str | Path, result: EvalResult) -> None:
 def write_eval_results(path: str | Path, result: EvalResult) -> None:
     """``{metric: {"mean", "std", "per_seed"}}`` as JSON, written atomically (read by report)."""
     write_text_atomic(path, json.dumps(result.summary(), indent=2) + "\n")
-
-
-def score_predictions_file(
-    path: str | Path, metrics: Sequence[str] = ("rouge_l", "exact_match")
-) -> dict[str, SeedStats]:
-    """Re-score a predictions JSONL (as written by ``write_predictions``) without a model."""
-    path = Path(path)
-    predictions = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if line.strip():
-                row = _parse_row(line, f"{path}:{line_number}")
-                scores = _score(row["prediction"], row["references"], metrics)
-                predictions.append(_row_to_prediction(row, scores))
-    if not predictions:
-        raise EvalInputError(f"{path}: no predictions")
-    return _aggregate(predictions, metrics)
-
-
-def _parse_row(line: str, where: str) -> dict:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise EvalInputError(f"{where}: malformed JSON ({error.msg})") from None
-    if not isinstance(row, dict):
-        raise EvalInputError(f"{where}: expected a JSON object per line")
-    for name in ("id", "prediction", "references"):
-        if name not in row:
-            raise EvalInputError(f"{where}: missing field '{name}'")
-    if not row["references"]:
-        raise EvalInputError(f"{where}: empty references")
-    return row
-
-
-def _row_to_prediction(row: dict, scores: dict[str, float]) -> Prediction:
-    return Prediction(
-        id=row["id"],
-        seed=row.get("seed"),
-        prompt=row.get("prompt", ""),
-        prediction=row["prediction"],
-        references=row["references"],
-        extracted_answer=row.get("extracted_answer", ""),
-        scores=scores,
-    )

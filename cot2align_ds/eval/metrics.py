@@ -84,20 +84,6 @@ def get_metric(name: str) -> MetricFn:
     return METRICS[name]
 
 
-def corpus_score(
-    metric: str, predictions: Sequence[str], references: Sequence[Sequence[str]]
-) -> float:
-    """Mean of the per-example metric over a corpus (the paper averages per-example ROUGE-L)."""
-    if len(predictions) != len(references):
-        raise EvalInputError(
-            f"{len(predictions)} predictions but {len(references)} reference lists"
-        )
-    if not predictions:
-        raise EvalInputError("no predictions to score")
-    metric_fn = get_metric(metric)
-    return statistics.fmean(metric_fn(p, r) for p, r in zip(predictions, references, strict=True))
-
-
 @dataclass(frozen=True)
 class SeedStats:
     """A metric over several seeds: mean, sample standard deviation and the per-seed values."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
 import statistics
 from collections.abc import Sequence
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from cot2align_ds.data.records import write_text_atomic
+from cot2align_ds.atomic import write_bytes_atomic, write_text_atomic
 from cot2align_ds.errors import UserError
 from cot2align_ds.tracking import METRICS_FILENAME
 
@@ -127,15 +126,6 @@ def _metric_keys(runs: Sequence[RunData]) -> list[str]:
     return list(keys)
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _plot_metric(runs: Sequence[RunData], key: str, path: Path) -> None:
     figure = Figure(figsize=(6.4, 4.0), layout="constrained")
     axes = figure.add_subplot()
@@ -149,7 +139,7 @@ def _plot_metric(runs: Sequence[RunData], key: str, path: Path) -> None:
     axes.legend(fontsize="small")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
-    _write_bytes_atomic(path, buffer.getvalue())
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def _figure_names(keys: Sequence[str]) -> dict[str, str]:
@@ -240,7 +230,7 @@ def _plot_eval(runs: Sequence[RunData], names: Sequence[str], path: Path) -> Non
     axes.legend(fontsize="small")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
-    _write_bytes_atomic(path, buffer.getvalue())
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def _curves_section(figures: dict[str, str]) -> list[str]:

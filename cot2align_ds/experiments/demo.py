@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cot2align_ds.atomic import write_text_atomic
 from cot2align_ds.config import ConfigError, load_config, validate_config
 from cot2align_ds.data.augment import run_augment
 from cot2align_ds.data.examples import make_examples
-from cot2align_ds.data.records import Record, read_records, write_records, write_text_atomic
+from cot2align_ds.data.records import Record, read_records, write_records
 from cot2align_ds.data.synthetic import ArithmeticTaskSpec, make_split
 from cot2align_ds.methods import METHODS
 from cot2align_ds.models.toy_tokenizers import train_byte_bpe, train_unigram

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cot2align_ds.data.records import write_text_atomic
+from cot2align_ds.atomic import write_text_atomic
 from cot2align_ds.errors import UserError
 from cot2align_ds.methods import METHODS as REGISTRY
 from cot2align_ds.run_dir import best_model_dir

@@ -21,8 +21,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cot2align_ds.atomic import write_text_atomic
 from cot2align_ds.config import validate_config
-from cot2align_ds.data.records import Record, read_records, write_records, write_text_atomic
+from cot2align_ds.data.records import Record, read_records, write_records
 from cot2align_ds.data.synthetic import ArithmeticTaskSpec, make_split
 from cot2align_ds.models.real_models import ensure_real_models
 

@@ -20,9 +20,10 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from cot2align_ds.atomic import write_text_atomic
 from cot2align_ds.config import ConfigError, load_config, validate_config
 from cot2align_ds.data.augment import run_augment
-from cot2align_ds.data.records import read_records, write_text_atomic
+from cot2align_ds.data.records import read_records
 from cot2align_ds.data.synthetic import ArithmeticTaskSpec, make_split
 from cot2align_ds.eval.metrics import aggregate_seeds
 from cot2align_ds.eval.report import make_report
@@ -101,15 +102,6 @@ CELLS: tuple[Cell, ...] = (
     ),
 )
 CELLS_BY_NAME = {cell.name: cell for cell in CELLS}
-
-
-def expected_ot_terms(cell: Cell) -> set[str]:
-    """The OT loss keys a cell's metrics.jsonl must (and must only) contain."""
-    if not cell.cot2align.get("enabled"):
-        return set()
-    if not cell.cot2align.get("cross_cot", True):
-        return {"loss/ot_main"}
-    return {"loss/ot_main", "loss/ot_cross_std_cot", "loss/ot_cross_cot_std"}
 
 
 def make_bench_data(out: Path, size: BenchSize) -> dict[str, Path]:

@@ -38,7 +38,7 @@ class GenerationSettingsError(UserError):
 
 @dataclass(frozen=True)
 class DecodingConfig:
-    """How to decode. Defaults are the paper's evaluation protocol (METHOD.md section 5).
+    """How to decode. Defaults are the paper's evaluation protocol (docs/method.md section 5).
 
     ``top_k=0`` means no top-k filtering; ``no_repeat_ngram_size=0`` disables that constraint;
     ``max_prompt_tokens=None`` keeps whole prompts (they are cut from the left otherwise).

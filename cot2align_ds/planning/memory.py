@@ -198,7 +198,7 @@ class PlanSetting:
     @property
     def num_passes(self) -> int:
         """Forward passes per model and micro-batch: CoT records add one on their standard
-        view (METHOD.md section 2); planned for the worst case, every record a CoT record."""
+        view (docs/method.md section 2); planned for the worst case, every record a CoT record."""
         cot = self.run.cot2align.enabled and self.run.data.cot_records != "none"
         return 2 if cot else 1
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cot2align_ds.data.records import write_text_atomic
+from cot2align_ds.atomic import write_text_atomic
 from cot2align_ds.errors import UserError
 
 _TAG = re.compile(r"^step-(\d{6,})$")

@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from cot2align_ds.atomic import write_jsonl_atomic, write_text_atomic
 from cot2align_ds.config import EvalConfig
-from cot2align_ds.data.records import Record, write_jsonl_atomic, write_text_atomic
+from cot2align_ds.data.records import Record
 from cot2align_ds.data.templates import TEMPLATES, standard_prompt
 from cot2align_ds.eval.metrics import EvalInputError, get_metric
 from cot2align_ds.inference.generation import DecodingConfig, encode_prompts, generate

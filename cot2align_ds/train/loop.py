@@ -20,11 +20,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from cot2align_ds.alignment.offsets import require_offsets
 from cot2align_ds.alignment.vocab_map import mined_vocab_map
+from cot2align_ds.atomic import write_text_atomic
 from cot2align_ds.config import ConfigError, RunConfig, config_to_dict
 from cot2align_ds.data.batch import DistillBatch, TokenSide
 from cot2align_ds.data.collator import DistillCollator
 from cot2align_ds.data.examples import Example, make_examples
-from cot2align_ds.data.records import read_records, write_text_atomic
+from cot2align_ds.data.records import read_records
 from cot2align_ds.engine import deepspeed_engines as dse
 from cot2align_ds.engine.ds_config import resolve_run_ds_configs
 from cot2align_ds.errors import UserError

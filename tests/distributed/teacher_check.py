@@ -27,7 +27,7 @@ def main(teacher_dir: str, out_path: str) -> None:
     )
     with dse.zero3_loading(ds_config):
         teacher = load_causal_lm(spec, "teacher", tokenizer, "fp32")
-    partitioned = all(dse.is_partitioned(p) for p in teacher.parameters())
+    partitioned = all(hasattr(p, "ds_id") and p.numel() == 0 for p in teacher.parameters())
     engine = dse.build_teacher_engine(teacher, ds_config)
     # Each rank feeds different text: the engine must still gather full weights per forward.
     texts = [f"Rank {ctx.rank}: Mia has {ctx.rank + 3} pens.", "Tom finds 2 cups"]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from support import STUDENT_ARCH, tiny_run_config
+from support import STUDENT_ARCH, is_partitioned, tiny_run_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cot2align_ds.config import ModelSpec, validate_config
@@ -36,7 +36,7 @@ def test_offloaded_teacher_is_partitioned_and_matches_unsharded(workspace):
     with dse.zero3_loading(ds_config):
         teacher = load_causal_lm(spec, "teacher", tokenizer, "fp32")
     # Loaded straight into partitions: no rank ever holds a full copy.
-    assert all(dse.is_partitioned(p) for p in teacher.parameters())
+    assert all(is_partitioned(p) for p in teacher.parameters())
     engine = dse.build_teacher_engine(teacher, ds_config)
     # Inference only: DeepSpeed's parameter-offload coordinator, never a torch optimizer.
     assert not isinstance(engine.optimizer, torch.optim.Optimizer)

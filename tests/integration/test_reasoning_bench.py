@@ -11,7 +11,6 @@ from cot2align_ds.experiments.reasoning_bench import (
     CELLS,
     QUICK,
     QUICK_SEEDS,
-    expected_ot_terms,
     run_reasoning_bench,
 )
 
@@ -27,6 +26,15 @@ KD_TERMS = {
 def bench(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("reasoning_bench")
     return out, run_reasoning_bench(out, quick=True)
+
+
+def expected_ot_terms(cell) -> set[str]:
+    """The OT loss keys a cell's metrics.jsonl must (and must only) contain."""
+    if not cell.cot2align.get("enabled"):
+        return set()
+    if not cell.cot2align.get("cross_cot", True):
+        return {"loss/ot_main"}
+    return {"loss/ot_main", "loss/ot_cross_std_cot", "loss/ot_cross_cot_std"}
 
 
 def _rows(run_dir: Path) -> list[dict]:

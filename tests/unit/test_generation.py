@@ -16,7 +16,6 @@ from cot2align_ds.data.synthetic import ArithmeticTaskSpec, make_split
 from cot2align_ds.eval.evaluate import (
     EvalInputError,
     evaluate_records,
-    score_predictions_file,
     write_eval_results,
     write_predictions,
 )
@@ -232,8 +231,6 @@ def test_evaluate_a_saved_model_end_to_end(pairs, saved_model, records, tmp_path
     assert len(rows) == 6
     assert {"id", "seed", "prompt", "prediction", "references", "extracted_answer"} <= set(rows[0])
     assert rows[0]["references"] == [subset[0].output] and rows[0]["prompt"].startswith("Task:")
-    rescored = score_predictions_file(tmp_path / "predictions.jsonl")
-    assert {k: v.to_dict() for k, v in rescored.items()} == result.summary()
     write_eval_results(tmp_path / "eval_results.json", result)
     assert json.loads((tmp_path / "eval_results.json").read_text()) == result.summary()
 
@@ -272,17 +269,6 @@ def test_empty_references_are_one_clear_error(pairs, records) -> None:
     with pytest.raises(EvalInputError, match="record 'gen-1': empty references") as info:
         evaluate_records(model, tokenizer, records[:2], references=[["5"], []], **EVAL_OPTIONS)
     _one_line(info)
-
-
-def test_predictions_file_missing_prediction_is_one_clear_error(tmp_path) -> None:
-    path = tmp_path / "predictions.jsonl"
-    rows = [{"id": "a", "prediction": "5", "references": ["5"]}, {"id": "b", "references": ["6"]}]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    with pytest.raises(EvalInputError, match=r"predictions.jsonl:2: missing field 'prediction'"):
-        score_predictions_file(path)
-    path.write_text(json.dumps({"id": "a", "prediction": "5", "references": []}) + "\n")
-    with pytest.raises(EvalInputError, match=r"predictions.jsonl:1: empty references"):
-        score_predictions_file(path)
 
 
 def test_non_model_directory_is_one_clear_error(tmp_path) -> None:

@@ -9,7 +9,6 @@ from cot2align_ds.data.templates import COT_ANSWER_JOINER, cot_answer
 from cot2align_ds.eval.metrics import (
     EvalInputError,
     aggregate_seeds,
-    corpus_score,
     exact_match,
     normalize_answer,
     rouge_l,
@@ -106,15 +105,6 @@ def test_exact_match(prediction: str, references: list[str], expected: float) ->
 def test_normalize_answer() -> None:
     assert normalize_answer("  The  Eiffel tower! ") == "eiffel tower"
     assert normalize_answer("4.0") == "4"
-
-
-def test_corpus_score_is_the_mean_over_examples() -> None:
-    # 100 (exact) and 0 (different number) -> 50.
-    assert corpus_score("exact_match", ["7", "8"], [["7"], ["9"]]) == 50.0
-    with pytest.raises(EvalInputError, match="unknown metric 'bleu'"):
-        corpus_score("bleu", ["7"], [["7"]])
-    with pytest.raises(EvalInputError, match="2 predictions but 1 reference"):
-        corpus_score("rouge_l", ["a", "b"], [["a"]])
 
 
 def test_aggregate_seeds_mean_and_sample_std() -> None:

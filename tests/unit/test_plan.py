@@ -55,7 +55,7 @@ SMALL_CONFIGS = {
     ),
 }  # fmt: skip
 
-# The paper's models (METHOD.md section 5): their published configs and parameter counts.
+# The paper's models (docs/method.md section 5): their published configs and parameter counts.
 PAPER_MODELS = {
     "gpt2": ("gpt2", {}, 124_439_808),
     "gpt2-xl": ("gpt2", {"n_embd": 1600, "n_layer": 48, "n_head": 25}, 1_557_611_200),

@@ -1,4 +1,4 @@
-"""Every shipped recipe validates, and the paper recipes say what METHOD.md section 5 says."""
+"""Every shipped recipe validates, and the paper recipes say what docs/method.md section 5 says."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ PAPER = {
         "openai-community/gpt2-xl", "Qwen/Qwen2.5-7B-Instruct", "dskd_cma", 0.6, 1e-3, 10, True,
     ),
 }  # fmt: skip
-# kd_rate ranges of the reference scripts (METHOD.md section 5).
+# kd_rate ranges of the reference scripts (docs/method.md section 5).
 KD_RATE_RANGES = {
     "paper_A": (0.5, 0.5),
     "paper_A_same": (0.7, 0.7),
