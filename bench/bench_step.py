@@ -60,7 +60,7 @@ STANDARD_DATA_PEERS = {"uld+cot2align": "uld", "dskd_cma+cot2align": "dskd_cma"}
 def _workspace(root: Path, num_records: int) -> dict[str, Path]:
     from cot2align_ds.data.records import write_records
     from cot2align_ds.data.synthetic import ArithmeticTaskSpec, make_split
-    from cot2align_ds.experiments.demo import TEACHER_ARCHITECTURE, tokenizer_corpus
+    from cot2align_ds.experiments.pipeline import TEACHER_ARCHITECTURE, tokenizer_corpus
     from cot2align_ds.models.toy_tokenizers import train_byte_bpe, train_unigram
 
     records = make_split(num_records, ArithmeticTaskSpec(), seed=0, prefix="bench")
@@ -221,7 +221,7 @@ def _memory_child(name: str, root: Path, steps: int) -> None:
 
 
 def _teacher_architecture() -> dict:
-    from cot2align_ds.experiments.demo import TEACHER_ARCHITECTURE
+    from cot2align_ds.experiments.pipeline import TEACHER_ARCHITECTURE
 
     return TEACHER_ARCHITECTURE
 

@@ -81,17 +81,17 @@ def sft_teacher_config(config: str, overrides: list[str], output_dir: Path | Non
     ``train`` section with the keys ``teacher_sft.train`` sets.
     """
     from cot2align_ds.config import validate_config
+    from cot2align_ds.experiments.pipeline import teacher_sft_stage
 
     run = load_config(config, overrides)
     if run.teacher is None:
         raise ConfigError(f"config '{config}': no teacher section to fine-tune")
     raw = config_to_dict(run)
-    raw["student"], raw["teacher"] = raw["teacher"], None
     teacher_train = raw.pop("teacher_sft")["train"]
+    raw = teacher_sft_stage(
+        raw, raw["teacher"], output_dir=str(output_dir or Path(f"{run.output_dir}_teacher_sft"))
+    )
     raw["train"].update({key: value for key, value in teacher_train.items() if value is not None})
-    raw["distill"]["method"] = "sft"
-    raw["cot2align"]["enabled"] = False
-    raw["output_dir"] = str(output_dir or Path(f"{run.output_dir}_teacher_sft"))
     return validate_config(raw, f"{config} (teacher SFT)")
 
 

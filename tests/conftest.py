@@ -60,7 +60,7 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
 
     from cot2align_ds.data.records import write_records
     from cot2align_ds.data.synthetic import ArithmeticTaskSpec, make_split
-    from cot2align_ds.experiments.demo import tokenizer_corpus
+    from cot2align_ds.experiments.pipeline import tokenizer_corpus
     from cot2align_ds.models.toy_tokenizers import train_byte_bpe, train_unigram
 
     root = tmp_path_factory.mktemp("workspace")

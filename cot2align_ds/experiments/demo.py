@@ -11,33 +11,26 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cot2align_ds.atomic import write_text_atomic
-from cot2align_ds.config import ConfigError, load_config, validate_config
-from cot2align_ds.data.augment import run_augment
-from cot2align_ds.data.examples import make_examples
-from cot2align_ds.data.records import Record, read_records, write_records
+from cot2align_ds.config import ConfigError, load_config
+from cot2align_ds.data.records import read_records
 from cot2align_ds.data.synthetic import ArithmeticTaskSpec, make_split
+from cot2align_ds.experiments.pipeline import (
+    TEACHER_ARCHITECTURE,
+    augment_stage,
+    exact_match_stage,
+    make_tokenizers,
+    run_stage,
+    stage_config,
+    teacher_sft_stage,
+    write_splits,
+)
 from cot2align_ds.methods import METHODS
-from cot2align_ds.models.toy_tokenizers import train_byte_bpe, train_unigram
-from cot2align_ds.train.loop import run_train
-
-TEACHER_ARCHITECTURE = {
-    "model_type": "llama",
-    "hidden_size": 128,
-    "intermediate_size": 384,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 256,
-    "tie_word_embeddings": False,
-}
 
 
 @dataclass(frozen=True)
@@ -63,38 +56,6 @@ def make_data(out: Path, size: DemoSize, seed: int) -> dict[str, Path]:
     return write_splits(out, splits)
 
 
-def write_splits(out: Path, splits: dict[str, list[Record]]) -> dict[str, Path]:
-    """Each split to ``out/data/<name>.jsonl``; the paths by split name."""
-    paths = {name: out / "data" / f"{name}.jsonl" for name in splits}
-    for name, records in splits.items():
-        write_records(paths[name], records)
-    return paths
-
-
-def tokenizer_corpus(records: list[Record], template: str) -> list[str]:
-    examples = make_examples(records, template=template, cot_records="all")
-    return [f"{example.prompt}{example.answer}" for example in examples]
-
-
-def make_tokenizers(out: Path, records: list[Record], template: str) -> dict[str, Path]:
-    corpus = tokenizer_corpus(records, template)
-    paths = {"teacher": out / "tokenizers" / "teacher", "student": out / "tokenizers" / "student"}
-    train_byte_bpe(corpus, vocab_size=600).save_pretrained(paths["teacher"])
-    train_unigram(corpus, vocab_size=400).save_pretrained(paths["student"])
-    return paths
-
-
-def stage_config(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
-    config = copy.deepcopy(base)
-    for dotted, value in changes.items():
-        node = config
-        *parents, leaf = dotted.split("__")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return config
-
-
 # The teacher-using methods that work across tokenizers: the demo's pair has two.
 DIFFERENT_VOCAB_METHODS = tuple(
     m.name for m in METHODS.values() if m.needs_teacher and m.cross_tokenizer
@@ -111,8 +72,6 @@ def run_demo(
 ) -> dict[str, dict]:
     """``methods``: base KD methods distilled in their own row; ``cot2align_base``: the one
     that also gets a "+ CoT2Align" row (trained on the teacher's own rationales)."""
-    from cot2align_ds.eval.evaluate import evaluate_records, write_predictions
-    from cot2align_ds.inference.loading import load_model_for_eval
 
     size = QUICK if quick else FULL
     started = time.perf_counter()
@@ -120,7 +79,7 @@ def run_demo(
     base = load_config("demo").model_dump(mode="json")
     template = base["data"]["template"]
     data = make_data(output_dir, size, seed)
-    tokenizers = make_tokenizers(output_dir, read_records(data["train"]), template)
+    tokenizers = make_tokenizers(output_dir, data["train"], template)
     common = {
         "data__train_file": str(data["train"]),
         "data__dev_file": str(data["dev"]),
@@ -129,12 +88,10 @@ def run_demo(
     }
     teacher_dir = output_dir / "teacher"
     stages = {
-        "teacher": stage_config(
+        "teacher": teacher_sft_stage(
             base,
+            {"architecture": TEACHER_ARCHITECTURE, "tokenizer": str(tokenizers["teacher"])},
             output_dir=str(teacher_dir),
-            student={"architecture": TEACHER_ARCHITECTURE, "tokenizer": str(tokenizers["teacher"])},
-            teacher=None,
-            distill__method="sft",
             data__cot_records="all",
             train__epochs=size.teacher_epochs,
             **common,
@@ -164,23 +121,11 @@ def run_demo(
             train__epochs=size.student_epochs,
             **common,
         )
-    model_dirs = {}
-    for name, raw in stages.items():
-        config = validate_config(raw, f"demo stage {name}")
-        model_dirs[name] = run_train(config, overwrite=True).model_dir
+    model_dirs = {name: run_stage(raw, f"demo stage {name}")[0] for name, raw in stages.items()}
     # CoT augmentation: the fine-tuned teacher writes its own rationales; CoT2Align trains on
     # them (paired standard/CoT views, OT on main and Cross-CoT pairs) on top of the base.
-    cot_data = run_augment(
-        model_dirs["teacher"],
-        data["train"],
-        output_dir / "augment",
-        template=template,
-        selection="all",
-        max_prompt_tokens=base["data"]["max_prompt_tokens"],
-        max_total_tokens=base["data"]["max_total_tokens"],
-        batch_size=64,
-        seed=seed,
-        show_progress=False,
+    cot_data = augment_stage(
+        model_dirs["teacher"], data["train"], output_dir / "augment", base, seed=seed
     ).output_file
     name = f"student_{cot2align_base}_cot2align"
     cot2align_stage = stage_config(
@@ -190,26 +135,15 @@ def run_demo(
         data__cot_records="all",
         cot2align__enabled=True,
     )
-    config = validate_config(cot2align_stage, f"demo stage {name}")
-    model_dirs[name] = run_train(config, overwrite=True).model_dir
+    model_dirs[name] = run_stage(cot2align_stage, f"demo stage {name}")[0]
     test = read_records(data["test"])
     results = {}
     for name, model_dir in model_dirs.items():
-        model, tokenizer = load_model_for_eval(model_dir)
-        result = evaluate_records(
-            model,
-            tokenizer,
-            test,
-            template=template,
-            seeds=[seed],
-            greedy=True,
-            metrics=("exact_match",),
-            batch_size=32,
-            max_new_tokens=8,
-            max_prompt_tokens=base["data"]["max_prompt_tokens"],
+        predictions = output_dir / name / "test_predictions.jsonl"
+        score = exact_match_stage(
+            model_dir, test, base, predictions, max_new_tokens=8, batch_size=32
         )
-        write_predictions(output_dir / name / "test_predictions.jsonl", result)
-        results[name] = {"exact_match": result.summary()["exact_match"]["mean"]}
+        results[name] = {"exact_match": score}
     results["_meta"] = {"wall_s": time.perf_counter() - started, "quick": quick}
     write_text_atomic(output_dir / "demo_results.json", json.dumps(results, indent=2))
     return results

@@ -21,19 +21,21 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from cot2align_ds.atomic import write_text_atomic
-from cot2align_ds.config import ConfigError, load_config, validate_config
-from cot2align_ds.data.augment import run_augment
+from cot2align_ds.config import ConfigError, load_config
 from cot2align_ds.data.records import read_records
 from cot2align_ds.data.synthetic import ArithmeticTaskSpec, make_split
 from cot2align_ds.eval.metrics import aggregate_seeds
 from cot2align_ds.eval.report import make_report
-from cot2align_ds.experiments.demo import (
+from cot2align_ds.experiments.pipeline import (
     TEACHER_ARCHITECTURE,
+    augment_stage,
+    exact_match_stage,
     make_tokenizers,
+    run_stage,
     stage_config,
+    teacher_sft_stage,
     write_splits,
 )
-from cot2align_ds.train.loop import run_train
 
 RECIPE = "reasoning_bench"
 DATA_SEED = 1234  # data and teacher are fixed across student seeds (see module docstring)
@@ -115,12 +117,6 @@ def make_bench_data(out: Path, size: BenchSize) -> dict[str, Path]:
     return write_splits(out, splits)
 
 
-def _timed_train(raw: dict[str, Any], where: str) -> tuple[Path, float]:
-    started = time.perf_counter()
-    model_dir = run_train(validate_config(raw, where), overwrite=True).model_dir
-    return model_dir, time.perf_counter() - started
-
-
 @dataclass
 class Shared:
     """What every cell builds on: base config, data, teacher and its rationales."""
@@ -139,12 +135,10 @@ def _train_teacher(
     out: Path, base: dict, data: dict, tokenizers: dict, size: BenchSize
 ) -> tuple[Path, float]:
     # The teacher learns standard and CoT views from the gold rationales (cot_records=all).
-    raw = stage_config(
+    raw = teacher_sft_stage(
         base,
+        {"architecture": TEACHER_ARCHITECTURE, "tokenizer": str(tokenizers["teacher"])},
         output_dir=str(out / "teacher"),
-        student={"architecture": TEACHER_ARCHITECTURE, "tokenizer": str(tokenizers["teacher"])},
-        teacher=None,
-        distill__method="sft",
         data__cot_records="all",
         data__train_file=str(data["train"]),
         data__dev_file=str(data["dev"]),
@@ -152,27 +146,16 @@ def _train_teacher(
         train__max_steps=size.teacher_max_steps,
         train__seed=TEACHER_SEED,
     )
-    return _timed_train(raw, "reasoning-bench teacher")
+    return run_stage(raw, "reasoning-bench teacher")
 
 
 def build_shared(out: Path, size: BenchSize) -> Shared:
     base = load_config(RECIPE).model_dump(mode="json")
     data = make_bench_data(out, size)
-    tokenizers = make_tokenizers(out, read_records(data["train"]), base["data"]["template"])
+    tokenizers = make_tokenizers(out, data["train"], base["data"]["template"])
     teacher_dir, teacher_s = _train_teacher(out, base, data, tokenizers, size)
     started = time.perf_counter()
-    augment = run_augment(
-        teacher_dir,
-        data["train"],
-        out / "augment",
-        template=base["data"]["template"],
-        selection="all",
-        max_prompt_tokens=base["data"]["max_prompt_tokens"],
-        max_total_tokens=base["data"]["max_total_tokens"],
-        batch_size=64,
-        seed=TEACHER_SEED,
-        show_progress=False,
-    )
+    augment = augment_stage(teacher_dir, data["train"], out / "augment", base, seed=TEACHER_SEED)
     shared = Shared(base, data, tokenizers, teacher_dir, augment.output_file, size)
     shared.timings = {"teacher_train_s": teacher_s, "augment_s": time.perf_counter() - started}
     shared.augment_stats = asdict(augment.stats)
@@ -254,28 +237,18 @@ def evaluate_model(
     ``cot_prompts`` adds ``exact_match_id_cot``: the ID test prompted with the CoT template and
     the answer read after "the answer is" (a diagnostic of what the student learnt from the
     rationales; the benchmark's protocol is standard prompts)."""
-    from cot2align_ds.eval.evaluate import evaluate_records, write_predictions
-    from cot2align_ds.inference.loading import load_model_for_eval
-
-    model, tokenizer = load_model_for_eval(model_dir)
     views = [("id", "standard"), ("ood", "standard")] + ([("id", "cot")] if cot_prompts else [])
     scores = {}
     for split, view in views:
-        result = evaluate_records(
-            model,
-            tokenizer,
+        suffix = "_cot" if view == "cot" else ""
+        scores[f"exact_match_{split}{suffix}"] = exact_match_stage(
+            model_dir,
             read_records(shared.data[f"test_{split}"]),
-            template=shared.base["data"]["template"],
-            greedy=True,
-            metrics=("exact_match",),
-            batch_size=64,
+            shared.base,
+            out_dir / f"predictions_{split}{suffix}.jsonl",
             max_new_tokens=COT_NEW_TOKENS if view == "cot" else STANDARD_NEW_TOKENS,
-            max_prompt_tokens=shared.base["data"]["max_prompt_tokens"],
             prompt_view=view,
         )
-        suffix = "_cot" if view == "cot" else ""
-        write_predictions(out_dir / f"predictions_{split}{suffix}.jsonl", result)
-        scores[f"exact_match_{split}{suffix}"] = result.summary()["exact_match"]["mean"]
     return scores
 
 
@@ -294,7 +267,7 @@ def run_cell(shared: Shared, cell: Cell, seeds: Sequence[int], cell_dir: Path) -
     for seed in seeds:
         run_dir = cell_dir / f"seed{seed}"
         raw = cell_config(shared, cell, seed, run_dir)
-        model_dir, seconds = _timed_train(raw, f"reasoning-bench {cell.name} seed {seed}")
+        model_dir, seconds = run_stage(raw, f"reasoning-bench {cell.name} seed {seed}")
         scores = evaluate_model(model_dir, shared, run_dir)
         _write_json(run_dir / "eval_results.json", _summarise([scores]))
         per_seed.append(scores)
@@ -502,7 +475,7 @@ def run_probes(
         for seed in seeds:
             run_dir = output_dir / "probes" / probe.name / f"seed{seed}"
             raw = probe_config(shared, probe, seed, run_dir)
-            model_dir, seconds = _timed_train(raw, f"reasoning-bench probe {probe.name}")
+            model_dir, seconds = run_stage(raw, f"reasoning-bench probe {probe.name}")
             scores = evaluate_model(model_dir, shared, run_dir, cot_prompts=True)
             _write_json(run_dir / "eval_results.json", scores)
             entry["runs"][str(seed)] = {"scores": scores, "train_s": seconds}

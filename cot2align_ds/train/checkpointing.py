@@ -1,4 +1,5 @@
-"""Resumable checkpoints: layout, completeness markers, rotation, and picking one to resume.
+"""Resumable checkpoints (layout, completeness markers, rotation, picking one to resume,
+saving and restoring the training state) and the final model a run leaves behind.
 
 Layout under ``<output_dir>/checkpoints``: one DeepSpeed checkpoint per tag ``step-000120``
 (student engine: weights, optimizer, scheduler, projectors), and next to it a marker
@@ -20,7 +21,10 @@ import numpy as np
 import torch
 
 from cot2align_ds.atomic import write_text_atomic
+from cot2align_ds.engine import deepspeed_engines as dse
 from cot2align_ds.errors import UserError
+from cot2align_ds.models.lora import save_lora_student
+from cot2align_ds.run_dir import FINAL_MODEL_DIRNAME
 
 _TAG = re.compile(r"^step-(\d{6,})$")
 
@@ -129,3 +133,71 @@ def truncate_jsonl_steps(path: Path, max_step: int) -> None:
         if line.strip() and json.loads(line).get("step", 0) <= max_step
     ]
     write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+# What must match between a checkpoint and the run resuming it: the data position counts
+# micro-batches of this size on this many ranks.
+_RESUME_INVARIANTS = ("world_size", "micro_batch_size", "grad_accum")
+
+
+def save_resumable(
+    engine: Any, output_dir: Path, state: dict[str, Any], ctx: dse.DistContext, *, keep_last: int
+) -> None:
+    """Every rank writes its shards and RNG state; then rank 0 marks the checkpoint complete
+    (``state``: the trainer state, ``state["step"]`` names the tag) and rotates old ones."""
+    root, tag = checkpoint_root(output_dir), tag_for(state["step"])
+    dse.save_checkpoint(engine, root, tag)
+    write_text_atomic(root / tag / f"rng-rank{ctx.rank}.json", json.dumps(rng_state()))
+    dse.barrier()  # every rank's files are on disk before the checkpoint counts as complete
+    if ctx.is_main:
+        write_marker(root, tag, state)
+        rotate(root, keep_last)
+    dse.barrier()
+
+
+def restore(
+    engine: Any, output_dir: Path, tag: str, current: dict[str, Any], ctx: dse.DistContext
+) -> dict[str, Any]:
+    """Load checkpoint ``tag`` into ``engine`` and this rank's RNG state; the saved trainer
+    state. Refuses a checkpoint whose data layout differs from ``current``'s."""
+    root = checkpoint_root(output_dir)
+    state = read_marker(root, tag)
+    for key in _RESUME_INVARIANTS:
+        if state[key] != current[key]:
+            raise ResumeError(
+                f"checkpoint {tag} was written with {key}={state[key]}, this run has "
+                f"{current[key]}; resume with the same setting"
+            )
+    dse.load_checkpoint(engine, root, tag)
+    set_rng_state(json.loads((root / tag / f"rng-rank{ctx.rank}.json").read_text()))
+    return state
+
+
+def save_final_model(
+    engine: Any, models: Any, config: Any, output_dir: Path, ctx: dse.DistContext
+) -> Path:
+    """Gather the student's weights (rank 0 writes): a Hugging Face model directory (LoRA:
+    the adapter beside it and the merged model), the projectors, and the resolved DeepSpeed
+    configs. ``models``: the run's ``setup.Models``."""
+    model_dir = output_dir / FINAL_MODEL_DIRNAME
+    state = dse.gathered_state_dict(engine, prefix="student.")
+    projectors = dse.gathered_state_dict(engine, prefix="projectors.")
+    if ctx.is_main:
+        write_text_atomic(output_dir / "ds_student.json", json.dumps(models.student_ds, indent=2))
+        if models.teacher_model is not None:
+            text = json.dumps(models.teacher_ds, indent=2)
+            write_text_atomic(output_dir / "ds_teacher.json", text)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        student = models.student_module.student
+        tokenizer = models.student_tokenizer
+        if config.student.lora is not None:
+            adapter_dir = output_dir / "student_adapter"
+            save_lora_student(student, state, adapter_dir, model_dir)
+            tokenizer.save_pretrained(adapter_dir)
+        else:
+            student.save_pretrained(model_dir, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(model_dir)
+        if projectors:
+            dse.save_safetensors(projectors, output_dir / "projectors.safetensors")
+    dse.barrier()
+    return model_dir

@@ -8,51 +8,36 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
 
-from cot2align_ds.alignment.offsets import require_offsets
-from cot2align_ds.alignment.vocab_map import mined_vocab_map
 from cot2align_ds.atomic import write_text_atomic
-from cot2align_ds.config import ConfigError, RunConfig, config_to_dict
+from cot2align_ds.config import RunConfig, config_to_dict
 from cot2align_ds.data.batch import DistillBatch, TokenSide
-from cot2align_ds.data.collator import DistillCollator
-from cot2align_ds.data.examples import Example, make_examples
 from cot2align_ds.data.records import read_records
 from cot2align_ds.engine import deepspeed_engines as dse
-from cot2align_ds.engine.ds_config import resolve_run_ds_configs
 from cot2align_ds.errors import UserError
 from cot2align_ds.methods import NORMALISERS
-from cot2align_ds.models.loading import (
-    check_vocab_fits,
-    config_hidden_size,
-    hidden_size_of,
-    load_causal_lm,
-    load_tokenizer,
-    torch_dtype,
-)
-from cot2align_ds.models.lora import apply_lora, save_lora_student
-from cot2align_ds.models.student_module import StudentWithProjectors, param_groups
-from cot2align_ds.run_dir import FINAL_MODEL_DIRNAME
 from cot2align_ds.tracking import Tracker
 from cot2align_ds.train import checkpointing as ckpt
 from cot2align_ds.train.dev_eval import DevEvaluator
 from cot2align_ds.train.fused_views import split_outputs, stack_views
 from cot2align_ds.train.objective import (
-    ModelAccess,
     ModelOutputs,
-    Objective,
     StepOutputs,
     batch_normalisers,
 )
-from cot2align_ds.train.schedule import cosine_with_floor
+from cot2align_ds.train.setup import (
+    build_data,
+    build_engines,
+    check_output_dir,
+    load_models,
+    seed_everything,
+)
 
 
 class NonFiniteError(UserError):
@@ -67,89 +52,6 @@ class TrainResult:
     final_metrics: dict[str, float]
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-# What a run writes before training starts: a run that failed on bad input left only these, and
-# rerunning the same command after fixing the input must not need --overwrite.
-_RESTARTABLE = {"config.json", "vocab_map_cache"}
-
-
-def check_output_dir(config: RunConfig, overwrite: bool) -> Path:
-    output_dir = Path(config.output_dir)
-    used = output_dir.is_dir() and any(p.name not in _RESTARTABLE for p in output_dir.iterdir())
-    if used and not overwrite:
-        raise ConfigError(
-            f"output_dir '{output_dir}' is not empty; pass --overwrite or choose another directory"
-        )
-    return output_dir
-
-
-class ResumableSampler(DistributedSampler):
-    """A ``DistributedSampler`` that can start its next epoch ``skip_batches`` batches in.
-
-    Skipping in the sampler means the skipped examples are never tokenized or collated.
-    """
-
-    def __init__(self, *args, micro_batch_size: int, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.micro_batch_size = micro_batch_size
-        self.skip_batches = 0
-
-    def __iter__(self):
-        indices = list(super().__iter__())
-        skip, self.skip_batches = self.skip_batches * self.micro_batch_size, 0
-        return iter(indices[skip:])
-
-
-class _ExampleDataset(torch.utils.data.Dataset):
-    def __init__(self, examples: list[Example]) -> None:
-        self.examples = examples
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> Example:
-        return self.examples[index]
-
-
-def build_loader(
-    config: RunConfig, examples: list[Example], collator: DistillCollator, ctx: dse.DistContext
-) -> tuple[DataLoader, ResumableSampler]:
-    sampler = ResumableSampler(
-        _ExampleDataset(examples),
-        num_replicas=ctx.world_size,
-        rank=ctx.rank,
-        shuffle=True,
-        seed=config.train.seed,
-        drop_last=False,
-        micro_batch_size=config.train.micro_batch_size,
-    )
-    workers = config.data.num_workers
-    loader = DataLoader(
-        sampler.dataset,
-        batch_size=config.train.micro_batch_size,
-        sampler=sampler,
-        collate_fn=collator,
-        num_workers=workers,
-        prefetch_factor=config.data.prefetch_factor if workers else None,
-        persistent_workers=workers > 0,
-        drop_last=True,
-        # Its own generator: creating an iterator must not draw from the global RNG, or a run
-        # resumed mid-epoch would see different dropout masks from the uninterrupted one.
-        generator=torch.Generator().manual_seed(config.train.seed),
-    )
-    if len(loader) < config.train.grad_accum:
-        raise ConfigError(
-            f"data.train_file: {len(examples)} examples give {len(loader)} micro-batches per rank, "
-            f"fewer than train.grad_accum={config.train.grad_accum}; add data or shrink the batch"
-        )
-    return loader, sampler
-
-
 def _head_positions(only_hidden: bool) -> dict:
     """Forward kwargs for a view whose logits no loss reads (Cross-CoT standard views feed only
     OT on hidden states): the LM head then runs on the last position alone. That saves its
@@ -159,7 +61,8 @@ def _head_positions(only_hidden: bool) -> dict:
 
 
 class Trainer:
-    """Owns the engines, the loader and the objective for one run."""
+    """One run, read top-down: build (``setup.py``), one optimizer step (``train_step``), the
+    loop (``train``); resumable checkpoints and the final save live in ``checkpointing.py``."""
 
     def __init__(
         self, config: RunConfig, output_dir: Path, ctx: dse.DistContext, resume_tag: str | None
@@ -168,9 +71,18 @@ class Trainer:
         self.output_dir = output_dir
         self.ctx = ctx
         seed_everything(config.train.seed)
-        self._load_models()
-        self._build_data()
-        self._build_engines()
+        self.models = load_models(config, ctx)
+        self.objective = self.models.objective
+        data = build_data(config, self.models, ctx)
+        self.loader, self.sampler = data.loader, data.sampler
+        self.steps_per_epoch, self.total_steps = data.steps_per_epoch, data.total_steps
+        engines = build_engines(config, self.models, self.total_steps)
+        self.student_engine, self.teacher_engine = engines.student, engines.teacher
+        self.device, self.access, self.group_names = (
+            engines.device,
+            engines.access,
+            engines.group_names,
+        )
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.skipped_steps = 0
         self.dev = self._dev_evaluator()
@@ -185,118 +97,6 @@ class Trainer:
             group=config.tracking.group,
             tags=config.tracking.tags,
             config=config_to_dict(config),
-        )
-
-    # -- setup ----------------------------------------------------------------------------------
-    def _load_models(self) -> None:
-        cfg = self.config
-        precision = cfg.train.precision
-        self.student_tokenizer = load_tokenizer(cfg.student, "student")
-        self.teacher_tokenizer = None
-        self.teacher_model = None
-        if cfg.distill.method != "sft":
-            assert cfg.teacher is not None
-            self.teacher_tokenizer = load_tokenizer(cfg.teacher, "teacher")
-        self.objective = Objective(
-            cfg.distill, cfg.cot2align, teacher_to_student_vocab_W=self._vocab_map()
-        )
-        needs_teacher = self.objective.needs_teacher
-        ds = resolve_run_ds_configs(
-            cfg,
-            world_size=self.ctx.world_size,
-            student_hidden=config_hidden_size(cfg.student, "student"),
-            teacher_hidden=config_hidden_size(cfg.teacher, "teacher") if needs_teacher else None,
-        )
-        self.student_ds, self.teacher_ds = ds.student, ds.teacher
-        if needs_teacher:
-            with dse.zero3_loading(self.teacher_ds):
-                self.teacher_model = load_causal_lm(
-                    cfg.teacher, "teacher", self.teacher_tokenizer, precision
-                )
-        with dse.zero3_loading(self.student_ds):
-            student = load_causal_lm(cfg.student, "student", self.student_tokenizer, precision)
-        check_vocab_fits(student, self.student_tokenizer, "student")
-        if self.teacher_model is not None:
-            check_vocab_fits(self.teacher_model, self.teacher_tokenizer, "teacher")
-        # Adapters and projectors are built after the model and in fp32 by default; DeepSpeed
-        # flattens every trainable tensor into one buffer per dtype and wants the run's dtype.
-        dtype = torch_dtype(precision)
-        if cfg.student.lora is not None:
-            student = apply_lora(student, cfg.student.lora, dtype=dtype)
-        teacher_hidden = hidden_size_of(self.teacher_model) if self.teacher_model else 0
-        projectors = self.objective.build_projectors(hidden_size_of(student), teacher_hidden)
-        projectors.to(dtype)
-        self.student_module = StudentWithProjectors(student, projectors)
-
-    def _vocab_map(self) -> torch.Tensor | None:
-        """MinED's teacher->student vocabulary map: rank 0 builds and caches, the rest read it."""
-        if self.config.distill.method != "mined":
-            return None
-        cache_dir = Path(self.config.output_dir) / "vocab_map_cache"
-        vocab_map = None
-        for turn in ("main", "others"):
-            if (turn == "main") == self.ctx.is_main:
-                vocab_map = mined_vocab_map(
-                    self.teacher_tokenizer, self.student_tokenizer, cache_dir=cache_dir
-                )
-            dse.barrier()
-        return torch.from_numpy(vocab_map).long()
-
-    def _build_data(self) -> None:
-        cfg = self.config
-        if cfg.data.train_file is None:
-            raise ConfigError("data.train_file is not set; point it at a JSONL file of records")
-        if self.objective.alignment == "offsets":
-            # The collator aligns by character offsets: a slow tokenizer has none.
-            require_offsets(self.student_tokenizer)
-            require_offsets(self.teacher_tokenizer)
-        records = read_records(cfg.data.train_file)
-        self.examples = make_examples(
-            records, template=cfg.data.template, cot_records=cfg.data.cot_records
-        )
-        collator = DistillCollator(
-            self.student_tokenizer,
-            self.teacher_tokenizer,
-            max_prompt_tokens=cfg.data.max_prompt_tokens,
-            max_total_tokens=cfg.data.max_total_tokens,
-            cot_views=self.objective.needs_cross_views,
-            alignment=self.objective.alignment,
-        )
-        self.loader, self.sampler = build_loader(cfg, self.examples, collator, self.ctx)
-        steps_per_epoch = len(self.loader) // cfg.train.grad_accum
-        self.total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
-        self.steps_per_epoch = steps_per_epoch
-
-    def _build_engines(self) -> None:
-        train = self.config.train
-        groups = param_groups(
-            self.student_module,
-            lr=train.lr,
-            projector_lr=train.projector_lr,
-            weight_decay=train.weight_decay,
-        )
-        lambdas = [
-            cosine_with_floor(g["lr"], train.min_lr, self.total_steps, train.warmup_steps)
-            for g in groups
-        ]
-        self.group_names = [g.pop("name") for g in groups]
-        self.student_engine = dse.build_student_engine(
-            self.student_module, self.student_ds, groups, lambdas
-        )
-        self.teacher_engine = None
-        if self.teacher_model is not None:
-            self.teacher_engine = dse.build_teacher_engine(self.teacher_model, self.teacher_ds)
-        self.device = dse.engine_device(self.student_engine)
-        self.access = self._model_access() if self.teacher_engine else None
-
-    def _model_access(self) -> ModelAccess:
-        student = self.student_engine.module.student
-        teacher = self.teacher_engine.module
-        return ModelAccess(
-            student_embed=lambda ids: student.get_input_embeddings()(ids),
-            teacher_embed=lambda ids: teacher.get_input_embeddings()(ids),
-            student_head_weight=lambda: dse.gathered_copy(student.get_output_embeddings().weight),
-            teacher_head_weight=lambda: dse.gathered_copy(teacher.get_output_embeddings().weight),
         )
 
     # -- one optimizer step ---------------------------------------------------------------------
@@ -453,7 +253,7 @@ class Trainer:
         return DevEvaluator(
             cfg.eval,
             read_records(cfg.data.dev_file),
-            self.student_tokenizer,
+            self.models.student_tokenizer,
             template=cfg.data.template,
             max_prompt_tokens=cfg.data.max_prompt_tokens,
             output_dir=self.output_dir,
@@ -493,7 +293,7 @@ class Trainer:
                 f"(limit train.max_skipped_steps={limit}); lower train.lr or check the data"
             )
 
-    # -- resumable checkpoints ------------------------------------------------------------------
+    # -- checkpoints --------------------------------------------------------------------------
     def _trainer_state(self) -> dict:
         return {
             "step": self.step,
@@ -506,32 +306,27 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        root, tag = ckpt.checkpoint_root(self.output_dir), ckpt.tag_for(self.step)
-        dse.save_checkpoint(self.student_engine, root, tag)
-        rng_file = root / tag / f"rng-rank{self.ctx.rank}.json"
-        write_text_atomic(rng_file, json.dumps(ckpt.rng_state()))
-        dse.barrier()  # every rank's files are on disk before the checkpoint counts as complete
-        if self.ctx.is_main:
-            ckpt.write_marker(root, tag, self._trainer_state())
-            ckpt.rotate(root, self.config.train.keep_last)
-        dse.barrier()
+        ckpt.save_resumable(
+            self.student_engine,
+            self.output_dir,
+            self._trainer_state(),
+            self.ctx,
+            keep_last=self.config.train.keep_last,
+        )
 
     def _resume(self, tag: str) -> None:
-        root = ckpt.checkpoint_root(self.output_dir)
-        state = ckpt.read_marker(root, tag)
-        for key in ("world_size", "micro_batch_size", "grad_accum"):
-            if state[key] != self._trainer_state()[key]:
-                raise ckpt.ResumeError(
-                    f"checkpoint {tag} was written with {key}={state[key]}, this run has "
-                    f"{self._trainer_state()[key]}; resume with the same setting"
-                )
-        dse.load_checkpoint(self.student_engine, root, tag)
+        state = ckpt.restore(
+            self.student_engine, self.output_dir, tag, self._trainer_state(), self.ctx
+        )
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
         if self.dev is not None and state.get("dev_eval"):
             self.dev.load_state_dict(state["dev_eval"])
-        rng = json.loads((root / tag / f"rng-rank{self.ctx.rank}.json").read_text())
-        ckpt.set_rng_state(rng)
+
+    def save(self) -> Path:
+        return ckpt.save_final_model(
+            self.student_engine, self.models, self.config, self.output_dir, self.ctx
+        )
 
     def _audit(self, step: int, window: list[DistillBatch]) -> None:
         if not self.config.train.record_example_ids:
@@ -540,34 +335,6 @@ class Trainer:
         with path.open("a", encoding="utf-8") as handle:
             ids = [example_id for batch in window for example_id in batch.ids]
             handle.write(json.dumps({"step": step, "ids": ids}) + "\n")
-
-    def _write_ds_configs(self) -> None:
-        write_text_atomic(
-            self.output_dir / "ds_student.json", json.dumps(self.student_ds, indent=2)
-        )
-        if self.teacher_model is not None:
-            text = json.dumps(self.teacher_ds, indent=2)
-            write_text_atomic(self.output_dir / "ds_teacher.json", text)
-
-    def save(self) -> Path:
-        model_dir = self.output_dir / FINAL_MODEL_DIRNAME
-        state = dse.gathered_state_dict(self.student_engine, prefix="student.")
-        projectors = dse.gathered_state_dict(self.student_engine, prefix="projectors.")
-        if self.ctx.is_main:
-            self._write_ds_configs()
-            model_dir.mkdir(parents=True, exist_ok=True)
-            student = self.student_module.student
-            if self.config.student.lora is not None:
-                adapter_dir = self.output_dir / "student_adapter"
-                save_lora_student(student, state, adapter_dir, model_dir)
-                self.student_tokenizer.save_pretrained(adapter_dir)
-            else:
-                student.save_pretrained(model_dir, state_dict=state, safe_serialization=True)
-            self.student_tokenizer.save_pretrained(model_dir)
-            if projectors:
-                dse.save_safetensors(projectors, self.output_dir / "projectors.safetensors")
-        dse.barrier()
-        return model_dir
 
 
 def run_train(

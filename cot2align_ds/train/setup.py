@@ -1,0 +1,265 @@
+"""Setting up a run: models and tokenizers, the objective, the data loader and both engines.
+
+``Trainer`` (``loop.py``) calls these in order: ``load_models``, ``build_data``,
+``build_engines``. Each returns a small record of what it built.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from cot2align_ds.alignment.offsets import require_offsets
+from cot2align_ds.alignment.vocab_map import mined_vocab_map
+from cot2align_ds.config import ConfigError, RunConfig
+from cot2align_ds.data.collator import DistillCollator
+from cot2align_ds.data.examples import Example, make_examples
+from cot2align_ds.data.records import read_records
+from cot2align_ds.engine import deepspeed_engines as dse
+from cot2align_ds.engine.ds_config import resolve_run_ds_configs
+from cot2align_ds.models.loading import (
+    check_vocab_fits,
+    config_hidden_size,
+    hidden_size_of,
+    load_causal_lm,
+    load_tokenizer,
+    torch_dtype,
+)
+from cot2align_ds.models.lora import apply_lora
+from cot2align_ds.models.student_module import StudentWithProjectors, param_groups
+from cot2align_ds.train.objective import ModelAccess, Objective
+from cot2align_ds.train.schedule import cosine_with_floor
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# What a run writes before training starts: a run that failed on bad input left only these, and
+# rerunning the same command after fixing the input must not need --overwrite.
+_RESTARTABLE = {"config.json", "vocab_map_cache"}
+
+
+def check_output_dir(config: RunConfig, overwrite: bool) -> Path:
+    output_dir = Path(config.output_dir)
+    used = output_dir.is_dir() and any(p.name not in _RESTARTABLE for p in output_dir.iterdir())
+    if used and not overwrite:
+        raise ConfigError(
+            f"output_dir '{output_dir}' is not empty; pass --overwrite or choose another directory"
+        )
+    return output_dir
+
+
+class ResumableSampler(DistributedSampler):
+    """A ``DistributedSampler`` that can start its next epoch ``skip_batches`` batches in.
+
+    Skipping in the sampler means the skipped examples are never tokenized or collated.
+    """
+
+    def __init__(self, *args, micro_batch_size: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.micro_batch_size = micro_batch_size
+        self.skip_batches = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        skip, self.skip_batches = self.skip_batches * self.micro_batch_size, 0
+        return iter(indices[skip:])
+
+
+class _ExampleDataset(torch.utils.data.Dataset):
+    def __init__(self, examples: list[Example]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Example:
+        return self.examples[index]
+
+
+def build_loader(
+    config: RunConfig, examples: list[Example], collator: DistillCollator, ctx: dse.DistContext
+) -> tuple[DataLoader, ResumableSampler]:
+    sampler = ResumableSampler(
+        _ExampleDataset(examples),
+        num_replicas=ctx.world_size,
+        rank=ctx.rank,
+        shuffle=True,
+        seed=config.train.seed,
+        drop_last=False,
+        micro_batch_size=config.train.micro_batch_size,
+    )
+    workers = config.data.num_workers
+    loader = DataLoader(
+        sampler.dataset,
+        batch_size=config.train.micro_batch_size,
+        sampler=sampler,
+        collate_fn=collator,
+        num_workers=workers,
+        prefetch_factor=config.data.prefetch_factor if workers else None,
+        persistent_workers=workers > 0,
+        drop_last=True,
+        # Its own generator: creating an iterator must not draw from the global RNG, or a run
+        # resumed mid-epoch would see different dropout masks from the uninterrupted one.
+        generator=torch.Generator().manual_seed(config.train.seed),
+    )
+    if len(loader) < config.train.grad_accum:
+        raise ConfigError(
+            f"data.train_file: {len(examples)} examples give {len(loader)} micro-batches per rank, "
+            f"fewer than train.grad_accum={config.train.grad_accum}; add data or shrink the batch"
+        )
+    return loader, sampler
+
+
+@dataclass
+class Models:
+    """The loaded models: the student wrapped with its projectors, the teacher (None for SFT),
+    their tokenizers, the objective, and the resolved DeepSpeed configs of both engines."""
+
+    student_tokenizer: object
+    teacher_tokenizer: object | None
+    student_module: StudentWithProjectors
+    teacher_model: nn.Module | None
+    objective: Objective
+    student_ds: dict
+    teacher_ds: dict | None
+
+
+def load_models(config: RunConfig, ctx: dse.DistContext) -> Models:
+    precision = config.train.precision
+    student_tokenizer = load_tokenizer(config.student, "student")
+    teacher_tokenizer = teacher_model = None
+    if config.distill.method != "sft":
+        assert config.teacher is not None
+        teacher_tokenizer = load_tokenizer(config.teacher, "teacher")
+    vocab_map = _vocab_map(config, ctx, teacher_tokenizer, student_tokenizer)
+    objective = Objective(config.distill, config.cot2align, teacher_to_student_vocab_W=vocab_map)
+    needs_teacher = objective.needs_teacher
+    ds = resolve_run_ds_configs(
+        config,
+        world_size=ctx.world_size,
+        student_hidden=config_hidden_size(config.student, "student"),
+        teacher_hidden=config_hidden_size(config.teacher, "teacher") if needs_teacher else None,
+    )
+    if needs_teacher:
+        with dse.zero3_loading(ds.teacher):
+            teacher_model = load_causal_lm(config.teacher, "teacher", teacher_tokenizer, precision)
+    with dse.zero3_loading(ds.student):
+        student = load_causal_lm(config.student, "student", student_tokenizer, precision)
+    check_vocab_fits(student, student_tokenizer, "student")
+    if teacher_model is not None:
+        check_vocab_fits(teacher_model, teacher_tokenizer, "teacher")
+    # Adapters and projectors are built after the model and in fp32 by default; DeepSpeed
+    # flattens every trainable tensor into one buffer per dtype and wants the run's dtype.
+    dtype = torch_dtype(precision)
+    if config.student.lora is not None:
+        student = apply_lora(student, config.student.lora, dtype=dtype)
+    teacher_hidden = hidden_size_of(teacher_model) if teacher_model is not None else 0
+    projectors = objective.build_projectors(hidden_size_of(student), teacher_hidden)
+    projectors.to(dtype)
+    return Models(
+        student_tokenizer,
+        teacher_tokenizer,
+        StudentWithProjectors(student, projectors),
+        teacher_model,
+        objective,
+        ds.student,
+        ds.teacher,
+    )
+
+
+def _vocab_map(config: RunConfig, ctx, teacher_tokenizer, student_tokenizer) -> torch.Tensor | None:
+    """MinED's teacher->student vocabulary map: rank 0 builds and caches, the rest read it."""
+    if config.distill.method != "mined":
+        return None
+    cache_dir = Path(config.output_dir) / "vocab_map_cache"
+    vocab_map = None
+    for turn in ("main", "others"):
+        if (turn == "main") == ctx.is_main:
+            vocab_map = mined_vocab_map(teacher_tokenizer, student_tokenizer, cache_dir=cache_dir)
+        dse.barrier()
+    return torch.from_numpy(vocab_map).long()
+
+
+@dataclass
+class Data:
+    examples: list[Example]
+    loader: DataLoader
+    sampler: ResumableSampler
+    steps_per_epoch: int
+    total_steps: int
+
+
+def build_data(config: RunConfig, models: Models, ctx: dse.DistContext) -> Data:
+    if config.data.train_file is None:
+        raise ConfigError("data.train_file is not set; point it at a JSONL file of records")
+    objective = models.objective
+    if objective.alignment == "offsets":
+        # The collator aligns by character offsets: a slow tokenizer has none.
+        require_offsets(models.student_tokenizer)
+        require_offsets(models.teacher_tokenizer)
+    records = read_records(config.data.train_file)
+    examples = make_examples(
+        records, template=config.data.template, cot_records=config.data.cot_records
+    )
+    collator = DistillCollator(
+        models.student_tokenizer,
+        models.teacher_tokenizer,
+        max_prompt_tokens=config.data.max_prompt_tokens,
+        max_total_tokens=config.data.max_total_tokens,
+        cot_views=objective.needs_cross_views,
+        alignment=objective.alignment,
+    )
+    loader, sampler = build_loader(config, examples, collator, ctx)
+    steps_per_epoch = len(loader) // config.train.grad_accum
+    total_steps = config.train.max_steps or steps_per_epoch * config.train.epochs
+    return Data(examples, loader, sampler, steps_per_epoch, total_steps)
+
+
+@dataclass
+class Engines:
+    student: object  # the DeepSpeed training engine around ``StudentWithProjectors``
+    teacher: object | None  # the inference-only DeepSpeed engine, None without a teacher
+    device: torch.device
+    access: ModelAccess | None  # what DSKD reads from both models beyond their outputs
+    group_names: list[str]  # optimizer parameter groups, in the engine's order
+
+
+def build_engines(config: RunConfig, models: Models, total_steps: int) -> Engines:
+    train = config.train
+    groups = param_groups(
+        models.student_module,
+        lr=train.lr,
+        projector_lr=train.projector_lr,
+        weight_decay=train.weight_decay,
+    )
+    lambdas = [
+        cosine_with_floor(g["lr"], train.min_lr, total_steps, train.warmup_steps) for g in groups
+    ]
+    group_names = [g.pop("name") for g in groups]
+    student = dse.build_student_engine(models.student_module, models.student_ds, groups, lambdas)
+    teacher = None
+    if models.teacher_model is not None:
+        teacher = dse.build_teacher_engine(models.teacher_model, models.teacher_ds)
+    access = model_access(student, teacher) if teacher is not None else None
+    return Engines(student, teacher, dse.engine_device(student), access, group_names)
+
+
+def model_access(student_engine, teacher_engine) -> ModelAccess:
+    student = student_engine.module.student
+    teacher = teacher_engine.module
+    return ModelAccess(
+        student_embed=lambda ids: student.get_input_embeddings()(ids),
+        teacher_embed=lambda ids: teacher.get_input_embeddings()(ids),
+        student_head_weight=lambda: dse.gathered_copy(student.get_output_embeddings().weight),
+        teacher_head_weight=lambda: dse.gathered_copy(teacher.get_output_embeddings().weight),
+    )
