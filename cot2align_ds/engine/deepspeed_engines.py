@@ -72,8 +72,8 @@ def shm_workspace_path(rank: int | None = None) -> Path:
 def _unlink_shm_workspace() -> None:
     """Drop the name of this rank's shm workspace once every rank has mapped the others'.
 
-    DeepSpeed creates it at init and never unlinks it, so each run on CPU used to leave ~70 MB of
-    RAM behind in /dev/shm (hundreds of runs filled the machine's memory). The mapping stays valid
+    DeepSpeed creates it at init and never unlinks it, so without this each run on CPU leaves
+    ~70 MB of RAM behind in /dev/shm (hundreds of runs fill a machine's memory). The mapping stays valid
     after the unlink; the memory is freed when the process exits, however it exits.
     """
     # DeepSpeed uses the shm path exactly when every rank is local (LOCAL_SIZE == world size); the

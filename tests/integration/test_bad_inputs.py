@@ -254,8 +254,8 @@ def test_tokenizer_without_eos_is_one_line_in_train(workspace, tmp_path, no_eos_
 
 
 def test_slow_tokenizer_with_offset_alignment_is_one_line(workspace, tmp_path, slow_tokenizer_dir):
-    """Entry 6: MinED with offset alignment refuses a tokenizer without offsets up front (it
-    used to crash in the collator, inside the DataLoader, on ``encoded["offset_mapping"]``)."""
+    """Entry 6: MinED with offset alignment refuses a tokenizer without offsets up front, not
+    deep in the collator inside the DataLoader (``encoded["offset_mapping"]``)."""
     config = tiny_run_config(
         workspace,
         tmp_path / "run",
@@ -284,8 +284,8 @@ def short_teacher_dir(workspace, tmp_path_factory) -> Path:
 def test_model_with_fewer_embedding_rows_than_tokens_is_one_line(
     workspace, tmp_path, short_teacher_dir
 ):
-    """Entry 7: refused when the model loads (it used to fail in the teacher's embedding lookup
-    with "index out of range" at the first step)."""
+    """Entry 7: refused when the model loads, not in the teacher's embedding lookup with
+    "index out of range" at the first step."""
     config = tiny_run_config(
         workspace, tmp_path / "run", teacher={"name_or_path": str(short_teacher_dir)}
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
@@ -155,3 +156,30 @@ def test_peak_rss_sees_a_temporary_allocation_and_resets_between_cases():
         pytest.skip("no /proc/self/clear_refs here: the peak cannot be reset")
     assert 60 <= big_mb < 100
     assert small_mb < 20  # the 64 MB peak before it does not count
+
+
+def test_the_published_table_is_rendered_from_a_saved_run(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    payload = {
+        "meta": {"commit": "abc", "mode": "quick", "machine": "m", "cpus": "2", "torch": "t"},
+        "rows": [
+            {"suite": "ot", "case": "a|b", "ours": 1.0, "peer": 4.0, "peer_name": "POT"},
+            {"suite": "step", "case": "c", "ours": "n/a", "peer": 0, "unit": "s"},
+        ],
+        "seconds": {"ot": 3.2, "step": 1.0},
+    }
+    saved, page = tmp_path / "run.json", tmp_path / "results.md"
+    saved.write_text(json.dumps(payload))
+    subprocess.run(
+        [sys.executable, "-m", "bench.run", "--from-json", str(saved), "--markdown", str(page)],
+        check=True,
+        capture_output=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    lines = page.read_text().splitlines()
+    assert "| ot | a/b | 1 | 4 (POT) |  | 0.25 |  |" in lines
+    assert "| step | c | n/a | 0 () | s | - |  |" in lines
+    assert lines[-1] == "Suite wall times: ot 3 s, step 1 s"
