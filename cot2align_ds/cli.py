@@ -147,6 +147,9 @@ def augment(
     filter_contradicting: Annotated[
         bool, typer.Option(help="Drop rationales whose own numeric answer contradicts gold.")
     ] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option(help="Load pickled weights (pytorch_model.bin): only files you trust.")
+    ] = False,
 ) -> None:
     """Have the teacher write CoT rationales for a training set (resumable, sharded)."""
     from cot2align_ds.runs import run_augment_command
@@ -166,6 +169,7 @@ def augment(
         shard_size=shard_size,
         seed=seed,
         filter_contradicting=filter_contradicting,
+        allow_pickle=allow_pickle,
     )
     typer.echo(summary)
 
@@ -228,6 +232,9 @@ def evaluate(
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer if not next to it.")] = None,
     base_model: Annotated[str | None, typer.Option(help="Base for adapters/checkpoints.")] = None,
     dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16.")] = None,
+    allow_pickle: Annotated[
+        bool, typer.Option(help="Load pickled weights (pytorch_model.bin): only files you trust.")
+    ] = False,
 ) -> None:
     """Evaluate a model with the paper's sampling over seeds (or greedy): ROUGE-L, exact match."""
     from cot2align_ds.runs import run_eval_command
@@ -246,6 +253,7 @@ def evaluate(
         tokenizer_path=tokenizer,
         base_model=base_model,
         dtype=dtype,
+        allow_pickle=allow_pickle,
     )
 
 

@@ -25,7 +25,9 @@ class ConfigError(UserError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float field must be finite (``.inf`` or ``nan`` from a --set
+    # would otherwise train, and can write non-finite weights).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LoraConfig(_Strict):

@@ -47,7 +47,7 @@ from cot2align_ds.data.records import Record, RecordError, read_records, write_r
 from cot2align_ds.data.templates import TEMPLATES, cot_prompt
 from cot2align_ds.errors import UserError
 from cot2align_ds.inference.generation import DecodingConfig, encode_prompts, generate_ids
-from cot2align_ds.inference.loading import load_model_for_eval
+from cot2align_ds.inference.loading import LoadOptions, load_model_for_eval, require_safetensors
 
 AugmentSelection = Literal["non_empty_input", "all"]
 SHARDS_DIRNAME = "shards"
@@ -329,7 +329,7 @@ def generate_shard(
 
 
 def _load_teacher(
-    settings: AugmentSettings, device: str | None, trust_remote_code: bool
+    settings: AugmentSettings, device: str | None, trust_remote_code: bool, allow_pickle: bool
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     return load_model_for_eval(
         settings.teacher_path,
@@ -338,6 +338,7 @@ def _load_teacher(
         trust_remote_code=trust_remote_code,
         tokenizer_path=settings.tokenizer_path,
         base_model=settings.base_model,
+        allow_pickle=allow_pickle,
     )
 
 
@@ -424,6 +425,7 @@ def run_augment(
     tokenizer_path: str | Path | None = None,
     base_model: str | Path | None = None,
     show_progress: bool = True,
+    allow_pickle: bool = False,
 ) -> AugmentResult:
     """Have the teacher write rationales for ``data_file`` into ``output_dir/train_cot.jsonl``.
 
@@ -456,6 +458,7 @@ def run_augment(
         trust_remote_code=trust_remote_code,
         device=device,
         show_progress=show_progress,
+        allow_pickle=allow_pickle,
     )
 
 
@@ -468,10 +471,14 @@ def augment_from_settings(
     trust_remote_code: bool = False,
     device: str | None = None,
     show_progress: bool = True,
+    allow_pickle: bool = False,
 ) -> AugmentResult:
     """``run_augment`` with the generation settings as one object (e.g. from a run config)."""
     started = time.perf_counter()
     settings.check()
+    teacher_dir = Path(settings.teacher_path)
+    if teacher_dir.is_dir():  # refused before anything is written
+        require_safetensors(teacher_dir, LoadOptions(allow_pickle=allow_pickle))
     data_file, output_dir = Path(data_file), Path(output_dir)
     records = read_records(data_file)
     check_unique_ids(records, data_file)
@@ -483,7 +490,7 @@ def augment_from_settings(
         )
     prepare_shards_dir(output_dir, _manifest(settings, data_file, len(records), plan))
     generated = _generate_missing(
-        settings, plan, output_dir, device, trust_remote_code, show_progress
+        settings, plan, output_dir, device, (trust_remote_code, allow_pickle), show_progress
     )
     rows = [
         row
@@ -517,15 +524,16 @@ def _generate_missing(
     plan: list[list[Record]],
     output_dir: Path,
     device: str | None,
-    trust_remote_code: bool,
+    trust: tuple[bool, bool],
     show_progress: bool,
 ) -> int:
     """Generate and write every shard without a file (single process: rank 0 of 1); the
-    number of records generated. The teacher loads only when a shard is missing."""
+    number of records generated. The teacher loads only when a shard is missing, with
+    ``trust`` = (trust_remote_code, allow_pickle)."""
     missing = [i for i in assigned_shards(len(plan)) if not shard_path(output_dir, i).exists()]
     if not missing:
         return 0
-    model, tokenizer = _load_teacher(settings, device, trust_remote_code)
+    model, tokenizer = _load_teacher(settings, device, *trust)
     total = sum(len(shard) for shard in plan)
     done = total - sum(len(plan[i]) for i in missing)
     bar = tqdm(total=total, initial=done, desc="augment", unit="example", disable=not show_progress)

@@ -206,6 +206,18 @@ def gathered_state_dict(engine: Any, prefix: str = "") -> dict[str, torch.Tensor
     return state
 
 
+def non_finite_parameters(engine: Any) -> tuple[int, list[str]]:
+    """Collective: how many parameters hold a non-finite value on any rank, and the names of
+    those this rank holds (its ZeRO-3 partitions, or the full tensors without partitioning)."""
+    names = []
+    for name, parameter in engine.module.named_parameters():
+        local = getattr(parameter, "ds_tensor", parameter.data)
+        if local.numel() and not bool(torch.isfinite(local).all()):
+            names.append(name)
+    count = all_reduce_sum(torch.tensor([float(len(names))], device=engine.device))
+    return int(count.item()), names
+
+
 def gathered_copy(parameter: torch.nn.Parameter) -> torch.Tensor:
     """A detached full copy of one (possibly ZeRO-3-partitioned) parameter, on every rank.
 

@@ -133,6 +133,7 @@ def run_eval(
     trust_remote_code: bool = False,
     device: str | None = None,
     dtype: str | None = None,
+    allow_pickle: bool = False,
     show_progress: bool = True,
     console: Console | None = None,
 ) -> dict[str, dict[str, dict]]:
@@ -154,6 +155,7 @@ def run_eval(
         trust_remote_code=trust_remote_code,
         tokenizer_path=tokenizer_path,
         base_model=base_model,
+        allow_pickle=allow_pickle,
     )
     options = {
         "template": template,

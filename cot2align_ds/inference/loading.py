@@ -51,6 +51,9 @@ class LoadOptions:
     trust_remote_code: bool = False
     tokenizer_path: Path | None = None
     base_model: str | None = None  # architecture/base weights for adapters and ZeRO checkpoints
+    # Pickled weights (pytorch_model.bin) can run code when loaded: refused unless the user
+    # says they trust the file.
+    allow_pickle: bool = False
 
 
 LoadedModel = tuple[PreTrainedModel, PreTrainedTokenizerBase]
@@ -78,8 +81,23 @@ def _is_hf_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
+def require_safetensors(path: Path, options: LoadOptions) -> None:
+    """One line instead of loading a pickle: the weights of ``path`` must be safetensors."""
+    if options.allow_pickle or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+    if pickles:
+        raise ModelLoadError(
+            f"{path}: weights are pickled ({pickles[0]}), which can run code when loaded; "
+            "convert them to safetensors, or pass --allow-pickle if you trust the file"
+        )
+
+
 def _load_hf_model(path: Path, options: LoadOptions) -> LoadedModel:
+    require_safetensors(path, options)
     extra = {} if options.dtype is None else {"dtype": options.dtype}
+    if not options.allow_pickle:
+        extra["use_safetensors"] = True
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, trust_remote_code=options.trust_remote_code, local_files_only=True, **extra
@@ -380,13 +398,14 @@ def load_model_for_eval(
     trust_remote_code: bool = False,
     tokenizer_path: str | Path | None = None,
     base_model: str | Path | None = None,
+    allow_pickle: bool = False,
 ) -> LoadedModel:
     """Load a saved model and its tokenizer in eval mode on ``device``.
 
     ``path``: a Hugging Face model directory, a LoRA adapter directory or a DeepSpeed ZeRO
     checkpoint. ``base_model`` (hub name or directory) is the model an adapter was trained on,
     or the architecture of a ZeRO checkpoint; by default it is read from the adapter's config
-    or found next to the checkpoint.
+    or found next to the checkpoint. Pickled weights are refused unless ``allow_pickle``.
     """
     path = Path(path)
     if not path.exists():
@@ -397,6 +416,7 @@ def load_model_for_eval(
         trust_remote_code=trust_remote_code,
         tokenizer_path=None if tokenizer_path is None else Path(tokenizer_path),
         base_model=None if base_model is None else str(base_model),
+        allow_pickle=allow_pickle,
     )
     for loader in _LOADERS:
         if loader.matches(path):

@@ -123,16 +123,26 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def truncate_jsonl_steps(path: Path, max_step: int) -> None:
-    """Drop rows logged after ``max_step`` (they belong to the run's lost tail)."""
+def truncate_jsonl_steps(path: Path, max_step: int) -> int:
+    """Drop rows logged after ``max_step`` (they belong to the run's lost tail), and a torn or
+    NUL-padded last line that a kill in the middle of a write leaves; returns how many lines
+    that were not whole JSON objects were dropped (the caller says so)."""
     if not path.is_file():
-        return
-    kept = [
-        line
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= max_step
-    ]
+        return 0
+    kept, torn = [], 0
+    for line in path.read_bytes().decode("utf-8", errors="replace").split("\n"):
+        text = line.strip().strip("\x00")
+        if not text:
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError:
+            torn += 1
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= max_step:
+            kept.append(json.dumps(row))
     write_text_atomic(path, "".join(line + "\n" for line in kept))
+    return torn
 
 
 # What must match between a checkpoint and the run resuming it: the data position counts
@@ -155,19 +165,26 @@ def save_resumable(
     dse.barrier()
 
 
-def restore(
-    engine: Any, output_dir: Path, tag: str, current: dict[str, Any], ctx: dse.DistContext
-) -> dict[str, Any]:
-    """Load checkpoint ``tag`` into ``engine`` and this rank's RNG state; the saved trainer
-    state. Refuses a checkpoint whose data layout differs from ``current``'s."""
-    root = checkpoint_root(output_dir)
-    state = read_marker(root, tag)
+def check_resumable(output_dir: Path, tag: str, current: dict[str, Any]) -> dict[str, Any]:
+    """The saved trainer state of checkpoint ``tag``, refused (one line) when its data layout
+    differs from ``current``'s. Runs before the run writes anything."""
+    state = read_marker(checkpoint_root(output_dir), tag)
     for key in _RESUME_INVARIANTS:
         if state[key] != current[key]:
             raise ResumeError(
                 f"checkpoint {tag} was written with {key}={state[key]}, this run has "
                 f"{current[key]}; resume with the same setting"
             )
+    return state
+
+
+def restore(
+    engine: Any, output_dir: Path, tag: str, current: dict[str, Any], ctx: dse.DistContext
+) -> dict[str, Any]:
+    """Load checkpoint ``tag`` into ``engine`` and this rank's RNG state; the saved trainer
+    state. Refuses a checkpoint whose data layout differs from ``current``'s."""
+    root = checkpoint_root(output_dir)
+    state = check_resumable(output_dir, tag, current)
     dse.load_checkpoint(engine, root, tag)
     set_rng_state(json.loads((root / tag / f"rng-rank{ctx.rank}.json").read_text()))
     return state

@@ -305,7 +305,18 @@ class Trainer:
             "dev_eval": self.dev.state_dict() if self.dev is not None else None,
         }
 
+    def _require_finite_weights(self, what: str) -> None:
+        """Never write non-finite weights: not over a good checkpoint, not as the model."""
+        count, names = dse.non_finite_parameters(self.student_engine)
+        if count:
+            example = f" (e.g. {names[0]})" if names else ""
+            raise NonFiniteError(
+                f"step {self.step}: {count} weight tensor(s) are non-finite{example}; {what} not "
+                "written (earlier checkpoints are untouched); lower train.lr or check the data"
+            )
+
     def save_checkpoint(self) -> None:
+        self._require_finite_weights(f"checkpoint {ckpt.tag_for(self.step)}")
         ckpt.save_resumable(
             self.student_engine,
             self.output_dir,
@@ -324,6 +335,7 @@ class Trainer:
             self.dev.load_state_dict(state["dev_eval"])
 
     def save(self) -> Path:
+        self._require_finite_weights("the final model")
         return ckpt.save_final_model(
             self.student_engine, self.models, self.config, self.output_dir, self.ctx
         )
@@ -344,16 +356,25 @@ def run_train(
     ctx = dse.init_distributed(config.deepspeed.dist_timeout_s)
     output_dir = Path(config.output_dir)
     tag = ckpt.find_resume_tag(output_dir, resume) if resume else None
+    step = None
     if resume is None:
         check_output_dir(config, overwrite)
+    elif tag is not None:
+        # Refused before anything is written: the directory keeps describing its checkpoint.
+        layout = {
+            "world_size": ctx.world_size,
+            "micro_batch_size": config.train.micro_batch_size,
+            "grad_accum": config.train.grad_accum,
+        }
+        step = ckpt.check_resumable(output_dir, tag, layout)["step"]
     dse.barrier()  # every rank has checked before rank 0 writes anything
     if ctx.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(output_dir / "config.json", json.dumps(config_to_dict(config), indent=2))
-        if tag is not None:
-            step = ckpt.read_marker(ckpt.checkpoint_root(output_dir), tag)["step"]
+        if step is not None:
             for name in ["metrics.jsonl", *(p.name for p in output_dir.glob("examples_seen.*"))]:
-                ckpt.truncate_jsonl_steps(output_dir / name, step)
+                if ckpt.truncate_jsonl_steps(output_dir / name, step):
+                    print(f"{name}: dropped a torn last line (the run was killed mid-write)")
     dse.barrier()
     trainer = Trainer(config, output_dir, ctx, tag)
     return trainer.train()

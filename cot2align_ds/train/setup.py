@@ -211,6 +211,13 @@ def build_data(config: RunConfig, models: Models, ctx: dse.DistContext) -> Data:
     examples = make_examples(
         records, template=config.data.template, cot_records=config.data.cot_records
     )
+    wants_cot = config.cot2align.enabled and config.data.cot_records != "none"
+    if wants_cot and not any(example.is_cot for example in examples):
+        raise ConfigError(
+            f"data.train_file '{config.data.train_file}': cot2align.enabled with "
+            f"data.cot_records={config.data.cot_records}, but no record gets a CoT view (none "
+            "has a 'rationale'); run cot2align augment first, or set data.cot_records: none"
+        )
     collator = DistillCollator(
         models.student_tokenizer,
         models.teacher_tokenizer,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from support import TEACHER_ARCH, tiny_run_config
 from typer.testing import CliRunner
@@ -338,6 +339,22 @@ def test_dataset_smaller_than_one_accumulation_window(workspace, tmp_path, num_r
     )
 
 
+def test_cot2align_without_a_single_cot_view_is_refused(workspace, tmp_path):
+    """CoT2Align on CoT records, but no record has a rationale: refused, not silently off."""
+    lines = []
+    for line in _good_lines(workspace, 8):
+        record = json.loads(line)
+        record.pop("rationale", None)
+        lines.append((json.dumps(record) + "\n").encode())
+    config = _with_data(workspace, tmp_path, _data_file(tmp_path, lines))
+    config["cot2align"] = {"enabled": True}
+    config["data"]["cot_records"] = "all"
+    assert_user_error(
+        _train(tmp_path, config), "data.train_file", "no record gets a CoT view", "augment"
+    )
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # 11: the config file itself (the --set forms are in test_cli.py::test_show_config_bad_input_*)
 # ---------------------------------------------------------------------------------------------
@@ -423,3 +440,39 @@ def test_rerun_after_fixing_bad_data_needs_no_overwrite(workspace, tmp_path):
     assert outcome.crash is None, outcome.crash
     assert outcome.code == 0, outcome.stderr
     assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
+
+
+@pytest.fixture
+def pickled_model_dir(workspace, tmp_path):
+    """The tiny teacher saved the old way: ``pytorch_model.bin`` (a pickle), no safetensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "pickled"
+    model = AutoModelForCausalLM.from_pretrained(workspace["teacher"])
+    model.save_pretrained(out)
+    for weights in out.glob("*.safetensors"):
+        weights.unlink()
+    torch.save(model.state_dict(), out / "pytorch_model.bin")
+    AutoTokenizer.from_pretrained(workspace["teacher"]).save_pretrained(out)
+    assert (out / "pytorch_model.bin").is_file() and not list(out.glob("*.safetensors"))
+    return out
+
+
+def test_pickled_weights_are_refused_by_eval_and_augment(workspace, tmp_path, pickled_model_dir):
+    data = str(workspace["train"])
+    for command in (
+        ["eval", "--model", str(pickled_model_dir), "--data", data, "--output-dir"],
+        ["augment", "--teacher", str(pickled_model_dir), "--data", data, "--output-dir"],
+    ):
+        out = tmp_path / command[0]
+        assert_user_error(
+            _cli(*command, str(out)), "pytorch_model.bin", "pickled", "--allow-pickle"
+        )
+        assert not out.exists()
+
+
+def test_pickled_weights_load_when_the_user_opts_in(pickled_model_dir):
+    from cot2align_ds.inference.loading import load_model_for_eval
+
+    model, _ = load_model_for_eval(pickled_model_dir, allow_pickle=True)
+    assert model.config.model_type == "llama"

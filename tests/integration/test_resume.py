@@ -118,3 +118,24 @@ def test_half_written_checkpoint_is_never_picked(tmp_path):
     ckpt.write_marker(root, "step-000006", {"step": 6})
     ckpt.rotate(root, keep_last=1)
     assert sorted(p.name for p in root.iterdir()) == ["step-000006", "step-000006.complete"]
+
+
+def test_a_refused_resume_touches_nothing_and_a_torn_log_line_is_dropped(workspace, tmp_path):
+    from cot2align_ds.train.loop import run_train
+
+    raw = _config(workspace, tmp_path, "run")
+    raw["train"]["max_steps"] = 2
+    run_train(validate_config(raw))
+    run_dir = tmp_path / "run"
+    # A kill in the middle of a write: a torn JSON row, then NUL padding from the file system.
+    with (run_dir / "metrics.jsonl").open("ab") as handle:
+        handle.write(b'{"step": 3, "loss/tot' + b"\x00" * 16)
+    before = {name: (run_dir / name).read_bytes() for name in ("metrics.jsonl", "config.json")}
+    other = {**raw, "train": {**raw["train"], "micro_batch_size": 2, "max_steps": 3}}
+    with pytest.raises(ckpt.ResumeError, match="micro_batch_size=4, this run has 2"):
+        run_train(validate_config(other), resume="auto")
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+    raw["train"]["max_steps"] = 3
+    run_train(validate_config(raw), resume="auto")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3]

@@ -81,3 +81,21 @@ def test_invalid_yaml_names_the_line(tmp_path: Path):
 def test_model_spec_needs_exactly_one_source():
     with pytest.raises(ConfigError, match="exactly one of name_or_path or architecture"):
         validate_config({"student": {"name_or_path": "x", "architecture": {"model_type": "gpt2"}}})
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.lr=.inf",
+        "train.projector_lr=.nan",
+        "cot2align.epsilon=.inf",
+        "cot2align.ot_weight=.inf",
+        "distill.temperature=.nan",
+        "distill.kd_rate=.nan",
+    ],
+)
+def test_every_float_field_must_be_finite(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"{key}: Input should be a finite number") as info:
+        load_config("demo", [override])
+    assert "\n" not in str(info.value)
