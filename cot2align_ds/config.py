@@ -281,7 +281,13 @@ def _read_yaml(name_or_path: str | Path) -> dict[str, Any]:
                 f"(recipes: {', '.join(shipped_recipes())})"
             )
         return _parse_yaml(recipe.read_text(encoding="utf-8"), str(name_or_path))
-    return _parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config '{path}': not UTF-8 text; save the file as UTF-8") from None
+    except OSError as error:
+        raise ConfigError(f"config '{path}': cannot read it ({error.strerror})") from None
+    return _parse_yaml(text, str(path))
 
 
 def _parse_yaml(text: str, where: str) -> dict[str, Any]:

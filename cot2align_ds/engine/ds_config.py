@@ -34,12 +34,50 @@ def find_ds_config(name_or_path: str) -> Path:
     )
 
 
+# The sections this project reads or fills, with the JSON type each must have: a file of the
+# wrong shape is one line here instead of a TypeError deep inside the resolution or DeepSpeed.
+_SECTION_TYPES = {
+    "zero_optimization": dict,
+    "bf16": dict,
+    "fp16": dict,
+    "optimizer": dict,
+    "scheduler": dict,
+}
+_ZERO_SECTION_TYPES = {"offload_param": dict, "offload_optimizer": dict, "stage": int}
+
+
+def check_ds_schema(ds: Any, path: Path) -> dict[str, Any]:
+    """The shape of a DeepSpeed JSON: an object whose known sections have the right types."""
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: a DeepSpeed config must be a JSON object, not a {_kind(ds)}")
+    for key, kind in _SECTION_TYPES.items():
+        if key in ds and not isinstance(ds[key], kind):
+            raise ConfigError(f"{path}: '{key}' must be a JSON object, not a {_kind(ds[key])}")
+    zero = ds.get("zero_optimization", {})
+    for key, kind in _ZERO_SECTION_TYPES.items():
+        value = zero.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            expected = "an integer" if kind is int else "a JSON object"
+            raise ConfigError(
+                f"{path}: 'zero_optimization.{key}' must be {expected}, not a {_kind(value)}"
+            )
+    return ds
+
+
+def _kind(value: Any) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
 def load_ds_config(name_or_path: str) -> tuple[dict[str, Any], Path]:
     path = find_ds_config(name_or_path)
     try:
-        return json.loads(path.read_text(encoding="utf-8")), path
+        ds = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ConfigError(f"{path}: invalid JSON at line {error.lineno} ({error.msg})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save the DeepSpeed config as UTF-8") from None
+    return check_ds_schema(ds, path), path
 
 
 def _settle(ds: dict[str, Any], key: str, value: Any, owner: str, path: Path) -> None:

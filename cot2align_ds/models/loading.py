@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -69,7 +71,7 @@ def load_causal_lm(
     """Build or load the model; call inside ``engine.zero3_loading`` to load into partitions."""
     dtype = torch_dtype(precision)
     if spec.architecture is not None:
-        return _from_architecture(spec.architecture, tokenizer, dtype)
+        return _from_architecture(spec.architecture, tokenizer, dtype, role)
     source = spec.name_or_path or ""
     _require_model_dir(source, role)
     try:
@@ -79,7 +81,7 @@ def load_causal_lm(
             trust_remote_code=spec.trust_remote_code,
             use_safetensors=True,
         )
-    except (OSError, ValueError) as error:
+    except _LOAD_ERRORS as error:
         raise ModelLoadError(
             f"{role}.name_or_path: cannot load '{source}' ({first_line(error, 200)})"
         ) from None
@@ -93,25 +95,51 @@ def _require_model_dir(source: str, role: str) -> None:
         )
 
 
-def _from_architecture(
-    architecture: dict[str, Any], tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype
-) -> torch.nn.Module:
+# What transformers and safetensors raise for a model they cannot build or read (an unknown
+# model type, dimensions the architecture rejects, a truncated or corrupt weights file): caught
+# here, at the boundary, and reported as one line naming the config key.
+_LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, AssertionError, RuntimeError)
+_LOAD_ERRORS += (SafetensorError, StrictDataclassError)
+
+
+def _architecture_config(architecture: dict[str, Any], role: str, **defaults) -> PretrainedConfig:
     kwargs = dict(architecture)
     model_type = kwargs.pop("model_type")
-    kwargs.setdefault("vocab_size", len(tokenizer))
-    kwargs.setdefault("bos_token_id", tokenizer.bos_token_id)
-    kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
-    kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-    config = AutoConfig.for_model(model_type, **kwargs)
-    # from_config(dtype=...) mutates the config it is given; hand it a private copy.
-    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for key, value in defaults.items():
+        kwargs.setdefault(key, value)
+    try:
+        return AutoConfig.for_model(model_type, **kwargs)
+    except _LOAD_ERRORS as error:
+        raise ModelLoadError(
+            f"{role}.architecture: transformers cannot build a '{model_type}' config from it "
+            f"({first_line(error, 200)}); fix the architecture keys"
+        ) from None
+
+
+def _from_architecture(
+    architecture: dict[str, Any], tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, role: str
+) -> torch.nn.Module:
+    config = _architecture_config(
+        architecture,
+        role,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    try:
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except _LOAD_ERRORS as error:
+        raise ModelLoadError(
+            f"{role}.architecture: transformers cannot build the model "
+            f"({first_line(error, 200)}); fix the architecture keys"
+        ) from None
 
 
 def model_config(spec: ModelSpec, role: str) -> PretrainedConfig:
     """The model's config without loading weights (used to size DeepSpeed buffers)."""
     if spec.architecture is not None:
-        kwargs = dict(spec.architecture)
-        return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+        return _architecture_config(spec.architecture, role)
     source = spec.name_or_path or ""
     _require_model_dir(source, role)
     try:
@@ -119,7 +147,7 @@ def model_config(spec: ModelSpec, role: str) -> PretrainedConfig:
             str(Path(source).expanduser()) if _looks_local(source) else source,
             trust_remote_code=spec.trust_remote_code,
         )
-    except (OSError, ValueError) as error:
+    except _LOAD_ERRORS as error:
         raise ModelLoadError(
             f"{role}.name_or_path: cannot load '{source}' ({first_line(error, 200)})"
         ) from None

@@ -36,6 +36,7 @@ from cot2align_ds.train.setup import (
     build_engines,
     check_output_dir,
     load_models,
+    make_output_dir,
     seed_everything,
 )
 
@@ -369,7 +370,7 @@ def run_train(
         step = ckpt.check_resumable(output_dir, tag, layout)["step"]
     dse.barrier()  # every rank has checked before rank 0 writes anything
     if ctx.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        make_output_dir(output_dir)
         write_text_atomic(output_dir / "config.json", json.dumps(config_to_dict(config), indent=2))
         if step is not None:
             for name in ["metrics.jsonl", *(p.name for p in output_dir.glob("examples_seen.*"))]:

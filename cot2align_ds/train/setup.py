@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +49,33 @@ def seed_everything(seed: int) -> None:
 _RESTARTABLE = {"config.json", "vocab_map_cache"}
 
 
+def require_writable_dir(output_dir: Path) -> None:
+    """``output_dir`` is (or can become) a directory this process may write into."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"output_dir '{output_dir}' is a file; choose a directory")
+    existing = output_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"output_dir '{output_dir}': '{existing}' is a file; choose a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"output_dir '{output_dir}': '{existing}' is not writable; choose another"
+        )
+
+
+def make_output_dir(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(
+            f"output_dir '{output_dir}': cannot create it ({error.strerror}); choose another"
+        ) from None
+
+
 def check_output_dir(config: RunConfig, overwrite: bool) -> Path:
     output_dir = Path(config.output_dir)
+    require_writable_dir(output_dir)
     used = output_dir.is_dir() and any(p.name not in _RESTARTABLE for p in output_dir.iterdir())
     if used and not overwrite:
         raise ConfigError(
@@ -163,6 +189,8 @@ def load_models(config: RunConfig, ctx: dse.DistContext) -> Models:
     dtype = torch_dtype(precision)
     if config.student.lora is not None:
         student = apply_lora(student, config.student.lora, dtype=dtype)
+    if config.cot2align.enabled and teacher_model is not None:
+        check_layer_pairs(config, {"student": student, "teacher": teacher_model})
     teacher_hidden = hidden_size_of(teacher_model) if teacher_model is not None else 0
     projectors = objective.build_projectors(hidden_size_of(student), teacher_hidden)
     projectors.to(dtype)
@@ -175,6 +203,23 @@ def load_models(config: RunConfig, ctx: dse.DistContext) -> Models:
         ds.student,
         ds.teacher,
     )
+
+
+def check_layer_pairs(config: RunConfig, models: dict[str, nn.Module]) -> None:
+    """Every OT layer pair indexes an existing hidden state of its model (L layers give L + 1
+    hidden states: the embedding output, then each layer), found here rather than at step 1."""
+    for index, pair in enumerate(config.cot2align.layer_pairs):
+        for role, model in models.items():
+            layers = getattr(model.config, "num_hidden_layers", None)
+            if not isinstance(layers, int):
+                continue
+            position = getattr(pair, role)
+            if not -(layers + 1) <= position <= layers:
+                raise ConfigError(
+                    f"cot2align.layer_pairs[{index}].{role}={position}: the {role} has "
+                    f"{layers} layers, so hidden-state indices run from {-(layers + 1)} to "
+                    f"{layers}"
+                )
 
 
 def _vocab_map(config: RunConfig, ctx, teacher_tokenizer, student_tokenizer) -> torch.Tensor | None:

@@ -476,3 +476,103 @@ def test_pickled_weights_load_when_the_user_opts_in(pickled_model_dir):
 
     model, _ = load_model_for_eval(pickled_model_dir, allow_pickle=True)
     assert model.config.model_type == "llama"
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs that transformers, DeepSpeed or the file system reject: one line naming the key or
+# file, exit 2, nothing written.
+# ---------------------------------------------------------------------------------------------
+
+
+def _truncated_model(workspace, tmp_path) -> Path:
+    import shutil
+
+    model = tmp_path / "truncated"
+    shutil.copytree(workspace["teacher"], model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return model
+
+
+def _ds_json(tmp_path: Path, payload) -> str:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(payload))
+    return str(path)
+
+
+BOUNDARY_CASES = {
+    "layer_pair_beyond_the_model": (
+        lambda ws, tmp: {
+            "cot2align": {
+                "enabled": True,
+                "cross_cot": False,
+                "layer_pairs": [{"student": 5, "teacher": -1}],
+            }
+        },
+        ["cot2align.layer_pairs[0].student=5", "the student has 2 layers"],
+    ),
+    "unknown_model_type": (
+        lambda ws, tmp: {
+            "student": {"architecture": {"model_type": "gpt9"}, "tokenizer": str(ws["student_tok"])}
+        },
+        ["student.architecture", "'gpt9'"],
+    ),
+    "dimensions_the_architecture_rejects": (
+        lambda ws, tmp: {
+            "student": {
+                "architecture": {
+                    "model_type": "llama",
+                    "hidden_size": 30,
+                    "num_attention_heads": 4,
+                    "num_hidden_layers": 1,
+                    "intermediate_size": 8,
+                },
+                "tokenizer": str(ws["student_tok"]),
+            }
+        },
+        ["student.architecture", "transformers cannot build"],
+    ),
+    "truncated_safetensors": (
+        lambda ws, tmp: {"teacher": {"name_or_path": str(_truncated_model(ws, tmp))}},
+        ["teacher.name_or_path", "cannot load"],
+    ),
+    "deepspeed_json_is_a_list": (
+        lambda ws, tmp: {
+            "deepspeed": {"student_config": _ds_json(tmp, [1, 2]), "dist_timeout_s": 60}
+        },
+        ["ds.json", "must be a JSON object, not a list"],
+    ),
+    "zero_optimization_is_a_number": (
+        lambda ws, tmp: {
+            "deepspeed": {
+                "student_config": _ds_json(tmp, {"zero_optimization": 3}),
+                "dist_timeout_s": 60,
+            }
+        },
+        ["ds.json", "'zero_optimization' must be a JSON object, not a number"],
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(BOUNDARY_CASES))
+def test_what_transformers_or_deepspeed_reject_is_one_line(workspace, tmp_path, kind):
+    make, fragments = BOUNDARY_CASES[kind]
+    config = tiny_run_config(workspace, tmp_path / "run", **make(workspace, tmp_path))
+    assert_user_error(_train(tmp_path, config), *fragments)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes("train: {lr: 1e-4}  # \u00e9".encode("latin-1"))
+    assert_user_error(_cli("train", "--config", str(path)), str(path), "not UTF-8")
+
+
+@pytest.mark.parametrize("where", ["a_file", "under_a_file"])
+def test_an_output_dir_that_cannot_be_a_directory_is_one_line(workspace, tmp_path, where):
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a directory")
+    output_dir = blocker if where == "a_file" else blocker / "run"
+    config = tiny_run_config(workspace, output_dir)
+    assert_user_error(_train(tmp_path, config), "output_dir", "is a file", "choose a directory")
+    assert blocker.read_text() == "not a directory"
