@@ -56,7 +56,9 @@ def user_errors(command: Callable[..., None]) -> Callable[..., None]:
         try:
             return command(*args, **kwargs)
         except UserError as error:
-            typer.echo(f"error: {first_line(error)}", err=True)
+            # Every rank of a launched job hits the same refusal; one line, from rank 0.
+            if os.environ.get("RANK", "0") == "0":
+                typer.echo(f"error: {first_line(error)}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper

@@ -204,17 +204,34 @@ def save_final_model(
         if models.teacher_model is not None:
             text = json.dumps(models.teacher_ds, indent=2)
             write_text_atomic(output_dir / "ds_teacher.json", text)
-        model_dir.mkdir(parents=True, exist_ok=True)
+        # Written into a staging folder, then renamed into place: a kill mid-save leaves the
+        # previous model (or none), never a directory that looks complete but is not.
+        staging = output_dir / ".final-model.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        staged_model, staged_adapter = staging / FINAL_MODEL_DIRNAME, staging / "student_adapter"
+        staged_model.mkdir(parents=True)
         student = models.student_module.student
         tokenizer = models.student_tokenizer
         if config.student.lora is not None:
-            adapter_dir = output_dir / "student_adapter"
-            save_lora_student(student, state, adapter_dir, model_dir)
-            tokenizer.save_pretrained(adapter_dir)
+            save_lora_student(student, state, staged_adapter, staged_model)
+            tokenizer.save_pretrained(staged_adapter)
         else:
-            student.save_pretrained(model_dir, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(model_dir)
+            student.save_pretrained(staged_model, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(staged_model)
+        for staged in (staged_model, staged_adapter):
+            if staged.exists():
+                _replace_dir(staged, output_dir / staged.name, staging)
+        shutil.rmtree(staging)
         if projectors:
             dse.save_safetensors(projectors, output_dir / "projectors.safetensors")
     dse.barrier()
     return model_dir
+
+
+def _replace_dir(new: Path, target: Path, scratch: Path) -> None:
+    """Put ``new`` at ``target`` with two renames (the old one moves aside first)."""
+    old = scratch / f"{target.name}.old"
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +103,21 @@ def test_non_finite_weights_are_never_written(workspace, tmp_path):
     assert ckpt.complete_tags(ckpt.checkpoint_root(tmp_path / "run")) == good
     assert not (tmp_path / "run" / "checkpoints" / "step-000002").exists()
     assert not (tmp_path / "run" / "student").exists()
+
+
+def test_a_final_save_that_dies_midway_leaves_the_previous_model(workspace, tmp_path):
+    """The final model is written aside and renamed into place: a save killed halfway (here:
+    an exception after half the files) leaves the previous ``student/`` as it was."""
+    trainer = _trainer(workspace, tmp_path)
+    student_dir = trainer.save()
+    before = {p.name: p.read_bytes() for p in student_dir.iterdir()}
+    student = trainer.models.student_module.student
+
+    def dies_midway(directory, **kwargs):
+        (Path(directory) / "model.safetensors").write_bytes(b"half a file")
+        raise RuntimeError("killed")
+
+    student.save_pretrained = dies_midway
+    with pytest.raises(RuntimeError, match="killed"):
+        trainer.save()
+    assert {p.name: p.read_bytes() for p in student_dir.iterdir()} == before
