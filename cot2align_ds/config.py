@@ -139,6 +139,12 @@ class CoT2AlignConfig(_Strict):
         default_factory=lambda: [LayerPair(student=0, teacher=0), LayerPair(student=-1, teacher=-1)]
     )
     memory_budget_mb: float | None = Field(None, gt=0.0, description="Sinkhorn batch chunking")
+    max_marginal_error: float = Field(
+        0.01,
+        gt=0.0,
+        description="warn (once, and in the run summary) when the logged plan's marginal L1 "
+        "error exceeds it: the plan is not a transport plan (small epsilon needs more iterations)",
+    )
     fuse_teacher_views: bool = Field(
         True,
         description="one teacher forward for the main and standard views (right-padded to the "

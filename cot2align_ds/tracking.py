@@ -15,6 +15,7 @@ import json
 import netrc
 import os
 import re
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -198,6 +199,11 @@ class Tracker:
         tqdm.write(format_metrics(metrics))
         if self._wandb_run is not None:
             self._wandb_run.summary.update(dict(metrics))
+
+    def warn(self, message: str) -> None:
+        """One ``warning:`` line on stderr (main process, above any live bar)."""
+        if self.is_main_process:
+            tqdm.write(f"warning: {message}", file=sys.stderr)
 
     def close(self, exit_code: int = 0) -> None:
         """Close metrics.jsonl and finish the W&B run; safe to call twice."""

@@ -86,6 +86,7 @@ class Trainer:
         )
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.skipped_steps = 0
+        self._warned_plan = False
         self.dev = self._dev_evaluator()
         if resume_tag is not None:
             self._resume(resume_tag)
@@ -241,11 +242,26 @@ class Trainer:
         metrics["epoch"] = step / max(self.steps_per_epoch, 1)
         metrics["skipped_steps"] = float(self.skipped_steps)
         metrics.update({k: float(v) for k, v in diagnostics.items()})
+        self._check_plan(step, metrics.get("ot/marginal_error"))
         metrics.update(dse.peak_memory_mb())
         # A skipped step's NaN loss is reported by _check_skipped; JSON cannot carry NaN.
         metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
         self.tracker.log(metrics, step)
         return metrics
+
+    def _check_plan(self, step: int, marginal_error: float | None) -> None:
+        """Say once when the OT plans stop short of their marginals: the loss then measures a
+        plan that does not transport the sequences onto each other."""
+        limit = self.config.cot2align.max_marginal_error
+        if marginal_error is None or not marginal_error > limit or self._warned_plan:
+            return
+        self._warned_plan = True
+        self.tracker.warn(
+            f"step {step}: the OT plan's marginal error is {marginal_error:.3g} "
+            f"(cot2align.max_marginal_error={limit:g}); raise cot2align.num_iters or "
+            "cot2align.epsilon"
+        )
+        self.tracker.summary({"ot/marginal_error_warning_step": step})
 
     def _dev_evaluator(self) -> DevEvaluator | None:
         cfg = self.config

@@ -576,3 +576,19 @@ def test_an_output_dir_that_cannot_be_a_directory_is_one_line(workspace, tmp_pat
     config = tiny_run_config(workspace, output_dir)
     assert_user_error(_train(tmp_path, config), "output_dir", "is a file", "choose a directory")
     assert blocker.read_text() == "not a directory"
+
+
+def test_a_plan_short_of_its_marginals_is_reported_once(workspace, tmp_path):
+    """Small epsilon with few iterations: the run trains (exit 0) and says once that its OT
+    plans are not transport plans, instead of nothing."""
+    config = tiny_run_config(
+        workspace,
+        tmp_path / "run",
+        cot2align={"enabled": True, "cross_cot": False, "epsilon": 0.001, "num_iters": 2},
+        train={"max_steps": 3, "log_every": 1},
+    )
+    outcome = _train(tmp_path, config)
+    assert outcome.code == 0 and outcome.crash is None, outcome.stderr[-2000:]
+    warnings = [line for line in outcome.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, outcome.stderr[-2000:]
+    assert "marginal error" in warnings[0] and "cot2align.num_iters" in warnings[0]

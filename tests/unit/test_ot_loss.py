@@ -352,3 +352,16 @@ def test_fill_masked_matches_where_in_value_and_gradient(dtype, fill):
     assert torch.equal(fill_masked(x_BSD, (keep_BS1, keep_B1D), fill), expected_pair.detach())
     assert torch.equal(pair.grad, reference.grad)
     assert torch.isfinite(ours.grad).all()
+
+
+def test_euclidean_cost_is_stable_on_large_nearly_equal_states():
+    # Massive activations: a shared offset of 1e4 in a few dimensions, small differences on top.
+    generator = torch.Generator().manual_seed(5)
+    offset = torch.zeros(16)
+    offset[:3] = 1e4
+    student = offset + 0.1 * torch.randn(2, 6, 16, generator=generator)
+    teacher = offset + 0.1 * torch.randn(2, 5, 16, generator=generator)
+    exact = (student.double()[:, :, None] - teacher.double()[:, None, :]).norm(dim=-1)
+    cost = cost_matrix(student, teacher, "euclidean")
+    assert cost.dtype == torch.float32
+    torch.testing.assert_close(cost.double(), exact, rtol=1e-4, atol=1e-5)

@@ -85,6 +85,12 @@ def _attention_weights(student_BSD, teacher_BTD, teacher_mask_BT):
 
 
 def _euclidean(student_BSD, teacher_BTD):
+    """``||x_i - y_j||`` through ``|x|^2 + |y|^2 - 2<x, y>`` (one GEMM), after moving both sets
+    by their common mean: distances do not change, and the expansion no longer cancels large
+    equal parts. Hidden states of real LLMs carry massive activations (~1e4) in a few shared
+    dimensions; uncentred, fp32 loses the small differences in them."""
+    centre_B1D = torch.cat([student_BSD, teacher_BTD], dim=1).mean(1, keepdim=True).detach()
+    student_BSD, teacher_BTD = student_BSD - centre_B1D, teacher_BTD - centre_B1D
     squared_BST = (
         student_BSD.square().sum(-1)[:, :, None]
         + teacher_BTD.square().sum(-1)[:, None, :]

@@ -11,7 +11,11 @@ with uniform marginals ``a_b`` over the real student positions and ``b_b`` over 
 positions. The Gibbs kernel is ``exp(-C / epsilon)``: the reference code's ``exp(-0.1 * C)`` is
 ``epsilon=10``. One iteration is a column update followed by a row update, as in POT's
 ``sinkhorn_log``; after ``num_iters`` iterations the row marginals are exact and the column
-marginals carry the remaining error.
+marginals carry the remaining error, as long as no row's mass underflows. At an epsilon small
+against the cost's range (e.g. 1e-3 on the [0, 1] attention cost) entries underflow between
+absorptions, rows take damped steps, and a fixed iteration count can stop far from both
+marginals: the diagnostics (``return_diagnostics``) measure it, and training warns once when the
+logged plan's error exceeds ``cot2align.max_marginal_error``.
 
 How it runs. Potentials ``f_BS, g_BT`` (in units of epsilon) live in the log domain. Every
 ``absorb_every`` iterations they are absorbed into the kernel ``K = exp(logK + f + g)``; in between,
