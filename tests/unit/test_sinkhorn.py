@@ -605,3 +605,52 @@ def test_transport_cost_cpu_and_torch_loops_agree(grad_mode, backend):
     )
     assert_close(numpy[0], torch_loops[0], rtol=1e-5, atol=1e-7)
     assert_close(numpy[1], torch_loops[1], rtol=1e-5, atol=1e-7)
+
+
+# -- small epsilon: the epsilon ladder -----------------------------------------------------------
+
+
+def _pot_cost(cost_BST: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Converged entropic transport cost per problem, POT's log-domain solver in float64."""
+    _, num_student, num_teacher = cost_BST.shape
+    a = torch.full((num_student,), 1.0 / num_student, dtype=F64)
+    b = torch.full((num_teacher,), 1.0 / num_teacher, dtype=F64)
+    return torch.stack(
+        [
+            ot.sinkhorn2(
+                a, b, cost, epsilon, method="sinkhorn_log", numItermax=20000, stopThr=1e-12
+            )
+            for cost in cost_BST.to(F64)
+        ]
+    )
+
+
+@pytest.mark.parametrize(("scale", "epsilon", "marginal_tol", "cost_rtol"), [
+    (1.0, 1e-2, 2e-3, 5e-4),  # the attention cost at epsilon 0.01: range / epsilon = 100
+    (300.0, 1.0, 2e-2, 5e-3),  # a cost scaled to hundreds
+])  # fmt: skip
+def test_small_epsilon_plans_reach_their_marginals_in_the_fixed_budget(
+    scale, epsilon, marginal_tol, cost_rtol
+):
+    cost_BST = torch.rand(4, 12, 9, generator=torch.Generator().manual_seed(0), dtype=F64) * scale
+    masks = torch.ones(4, 12, dtype=torch.bool), torch.ones(4, 9, dtype=torch.bool)
+    plan_BST, diagnostics = sinkhorn_log(
+        cost_BST.float(), *masks, epsilon=epsilon, num_iters=100, grad_mode="envelope",
+        return_diagnostics=True,
+    )  # fmt: skip
+    assert diagnostics.marginal_error_B.max() < marginal_tol
+    ours = (plan_BST.double() * cost_BST).sum((1, 2))
+    assert_close(ours, _pot_cost(cost_BST, epsilon), rtol=cost_rtol, atol=0)
+
+
+@pytest.mark.parametrize("grad_mode", ["truncated", "envelope"])
+def test_a_single_teacher_position_gets_all_the_mass_at_tiny_epsilon(grad_mode):
+    # With T = 1 the only feasible plan is the student marginal itself: the loss is the mean
+    # cost, whatever epsilon and whatever the gradient mode.
+    cost_BST = torch.rand(2, 10, 1, generator=torch.Generator().manual_seed(1))
+    masks = torch.ones(2, 10, dtype=torch.bool), torch.ones(2, 1, dtype=torch.bool)
+    leaf = cost_BST.clone().requires_grad_()
+    value_B = transport_cost(leaf, *masks, epsilon=1e-3, num_iters=100, grad_mode=grad_mode)
+    assert_close(value_B, cost_BST.mean((1, 2)), rtol=1e-5, atol=1e-6)
+    value_B.sum().backward()
+    assert torch.isfinite(leaf.grad).all()

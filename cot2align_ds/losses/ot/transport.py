@@ -13,6 +13,7 @@ from cot2align_ds.losses.ot.sinkhorn import (
     plan_solve,
     problem_masks,
     sinkhorn_log,
+    warm_start,
 )
 
 
@@ -105,8 +106,13 @@ class _TransportCost(torch.autograd.Function):
         problem = Problem(cost_BST, student_mask_BS, teacher_mask_BT, options.epsilon, clean=False)
         a_B1S, b_B1T, tiny = problem.a_B1S, problem.b_B1T, problem.tiny
         num_warm = options.num_iters - options.num_grad
-        f_BS, g_BT = problem.initial_potentials()
-        if num_warm <= options.absorb_every:
+        f_BS, g_BT, laddered = warm_start(
+            cost_BST, student_mask_BS, teacher_mask_BT, options, clean=False
+        )
+        if f_BS is None:
+            f_BS, g_BT = problem.initial_potentials()
+        num_warm -= laddered
+        if not laddered and num_warm <= options.absorb_every:
             # One absorption, f = 0: the kernel in the log-kernel's own buffer, then the warm
             # plan K exp(f) exp(g) in place, which is the block's kernel K1.
             kernel_BST = problem.log_kernel_BST.add_(g_BT[:, None, :]).exp_()
