@@ -171,6 +171,8 @@ def _load_pretrained(source: str, options: LoadOptions, what: str) -> LoadedMode
             )
         return _load_hf_model(directory, options)
     extra = {} if options.dtype is None else {"dtype": options.dtype}
+    if not options.allow_pickle:
+        extra["use_safetensors"] = True
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, trust_remote_code=options.trust_remote_code, **extra
@@ -197,6 +199,7 @@ def load_lora_adapter(path: Path, options: LoadOptions) -> LoadedModel:
     """Base model + adapter, merged into a plain model; the tokenizer saved with the adapter."""
     from peft import PeftModel  # imported on use: peft is slow to import
 
+    require_safetensors(path, options)
     base = options.base_model or _read_json(path / ADAPTER_CONFIG_FILENAME).get(
         "base_model_name_or_path"
     )
