@@ -74,6 +74,19 @@ def run_meta(quick: bool) -> dict[str, str]:
     }
 
 
+def _cells(row: dict) -> list[str]:
+    """One row as the table's columns: suite, case, ours, peer, unit, ours/peer, target."""
+    return [
+        str(row["suite"]),
+        str(row["case"]),
+        _fmt(row.get("ours")),
+        f"{_fmt(row.get('peer'))} ({row.get('peer_name', '')})",
+        str(row.get("unit", "")),
+        _ratio(row),
+        str(row.get("target", "")),
+    ]
+
+
 def _commit() -> str:
     """The measured tree's commit (with ``+changes`` when the work tree differs), else unknown."""
     import subprocess
@@ -107,16 +120,7 @@ def markdown_table(payload: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        cells = [
-            row["suite"],
-            row["case"],
-            _fmt(row.get("ours")),
-            f"{_fmt(row.get('peer'))} ({row.get('peer_name', '')})",
-            row.get("unit", ""),
-            _ratio(row),
-            row.get("target", ""),
-        ]
-        lines.append("| " + " | ".join(str(cell).replace("|", "/") for cell in cells) + " |")
+        lines.append("| " + " | ".join(cell.replace("|", "/") for cell in _cells(row)) + " |")
     lines += ["", "Suite wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())]
     return "\n".join(lines) + "\n"
 
@@ -130,15 +134,7 @@ def print_table(rows: list[dict], seconds: dict[str, float], quick: bool) -> Non
     for column in ("suite", "case", "ours", "peer", "unit", "ours/peer", "target"):
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(
-            row["suite"],
-            row["case"],
-            _fmt(row.get("ours")),
-            f"{_fmt(row.get('peer'))} ({row.get('peer_name', '')})",
-            row.get("unit", ""),
-            _ratio(row),
-            row.get("target", ""),
-        )
+        table.add_row(*_cells(row))
     console = Console(width=160)
     console.print(table)
     console.print("suite wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))

@@ -35,8 +35,13 @@ class LoraConfig(_Strict):
 
     r: int = Field(256, ge=1)
     alpha: float = Field(8.0, gt=0.0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="the reference code's 0.1")
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None,
+        description="None: peft's per-architecture defaults, as the reference code uses (query "
+        "and value projections for Llama/Mistral/Qwen2, c_attn for GPT-2); 'all-linear' or a "
+        "list of module names otherwise",
+    )
 
 
 class ModelSpec(_Strict):
@@ -94,7 +99,10 @@ Precision = Literal["fp32", "bf16", "fp16"]
 class DistillConfig(_Strict):
     method: KDMethod = "uld"
     kd_rate: float = Field(0.5, ge=0.0, le=1.0, description="a in (1-a)*CE + a*(KD+OT)")
-    temperature: float = Field(2.0, gt=0.0)
+    temperature: float = Field(2.0, gt=0.0, description="KL-type divergences (vanilla KD, DSKD)")
+    uld_temperature: float = Field(
+        1.0, gt=0.0, description="ULD's softmax temperature; the reference code applies none (1)"
+    )
     divergence: Divergence = "forward_kl"
     skew: float = Field(0.1, gt=0.0, lt=1.0, description="for the skewed KL divergences")
     chunk_size: int | None = Field(None, gt=0, description="response positions per chunk")
@@ -130,6 +138,12 @@ class CoT2AlignConfig(_Strict):
     cost: Literal["attention", "cosine", "euclidean"] = "attention"
     epsilon: float = Field(10.0, gt=0.0, description="kernel exp(-C/epsilon); reference: 10")
     num_iters: int = Field(100, ge=1)
+    num_grad_iters: int = Field(
+        10,
+        ge=1,
+        description="differentiated iterations of grad_mode truncated: equal to the unrolled "
+        "gradient at epsilon 10; raise it at small epsilon (or use unrolled)",
+    )
     grad_mode: Literal["truncated", "envelope", "unrolled"] = Field(
         "truncated",
         description="truncated: the reference's unrolled gradient at bounded memory (measured "
@@ -374,12 +388,45 @@ def _format_validation_error(error: ValidationError, where: str) -> str:
     return f"config '{where}': {key}: {message}{suffix}"
 
 
+PER_METHOD_KEY = "per_method"
+
+
 def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Load a recipe or YAML file, apply overrides, validate; raise ``ConfigError`` (one line)."""
+    """Load a recipe or YAML file, apply overrides, validate; raise ``ConfigError`` (one line).
+
+    A recipe may carry ``per_method: {<method>: {<section>: {<key>: value}}}``: values that
+    apply only when ``distill.method`` (after the overrides) is that method, as the reference
+    scripts set some hyperparameters per method. An explicit ``--set`` of the same key wins.
+    """
     data = _read_yaml(name_or_path)
+    per_method = data.pop(PER_METHOD_KEY, None) or {}
+    _check_per_method(per_method, str(name_or_path))
+    user_keys = set()
     for override in overrides or []:
         apply_override(data, override)
+        user_keys.add(override.split("=", 1)[0].strip())
+    method = (data.get("distill") or {}).get("method", DistillConfig().method)
+    for section, values in per_method.get(method, {}).items():
+        for key, value in values.items():
+            if f"{section}.{key}" not in user_keys:
+                data.setdefault(section, {})[key] = value
     return validate_config(data, str(name_or_path))
+
+
+def _check_per_method(per_method: Any, where: str) -> None:
+    if not isinstance(per_method, dict) or not all(
+        isinstance(sections, dict) and all(isinstance(v, dict) for v in sections.values())
+        for sections in per_method.values()
+    ):
+        raise ConfigError(
+            f"config '{where}': {PER_METHOD_KEY} must map methods to sections of keys"
+        )
+    unknown = sorted(set(per_method) - set(METHOD_NAMES))
+    if unknown:
+        raise ConfigError(
+            f"config '{where}': {PER_METHOD_KEY}.{unknown[0]}: unknown method; known: "
+            f"{', '.join(METHOD_NAMES)}"
+        )
 
 
 def validate_config(data: dict[str, Any], where: str = "<dict>") -> RunConfig:

@@ -38,7 +38,9 @@ class Method:
 _DSKD_TERMS = (
     ("kd_t2s_ce", "student_tokens"),
     ("kd_t2s_kd", "student_tokens"),
-    ("kd_s2t_kd", "teacher_tokens"),
+    # All three per student response token, as the reference code divides them (the s2t term
+    # sums over teacher positions but shares CE's denominator).
+    ("kd_s2t_kd", "student_tokens"),
 )
 
 METHODS: dict[str, Method] = {

@@ -14,7 +14,22 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from cot2align_ds.config import LoraConfig
+from cot2align_ds.config import ConfigError, LoraConfig
+
+
+def default_lora_targets(model_type: str) -> list[str]:
+    """peft's default LoRA modules for an architecture (what the reference code gets by not
+    naming any): query and value projections for Llama, Mistral and Qwen2, ``c_attn`` for
+    GPT-2."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    targets = DEFAULTS.get(model_type) or DEFAULTS.get(model_type.removesuffix("_text"))
+    if not targets:
+        raise ConfigError(
+            f"lora.target_modules: peft has no default modules for model type '{model_type}'; "
+            "list them (e.g. [q_proj, v_proj]) or use all-linear"
+        )
+    return list(targets)
 
 
 def apply_lora(
@@ -26,11 +41,15 @@ def apply_lora(
     activation then fails, and DeepSpeed's ZeRO-3 flattening refuses mixed dtypes. DeepSpeed's
     optimizer keeps fp32 master copies of every trainable weight, so bf16 adapters lose nothing.
     """
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    target_modules = lora.target_modules
+    if target_modules is None:
+        target_modules = default_lora_targets(model_type)
     peft_config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
+        target_modules=target_modules,
         task_type="CAUSAL_LM",
     )
     wrapped = get_peft_model(model, peft_config, autocast_adapter_dtype=dtype is None)

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from cot2align_ds.config import ModelSpec
 from cot2align_ds.errors import UserError
 from cot2align_ds.models.loading import load_tokenizer, model_config
+from cot2align_ds.models.lora import default_lora_targets
 
 GIB = 1024**3
 
@@ -48,8 +49,11 @@ class ModelSize:
     linears: tuple[LinearShape, ...] = ()  # transformer-block linears (LoRA targets)
     source: str = "config fields"
 
-    def lora_params(self, rank: int, target_modules: Sequence[str] | str) -> int:
-        """LoRA adapter parameters: r * (d_in + d_out) per targeted linear layer."""
+    def lora_params(self, rank: int, target_modules: Sequence[str] | str | None) -> int:
+        """LoRA adapter parameters: r * (d_in + d_out) per targeted linear layer (None: peft's
+        default modules for this architecture)."""
+        if target_modules is None:
+            target_modules = default_lora_targets(self.model_type)
         wanted = None if target_modules == "all-linear" else set(target_modules)
         return sum(
             rank * (linear.d_in + linear.d_out) * linear.count

@@ -167,7 +167,7 @@ class Objective:
                 teacher.logits,
                 s_labels,
                 batch.teacher.labels,
-                temperature=cfg.temperature,
+                temperature=cfg.uld_temperature,
                 chunk_size=chunk,
             )
             return {"kd_uld": loss.sum}
@@ -261,6 +261,7 @@ class Objective:
                 epsilon=self.ot.epsilon,
                 num_iters=self.ot.num_iters,
                 grad_mode=self.ot.grad_mode,
+                num_grad_iters=self.ot.num_grad_iters,
                 memory_budget_bytes=_budget(self.ot.memory_budget_mb),
             ).loss_sum
         return sums

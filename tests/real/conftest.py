@@ -41,14 +41,15 @@ def real_data(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def gemma_to_smollm2_vocab_map(real_models, tmp_path_factory) -> Path:
-    """MinED's teacher->student map for the real pair, built once (tens of seconds: 262k x 49k
-    edit distances) and copied into each MinED run's cache."""
+def gemma_to_smollm2_vocab_map(real_models) -> Path:
+    """MinED's teacher->student map for the real pair (about a minute: 262k x 49k edit
+    distances), kept beside the converted models like them, so later test runs reuse it; its
+    key is the two tokenizers' contents. Copied into each MinED run's cache."""
     from cot2align_ds.alignment.vocab_map import mined_vocab_map
     from cot2align_ds.config import ModelSpec
     from cot2align_ds.models.loading import load_tokenizer
 
-    cache = tmp_path_factory.mktemp("vocab_map_cache")
+    cache = real_models[GEMMA].parent / "vocab_maps"
     teacher = load_tokenizer(ModelSpec(name_or_path=str(real_models[GEMMA])), "teacher")
     student = load_tokenizer(ModelSpec(name_or_path=str(real_models[SMOLLM2])), "student")
     mined_vocab_map(teacher, student, cache_dir=cache)

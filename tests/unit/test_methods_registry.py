@@ -67,3 +67,48 @@ def _vocab_map():
     import torch
 
     return torch.zeros(4, dtype=torch.long)
+
+
+def test_dskd_terms_are_all_per_student_token_as_in_the_reference():
+    for name in ("dskd", "dskd_cma"):
+        assert {norm for _, norm in METHODS[name].kd_terms} == {"student_tokens"}
+
+
+def test_uld_runs_at_its_own_temperature_not_the_kl_one(monkeypatch):
+    """The reference applies ULD's softmax without temperature: ``distill.temperature`` (2.0 in
+    the paper recipes) is for the KL-type divergences only."""
+    import torch
+
+    from cot2align_ds.data.batch import DistillBatch, TokenSide
+    from cot2align_ds.train import objective as objective_module
+
+    seen = {}
+
+    real_uld_loss = objective_module.uld_loss
+
+    def spy(*args, temperature, **kwargs):
+        seen["temperature"] = temperature
+        return real_uld_loss(*args, temperature=temperature, **kwargs)
+
+    monkeypatch.setattr(objective_module, "uld_loss", spy)
+    run = validate_config(
+        {
+            "student": {"name_or_path": "s"},
+            "teacher": {"name_or_path": "t"},
+            "distill": {"method": "uld", "temperature": 2.0},
+        }
+    )
+    assert run.distill.uld_temperature == 1.0
+    objective = Objective(run.distill, run.cot2align)
+    labels = torch.tensor([[-100, 3, 4, -100]])
+    side = TokenSide(
+        torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long), labels,
+        torch.tensor([[1, 2]]), torch.tensor([[True, True]]),
+    )  # fmt: skip
+    batch = DistillBatch(["r"], torch.tensor([False]), side, side)
+    outputs = objective_module.StepOutputs(
+        objective_module.ModelOutputs(torch.randn(1, 4, 7)),
+        objective_module.ModelOutputs(torch.randn(1, 4, 9)),
+    )
+    objective._kd_sums(batch, outputs, None, None)
+    assert seen["temperature"] == 1.0

@@ -136,7 +136,13 @@ def test_unknown_architectures_are_counted_on_the_meta_device():
 
 @pytest.mark.parametrize(
     ("name", "targets"),
-    [("gpt2", "all-linear"), ("llama_gqa_bias", "all-linear"), ("qwen2", ["q_proj", "v_proj"])],
+    [
+        ("gpt2", "all-linear"),
+        ("llama_gqa_bias", "all-linear"),
+        ("qwen2", ["q_proj", "v_proj"]),
+        ("gpt2", None),  # peft's per-architecture default, the reference code's choice
+        ("llama_gqa_bias", None),
+    ],
 )
 def test_lora_counts_equal_peft(name, targets):
     config = _config(*SMALL_CONFIGS[name])
@@ -252,7 +258,7 @@ def test_zero2_replicates_weights_and_partitions_the_rest():
 def test_lora_trains_adapters_only():
     lora = _plan(_run(student={"lora": {"r": 16}}))
     full = _plan()
-    adapters = lora.student.lora_params(16, "all-linear")
+    adapters = lora.student.lora_params(16, None)  # peft's default modules, the default
     assert _item(lora, "student optimizer").gpu_bytes == adapters * 12 // 8
     assert _item(lora, "student weights").gpu_bytes == (lora.student.num_params + adapters) * 2 // 8
     assert _item(lora, "student optimizer").gpu_bytes < _item(full, "student optimizer").gpu_bytes

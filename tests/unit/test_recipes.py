@@ -18,14 +18,14 @@ PAPER = {
     ),
     "paper_B": (
         "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", "mistralai/Mistral-7B-v0.1",
-        "dskd_cma", 0.5, 1e-3, 10, True,
+        "dskd_cma", 0.9, 1e-3, 10, True,
     ),
     "paper_B_same": (
         "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", "meta-llama/Llama-2-7b-hf",
         "vanilla_kd", 0.55, 1e-3, 10, True,
     ),
     "paper_C": (
-        "openai-community/gpt2-xl", "Qwen/Qwen2.5-7B-Instruct", "dskd_cma", 0.6, 1e-3, 10, True,
+        "openai-community/gpt2-xl", "Qwen/Qwen2.5-7B-Instruct", "dskd_cma", 0.9, 1e-3, 10, True,
     ),
 }  # fmt: skip
 # kd_rate ranges of the reference scripts (docs/method.md section 5).
@@ -96,6 +96,41 @@ def test_paper_recipe_matches_the_settings_table(recipe):
         assert (config.student.lora.r, config.student.lora.alpha) == (256, 8)
     else:
         assert config.student.lora is None
+
+
+# The reference scripts' per-method settings: (kd_rate, divergence) for every setting x method
+# the recipe can run (different vocabularies: ULD, MinED, DSKD-CMA; same: vanilla KD, DSKD).
+PER_METHOD = {
+    "paper_A": {
+        "uld": (0.5, "forward_kl"),
+        "mined": (0.5, "forward_kl"),
+        "dskd_cma": (0.5, "skew_reverse_kl"),
+    },
+    "paper_A_same": {"vanilla_kd": (0.7, "forward_kl"), "dskd": (0.7, "forward_kl")},
+    "paper_B": {"uld": (0.5, "forward_kl"), "mined": (0.5, "forward_kl"), "dskd_cma": (0.9, "forward_kl")},
+    "paper_B_same": {"vanilla_kd": (0.55, "forward_kl"), "dskd": (0.55, "forward_kl")},
+    "paper_C": {"uld": (0.6, "forward_kl"), "mined": (0.6, "forward_kl"), "dskd_cma": (0.9, "forward_kl")},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("recipe", "method"), [(r, m) for r, methods in PER_METHOD.items() for m in methods]
+)
+def test_paper_recipes_resolve_the_reference_settings_per_method(recipe, method):
+    config = load_config(recipe, [f"distill.method={method}"])
+    assert (config.distill.kd_rate, config.distill.divergence) == PER_METHOD[recipe][method]
+    # An explicit value always wins over the recipe's per-method one.
+    explicit = load_config(recipe, [f"distill.method={method}", "distill.kd_rate=0.3"])
+    assert explicit.distill.kd_rate == 0.3
+
+
+def test_per_method_values_must_name_known_methods(tmp_path):
+    from cot2align_ds.config import ConfigError
+
+    path = tmp_path / "run.yaml"
+    path.write_text("student: {name_or_path: s}\nper_method: {ulld: {distill: {kd_rate: 0.9}}}\n")
+    with pytest.raises(ConfigError, match="per_method.ulld: unknown method"):
+        load_config(path)
 
 
 # Teacher fine-tuning in the reference (DSKD) scripts: 7B teachers with LoRA r 256, alpha 8,
