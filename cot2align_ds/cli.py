@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 import yaml
 
-from cot2align_ds.errors import UserError, first_line
+from cot2align_ds.errors import REQUEUE_EXIT_CODE, Preempted, UserError, first_line
 
 app = typer.Typer(
     name="cot2align",
@@ -60,6 +60,11 @@ def user_errors(command: Callable[..., None]) -> Callable[..., None]:
             if os.environ.get("RANK", "0") == "0":
                 typer.echo(f"error: {first_line(error)}", err=True)
             raise typer.Exit(2) from None
+        except Preempted as error:
+            # A checkpoint is written; the exit status asks the SLURM script for a requeue.
+            if os.environ.get("RANK", "0") == "0":
+                typer.echo(f"preempted: {first_line(error)}", err=True)
+            raise typer.Exit(REQUEUE_EXIT_CODE) from None
 
     return wrapper
 

@@ -280,8 +280,15 @@ def render_launch(
     if not slurm and (partition or time or job_name):
         raise LaunchError("--partition, --time and --job-name apply to --slurm submissions only")
     extra_args = list(extra_args)
-    load_config(config_path, _overrides(extra_args))
+    run = load_config(config_path, _overrides(extra_args))
     config_path = str(config_path)
+    if slurm and not run.train.save_every:
+        # A SLURM job is requeued at its time limit or a preemption: without periodic
+        # checkpoints, a crash or a hard kill between notices loses every step since the start.
+        raise LaunchError(
+            "--slurm: the run saves no periodic checkpoints; set train.save_every (e.g. "
+            "--set train.save_every=200) so a requeued job resumes where it stopped"
+        )
     if slurm:
         directives = {"partition": partition, "time": time, "job-name": job_name}
         return _render_slurm(config_path, nodes, gpus_per_node, extra_args, directives)

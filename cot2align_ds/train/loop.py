@@ -6,10 +6,15 @@ Data flows one way: records -> examples -> collator in DataLoader workers (both 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +25,7 @@ from cot2align_ds.config import RunConfig, config_to_dict
 from cot2align_ds.data.batch import DistillBatch, TokenSide
 from cot2align_ds.data.records import read_records
 from cot2align_ds.engine import deepspeed_engines as dse
-from cot2align_ds.errors import UserError
+from cot2align_ds.errors import Preempted, UserError
 from cot2align_ds.methods import NORMALISERS
 from cot2align_ds.tracking import Tracker
 from cot2align_ds.train import checkpointing as ckpt
@@ -43,6 +48,28 @@ from cot2align_ds.train.setup import (
 
 class NonFiniteError(UserError):
     """Too many optimizer steps had non-finite loss or gradients."""
+
+
+# SLURM sends USR1 ahead of the time limit (``--signal``) and TERM at a preemption or the limit.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[list[int]]:
+    """While active, ``STOP_SIGNALS`` are recorded (not fatal): the loop checkpoints at the next
+    step boundary and stops. Outside the main thread nothing is installed."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {
+        sig: signal.signal(sig, lambda signum, _: received.append(signum)) for sig in STOP_SIGNALS
+    }
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -87,6 +114,7 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.skipped_steps = 0
         self._warned_plan = False
+        self.stop_signals: list[int] = []  # filled by ``stop_signals()`` while training
         self.dev = self._dev_evaluator()
         if resume_tag is not None:
             self._resume(resume_tag)
@@ -219,12 +247,32 @@ class Trainer:
                 stop = self.dev is not None and self.dev.due(step) and self._evaluate_dev(step)
                 if cfg.save_every and step % cfg.save_every == 0 and step < self.total_steps:
                     self.save_checkpoint()
+                if step < self.total_steps and self._stop_requested():
+                    self._stop_for_requeue(step)
                 if stop:
                     self.tracker.summary({"early_stop_step": step})
                     break
         model_dir = self.save()
         self.tracker.close()
         return TrainResult(self.output_dir, model_dir, self.total_steps, last)
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got a stop signal (one scalar all-reduce per step: the ranks stop at
+        the same boundary, whichever of them the signal reached)."""
+        flag = torch.tensor([float(bool(self.stop_signals))], device=self.device)
+        return bool(dse.all_reduce_sum(flag).item() > 0)
+
+    def _stop_for_requeue(self, step: int) -> None:
+        cfg = self.config.train
+        if not (cfg.save_every and step % cfg.save_every == 0):
+            self.save_checkpoint()
+        tag = ckpt.tag_for(step)
+        self.tracker.summary({"preempted_at_step": step})
+        self.tracker.close()
+        raise Preempted(
+            f"stopped at step {step} on a preemption notice; checkpoint {tag} is complete: "
+            "rerun with --resume auto (the SLURM script requeues the job)"
+        )
 
     def _log(self, step, values, diagnostics, tokens, wait_s, step_s) -> dict[str, float]:
         reduced = torch.stack([v.float() for v in values.values()])
@@ -373,6 +421,13 @@ def run_train(
     ctx = dse.init_distributed(config.deepspeed.dist_timeout_s)
     output_dir = Path(config.output_dir)
     tag = ckpt.find_resume_tag(output_dir, resume) if resume else None
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    if resume == "auto" and tag is None and restarts > 0:
+        raise ckpt.ResumeError(
+            f"restart {restarts} of SLURM job {os.environ.get('SLURM_JOB_ID', '?')} found no "
+            f"complete checkpoint in {ckpt.checkpoint_root(output_dir)}; refusing to start over "
+            "into the same directory: set train.save_every, or start a new job"
+        )
     step = None
     if resume is None:
         check_output_dir(config, overwrite)
@@ -394,4 +449,6 @@ def run_train(
                     print(f"{name}: dropped a torn last line (the run was killed mid-write)")
     dse.barrier()
     trainer = Trainer(config, output_dir, ctx, tag)
-    return trainer.train()
+    with stop_signals() as received:
+        trainer.stop_signals = received
+        return trainer.train()

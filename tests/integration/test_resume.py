@@ -139,3 +139,57 @@ def test_a_refused_resume_touches_nothing_and_a_torn_log_line_is_dropped(workspa
     run_train(validate_config(raw), resume="auto")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3]
+
+
+def test_a_preemption_notice_checkpoints_at_the_step_boundary_and_asks_for_a_requeue(
+    workspace, tmp_path
+):
+    """SIGUSR1 (SLURM's notice before the time limit) mid-run: the trainer finishes the step,
+    writes a complete checkpoint (periodic saving is off here), exits with the requeue status;
+    --resume auto then gives the uninterrupted run's per-step losses, each step logged once."""
+    from cot2align_ds.errors import REQUEUE_EXIT_CODE
+    from cot2align_ds.train.loop import run_train
+
+    raw = _config(workspace, tmp_path, "reference")
+    raw["train"].pop("save_every")
+    run_train(validate_config(raw))
+    reference = _losses(tmp_path / "reference")
+
+    raw = _config(workspace, tmp_path, "preempted")
+    raw["train"].pop("save_every")
+    path = tmp_path / "preempted.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    command, env = _cli("train", "--config", str(path))
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = tmp_path / "preempted" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    if process.poll() is not None:
+        pytest.fail(f"the run ended before the notice (exit {process.returncode})")
+    os.kill(process.pid, signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == REQUEUE_EXIT_CODE, stderr[-3000:]
+    notices = [line for line in stderr.decode().splitlines() if line.startswith("preempted:")]
+    assert len(notices) == 1 and "--resume auto" in notices[0]
+    tags = ckpt.complete_tags(ckpt.checkpoint_root(tmp_path / "preempted"))
+    assert len(tags) == 1 and not (tmp_path / "preempted" / "student").exists()
+
+    command, env = _cli("train", "--config", str(path), "--resume", "auto")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.testing.assert_close(_losses(tmp_path / "preempted"), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_a_restarted_job_without_a_checkpoint_refuses_to_start_over(
+    workspace, tmp_path, monkeypatch
+):
+    from cot2align_ds.train.loop import run_train
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    with pytest.raises(ckpt.ResumeError, match="restart 1 of SLURM job 4242 found no complete"):
+        run_train(validate_config(_config(workspace, tmp_path, "restarted")), resume="auto")
+    assert not (tmp_path / "restarted").exists()

@@ -35,15 +35,19 @@ _RECORD = 'echo "$(basename "$0")$(printf " [%s]" "$@")" >> "$STUB_LOG"\n'
 STUBS = {
     "scontrol": _RECORD
     + 'if [[ "$1" == show ]]; then printf "%s\\n" node01 node02 node03 | head -n "$STUB_NODES"; fi\n',
-    # deepspeed: keep a copy of the hostfile; with STUB_WAIT, run until a requeue is recorded.
+    # deepspeed: keep a copy of the hostfile; with STUB_WAIT, run until the ranks are notified
+    # (a pkill or pdsh call is recorded), then exit with STUB_STATUS as the checkpointed ranks do.
     "deepspeed": _RECORD
     + 'for ((i = 1; i < $#; i++)); do [[ "${!i}" == --hostfile ]] && j=$((i + 1)) && '
     + 'cp "${!j}" "$STUB_LOG.hostfile"; done\n'
     + "for ((t = 0; t < 400 && ${STUB_WAIT:-0}; t++)); do "
-    + 'grep -q "^scontrol \\\\[requeue" "$STUB_LOG" && exit 7; sleep 0.05; done\n',
+    + 'grep -qE "^(pkill|pdsh) " "$STUB_LOG" && exit "${STUB_STATUS:-75}"; sleep 0.05; done\n'
+    + 'exit "${STUB_EXIT:-0}"\n',
+    "pkill": _RECORD,
+    "pdsh": _RECORD,
     # srun: drop its own options, then run the command once per node as SLURM would.
     "srun": _RECORD
-    + 'while [[ "$1" == --* ]]; do [[ "$1" == *=* ]] && shift || shift 2; done\n'
+    + 'while [[ "$1" == --* ]]; do [[ "$1" == *=* || "$1" == --overlap ]] && shift || shift 2; done\n'
     + 'for ((n = 0; n < STUB_NODES; n++)); do SLURM_NODEID=$n "$@" || exit; done\n',
     "sbatch": _RECORD + 'cat > "$STUB_LOG.script"; echo "Submitted batch job 99"\n',
 }
@@ -123,7 +127,7 @@ def test_sbatch_header_requeues_and_signals_the_batch_shell():
         line for line in SBATCH_TEMPLATE.read_text().splitlines() if line.startswith("#SBATCH")
     ]
     assert "#SBATCH --requeue" in header
-    assert "#SBATCH --signal=B:USR1@120" in header
+    assert "#SBATCH --signal=B:USR1@300" in header
     assert "#SBATCH --open-mode=append" in header  # a restart appends to the same log
 
 
@@ -172,19 +176,37 @@ def test_sbatch_restart_adds_resume_auto_once(stubs):
     assert calls[2][-2:] == ["--resume", "latest"] and calls[2].count("--resume") == 1
 
 
-def test_sbatch_usr1_requeues_the_job_once_and_keeps_the_exit_status(stubs):
-    env = {**stubs, "STUB_WAIT": "1", "DS_MULTINODE": "pdsh"}
+@pytest.mark.parametrize(("nodes", "mode", "notifier"), [("3", "pdsh", "pdsh"), ("1", "pdsh", "pkill"), ("3", "srun", "srun")])  # fmt: skip
+def test_sbatch_usr1_notifies_the_ranks_and_requeues_on_their_checkpoint(
+    stubs, nodes, mode, notifier
+):
+    env = {**stubs, "STUB_WAIT": "1", "DS_MULTINODE": mode, "STUB_NODES": nodes}
+    if nodes == "1":
+        env["SLURM_JOB_NODELIST"] = "node01"
     process = subprocess.Popen(["bash", str(SBATCH_TEMPLATE), "cfg.yaml"], env=env, text=True)
     try:
         deadline = time.monotonic() + 30
         while not _calls(stubs, "deepspeed") and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert _calls(stubs, "scontrol").count(["requeue", "4321"]) == 0  # not before the ranks
         process.send_signal(signal.SIGUSR1)
         process.send_signal(signal.SIGUSR1)
-        assert process.wait(timeout=30) == 7  # the launcher's status, not the trap's
+        assert process.wait(timeout=30) == 0
     finally:
         process.kill()
+    notices = (
+        _calls(stubs, notifier)
+        if notifier != "srun"
+        else [call for call in _calls(stubs, "srun") if "pkill" in call]
+    )
+    assert len(notices) == 1 and "cot2align_ds[.]cli.*--local_rank=" in " ".join(notices[0])
     assert _calls(stubs, "scontrol").count(["requeue", "4321"]) == 1
+
+
+def test_sbatch_keeps_a_failed_launchers_status_and_does_not_requeue(stubs):
+    result = _sbatch({**stubs, "DS_MULTINODE": "pdsh", "STUB_EXIT": "7"}, "cfg.yaml")
+    assert result.returncode == 7
+    assert ["requeue", "4321"] not in _calls(stubs, "scontrol")
 
 
 def test_sbatch_outside_slurm_fails_in_one_line(stubs):
@@ -201,7 +223,13 @@ def test_sbatch_outside_slurm_fails_in_one_line(stubs):
 def config_file(tmp_path) -> Path:
     path = tmp_path / "run.yaml"
     path.write_text(
-        yaml.safe_dump({"student": {"name_or_path": "s"}, "distill": {"method": "sft"}})
+        yaml.safe_dump(
+            {
+                "student": {"name_or_path": "s"},
+                "distill": {"method": "sft"},
+                "train": {"save_every": 100},
+            }
+        )
     )
     return path
 
@@ -331,3 +359,15 @@ def test_expand_nodelist_without_scontrol(nodelist, hosts):
 def test_expand_nodelist_rejects_what_it_cannot_parse(nodelist):
     with pytest.raises(LaunchError):
         expand_nodelist(nodelist, use_scontrol=False)
+
+
+def test_a_slurm_submission_needs_periodic_checkpoints(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        yaml.safe_dump({"student": {"name_or_path": "s"}, "distill": {"method": "sft"}})
+    )
+    with pytest.raises(LaunchError, match="set train.save_every"):
+        render_launch(path, slurm=True)
+    assert (
+        render_launch(path, slurm=True, extra_args=["--set", "train.save_every=50"]).mode == "slurm"
+    )
