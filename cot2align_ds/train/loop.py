@@ -259,6 +259,8 @@ class Trainer:
     def _stop_requested(self) -> bool:
         """Whether any rank got a stop signal (one scalar all-reduce per step: the ranks stop at
         the same boundary, whichever of them the signal reached)."""
+        if self.ctx.world_size == 1:
+            return bool(self.stop_signals)
         flag = torch.tensor([float(bool(self.stop_signals))], device=self.device)
         return bool(dse.all_reduce_sum(flag).item() > 0)
 
