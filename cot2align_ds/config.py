@@ -199,6 +199,11 @@ class TrainConfig(_Strict):
         10, ge=0, description="steps skipped for non-finite loss/gradients before the run stops"
     )
     save_every: int | None = Field(None, ge=1, description="resumable checkpoint every N steps")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute the student's layer activations in backward instead of keeping "
+        "them (`cot2align plan` shows what it saves)",
+    )
     keep_last: int = Field(2, ge=1, description="resumable checkpoints kept (rotation)")
     record_example_ids: bool = Field(
         False, description="audit: write the example ids of every step to examples_seen.*.jsonl"

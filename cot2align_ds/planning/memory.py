@@ -538,7 +538,7 @@ def build_plan(
         setting.world_size, setting.gpus_per_node, setting.accelerator, student, teacher, items
     )
     # Per-GPU peaks with one knob flipped, so the table says what a change would buy.
-    label = f"gradient checkpointing {'off' if checkpointing else 'on'}"
+    label = f"train.gradient_checkpointing={'false' if checkpointing else 'true'}"
     flips = {label: (not checkpointing, chunk)}
     if chunk is None:
         flips["distill.chunk_size=1024"] = (checkpointing, 1024)

@@ -47,7 +47,7 @@ def estimate_memory(
 
     ``student_config`` / ``teacher_config`` replace the configs read from the run config's
     model specs (hub lookups, tokenizers). ``gradient_checkpointing=None`` reads
-    ``train.gradient_checkpointing`` when the run config has it (off otherwise). Capacities in
+    ``train.gradient_checkpointing``. Capacities in
     GiB turn into warnings when the estimate exceeds them.
     """
     _check_topology(world_size, gpus_per_node)
@@ -66,7 +66,7 @@ def estimate_memory(
         teacher_ds,
     )
     if gradient_checkpointing is None:
-        gradient_checkpointing = bool(getattr(run_config.train, "gradient_checkpointing", False))
+        gradient_checkpointing = run_config.train.gradient_checkpointing
     plan = build_plan(setting, student, teacher, gradient_checkpointing)
     plan.warnings.extend(capacity_warnings(plan, gpu_mem_gb=gpu_mem_gb, cpu_mem_gb=cpu_mem_gb))
     return plan
@@ -104,7 +104,7 @@ def capacity_warnings(
 _HINTS = {
     "student logits": "distill.chunk_size",
     "teacher logits": "distill.chunk_size",
-    "student activations": "gradient checkpointing or a smaller train.micro_batch_size",
+    "student activations": "train.gradient_checkpointing=true or a smaller train.micro_batch_size",
     "OT buffers": "cot2align.memory_budget_mb or cot2align.grad_mode=envelope",
     "teacher weights": "a teacher_zero3_offload_* DeepSpeed config or more ranks",
     "student optimizer": "more ranks (ZeRO-3) or student.lora",

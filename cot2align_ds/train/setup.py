@@ -187,6 +187,12 @@ def load_models(config: RunConfig, ctx: dse.DistContext) -> Models:
     # Adapters and projectors are built after the model and in fp32 by default; DeepSpeed
     # flattens every trainable tensor into one buffer per dtype and wants the run's dtype.
     dtype = torch_dtype(precision)
+    if config.train.gradient_checkpointing:
+        # Non-reentrant: works with frozen inputs (LoRA) and with ZeRO-3's gathered parameters.
+        student.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+        student.config.use_cache = False
     if config.student.lora is not None:
         student = apply_lora(student, config.student.lora, dtype=dtype)
     if config.cot2align.enabled and teacher_model is not None:

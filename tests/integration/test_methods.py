@@ -40,7 +40,7 @@ EXPECTED_TERMS = {
 }
 
 
-def _run(workspace, tmp_path, name, precision="fp32", max_steps=8, student=None):
+def _run(workspace, tmp_path, name, precision="fp32", max_steps=8, student=None, **train):
     from cot2align_ds.train.loop import run_train
 
     method, tokenizer, extra = CASES[name]
@@ -60,6 +60,7 @@ def _run(workspace, tmp_path, name, precision="fp32", max_steps=8, student=None)
             "grad_accum": num_examples // 4,
             "lr": 5e-3,
             "precision": precision,
+            **train,
         },
     )
     config["student"] = {**student, "tokenizer": str(workspace[tokenizer])}
@@ -141,3 +142,25 @@ def test_per_step_losses_are_pinned(workspace, tmp_path, name):
     for step, (row, expected) in enumerate(zip(rows, pinned, strict=True), start=1):
         for key, value in expected.items():
             assert row[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (step, key)
+
+
+@pytest.mark.parametrize("name", ["uld", "dskd_cma+cot2align"])
+def test_gradient_checkpointing_trains_the_same_steps(workspace, tmp_path, name):
+    """``train.gradient_checkpointing`` recomputes the student's activations in backward: the
+    same per-step losses as keeping them (dropout included: the recompute replays its RNG)."""
+    plain = _run(workspace, tmp_path / "plain", name, max_steps=3)
+    recomputed = _run(
+        workspace, tmp_path / "recomputed", name, max_steps=3, gradient_checkpointing=True
+    )
+    for keep, again in zip(plain, recomputed, strict=True):
+        assert again["loss/total"] == pytest.approx(keep["loss/total"], rel=1e-5)
+
+
+def test_gradient_checkpointing_is_on_in_the_student_engine(workspace, tmp_path):
+    from cot2align_ds.engine import deepspeed_engines as dse
+    from cot2align_ds.train.loop import Trainer
+
+    config = tiny_run_config(workspace, tmp_path / "run", train={"gradient_checkpointing": True})
+    (tmp_path / "run").mkdir()
+    trainer = Trainer(validate_config(config), tmp_path / "run", dse.init_distributed(60), None)
+    assert trainer.student_engine.module.student.is_activation_checkpointing

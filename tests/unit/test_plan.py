@@ -287,7 +287,7 @@ def test_chunking_lowers_the_logits_term_and_the_total():
 def test_gradient_checkpointing_lowers_activations():
     plain, checkpointed = _plan(), _plan(gradient_checkpointing=True)
     assert checkpointed.gpu_bytes < plain.gpu_bytes
-    assert plain.alternatives["gradient checkpointing on"] == checkpointed.gpu_bytes
+    assert plain.alternatives["train.gradient_checkpointing=true"] == checkpointed.gpu_bytes
 
 
 def test_ot_term_follows_the_gradient_mode_and_the_cot_views():
