@@ -5,15 +5,16 @@ table, so adding a method means one entry here and its loss function (wired into
 ``train/objective.py``). The method itself is described in ``docs/method.md``.
 
 A term is (name, normaliser): the loss sum is divided by that count taken over the whole
-accumulation window and all ranks. Normalisers: ``student_tokens`` (student response tokens),
-``teacher_tokens``, ``records`` (rows of the micro-batch), ``cot_records`` (rows with a CoT view).
+accumulation window and all ranks. Normalisers: ``student_tokens`` (student response tokens,
+CE's denominator, which the reference code uses for every per-token term), ``records`` (rows of
+the micro-batch), ``cot_records`` (rows with a CoT view).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-NORMALISERS = ("student_tokens", "teacher_tokens", "records", "cot_records")
+NORMALISERS = ("student_tokens", "records", "cot_records")
 
 
 @dataclass(frozen=True)

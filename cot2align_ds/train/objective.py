@@ -41,10 +41,8 @@ from cot2align_ds.methods import (
 
 def batch_normalisers(batch: DistillBatch) -> torch.Tensor:
     """Counts of one micro-batch, in ``NORMALISERS`` order (summed over a window later)."""
-    teacher = batch.teacher
     counts = {
         "student_tokens": batch.student.response_tokens(),
-        "teacher_tokens": teacher.response_tokens() if teacher else torch.tensor(0),
         "records": torch.tensor(batch.is_cot_B.numel()),
         "cot_records": batch.is_cot_B.sum(),
     }

@@ -189,9 +189,11 @@ def load_models(config: RunConfig, ctx: dse.DistContext) -> Models:
     dtype = torch_dtype(precision)
     if config.train.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs (LoRA) and with ZeRO-3's gathered parameters.
-        student.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        options = {"use_reentrant": False}
+        if hasattr(student, "activation_checkpointing_enable"):  # the transformers 5 name
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
         student.config.use_cache = False
     if config.student.lora is not None:
         student = apply_lora(student, config.student.lora, dtype=dtype)
