@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -15,6 +16,10 @@ from cot2align_ds.config import ModelSpec
 from cot2align_ds.engine import deepspeed_engines as dse
 from cot2align_ds.engine.ds_config import load_ds_config, resolve_teacher_ds_config
 from cot2align_ds.models.loading import load_causal_lm, load_tokenizer
+
+# Run as a script under torchrun: the shared test helpers sit one folder up.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from support import is_partitioned  # noqa: E402
 
 
 def main(teacher_dir: str, out_path: str) -> None:
@@ -27,7 +32,7 @@ def main(teacher_dir: str, out_path: str) -> None:
     )
     with dse.zero3_loading(ds_config):
         teacher = load_causal_lm(spec, "teacher", tokenizer, "fp32")
-    partitioned = all(hasattr(p, "ds_id") and p.numel() == 0 for p in teacher.parameters())
+    partitioned = all(is_partitioned(p) for p in teacher.parameters())
     engine = dse.build_teacher_engine(teacher, ds_config)
     # Each rank feeds different text: the engine must still gather full weights per forward.
     texts = [f"Rank {ctx.rank}: Mia has {ctx.rank + 3} pens.", "Tom finds 2 cups"]
