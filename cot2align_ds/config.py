@@ -156,8 +156,17 @@ class CoT2AlignConfig(_Strict):
     max_marginal_error: float = Field(
         0.01,
         gt=0.0,
-        description="warn (once, and in the run summary) when the logged plan's marginal L1 "
-        "error exceeds it: the plan is not a transport plan (small epsilon needs more iterations)",
+        description="tolerance on the plans' marginal L1 error: the adaptive budget (max_iters) "
+        "iterates until it holds; training warns once (and in the run summary) when the logged "
+        "plan still exceeds it",
+    )
+    max_iters: int | None = Field(
+        2000,
+        ge=1,
+        description="adaptive budget: plans still off their marginals (max_marginal_error) after "
+        "num_iters keep iterating, without autograd, up to this many iterations in all (at "
+        "least num_iters; epsilon 0.001 on the attention cost needs about 1000-2000); plans "
+        "within tolerance run exactly num_iters; null: always num_iters",
     )
     fuse_teacher_views: bool = Field(
         True,

@@ -308,7 +308,7 @@ class Trainer:
         self._warned_plan = True
         self.tracker.warn(
             f"step {step}: the OT plan's marginal error is {marginal_error:.3g} "
-            f"(cot2align.max_marginal_error={limit:g}); raise cot2align.num_iters or "
+            f"(cot2align.max_marginal_error={limit:g}); raise cot2align.max_iters or "
             "cot2align.epsilon"
         )
         self.tracker.summary({"ot/marginal_error_warning_step": step})

@@ -261,6 +261,7 @@ class Objective:
                 grad_mode=self.ot.grad_mode,
                 num_grad_iters=self.ot.num_grad_iters,
                 memory_budget_bytes=_budget(self.ot.memory_budget_mb),
+                **adaptive_budget(self.ot),
             ).loss_sum
         return sums
 
@@ -360,6 +361,7 @@ def _plan_diagnostics(group: tuple, ot: CoT2AlignConfig) -> dict[str, torch.Tens
         num_iters=ot.num_iters,
         grad_mode="envelope",
         return_diagnostics=True,
+        **adaptive_budget(ot),
     )
     solved = student_mask.any(1) & teacher_mask.any(1)
     count = solved.sum().clamp_min(1)
@@ -367,6 +369,13 @@ def _plan_diagnostics(group: tuple, ot: CoT2AlignConfig) -> dict[str, torch.Tens
         "ot/marginal_error": (diagnostics.marginal_error_B * solved).sum() / count,
         "ot/plan_entropy": (diagnostics.entropy_B * solved).sum() / count,
     }
+
+
+def adaptive_budget(ot: CoT2AlignConfig) -> dict:
+    """The solver's adaptive-iteration arguments from the config (none when it is off)."""
+    if ot.max_iters is None:
+        return {}
+    return {"max_iters": max(ot.max_iters, ot.num_iters), "marginal_tol": ot.max_marginal_error}
 
 
 def _gather(hidden_BLD: torch.Tensor, index_BK: torch.Tensor) -> torch.Tensor:

@@ -654,3 +654,59 @@ def test_a_single_teacher_position_gets_all_the_mass_at_tiny_epsilon(grad_mode):
     assert_close(value_B, cost_BST.mean((1, 2)), rtol=1e-5, atol=1e-6)
     value_B.sum().backward()
     assert torch.isfinite(leaf.grad).all()
+
+
+# -- small epsilon: the adaptive iteration budget --------------------------------------------------
+
+
+@pytest.mark.parametrize(("scale", "epsilon"), [
+    (1.0, 1e-3),  # the attention cost at epsilon 0.001: range / epsilon = 1000
+    (300.0, 0.3),  # a cost scaled to hundreds at epsilon 0.3: range / epsilon = 1000
+])  # fmt: skip
+@pytest.mark.parametrize("grad_mode", ["truncated", "envelope"])
+def test_adaptive_budget_brings_tiny_epsilon_plans_to_their_marginals(scale, epsilon, grad_mode):
+    generator = torch.Generator().manual_seed(2)
+    cost_BST = torch.rand(4, 16, 11, generator=generator, dtype=F64) * scale
+    masks = torch.ones(4, 16, dtype=torch.bool), torch.ones(4, 11, dtype=torch.bool)
+    solve = dict(epsilon=epsilon, num_iters=100, grad_mode=grad_mode, return_diagnostics=True)
+    _, fixed = sinkhorn_log(cost_BST.float(), *masks, **solve)
+    assert fixed.marginal_error_B.max() > 0.01  # the fixed count stops short here
+    plan_BST, adaptive = sinkhorn_log(
+        cost_BST.float(), *masks, max_iters=3000, marginal_tol=1e-3, **solve
+    )
+    assert 100 < adaptive.num_iters <= 3000
+    assert adaptive.marginal_error_B.max() <= 1e-3
+    ours = (plan_BST.double() * cost_BST).sum((1, 2))
+    assert_close(ours, _pot_cost(cost_BST, epsilon), rtol=2e-3, atol=0)
+    # The fused loss runs the same budget: same values, finite gradient.
+    leaf = cost_BST.float().requires_grad_()
+    value_B = transport_cost(
+        leaf, *masks, epsilon=epsilon, num_iters=100, grad_mode=grad_mode, max_iters=3000,
+        marginal_tol=1e-3,
+    )  # fmt: skip
+    assert_close(value_B.double(), ours, rtol=1e-4, atol=0)
+    value_B.sum().backward()
+    assert torch.isfinite(leaf.grad).all()
+
+
+@pytest.mark.parametrize("grad_mode", ["truncated", "envelope"])
+def test_adaptive_budget_changes_nothing_where_the_fixed_count_converged(grad_mode):
+    cost_BST, student_mask_BS, teacher_mask_BT = _ragged_problem(dtype=torch.float32)
+    masks = student_mask_BS, teacher_mask_BT
+    solve = dict(epsilon=10.0, num_iters=100, grad_mode=grad_mode)
+    plain = transport_cost(cost_BST, *masks, **solve)
+    budgeted = transport_cost(cost_BST, *masks, max_iters=1000, marginal_tol=1e-3, **solve)
+    assert torch.equal(plain, budgeted)
+    _, diagnostics = sinkhorn_log(
+        cost_BST, *masks, max_iters=1000, marginal_tol=1e-3, return_diagnostics=True, **solve
+    )
+    assert diagnostics.num_iters == 100
+
+
+def test_adaptive_budget_arguments_are_checked():
+    cost_BST, student_mask_BS, teacher_mask_BT = _ragged_problem()
+    masks = student_mask_BS, teacher_mask_BT
+    for bad in [dict(max_iters=1000), dict(marginal_tol=1e-3), dict(max_iters=50, marginal_tol=1e-3),
+                dict(max_iters=500, marginal_tol=0.0)]:  # fmt: skip
+        with pytest.raises(ValueError):
+            sinkhorn_log(cost_BST, *masks, epsilon=1.0, num_iters=100, **bad)

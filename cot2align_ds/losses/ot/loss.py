@@ -113,6 +113,8 @@ def ot_loss(
     num_grad_iters: int = 10,
     absorb_every: int | None = None,
     memory_budget_bytes: int | None = None,
+    max_iters: int | None = None,
+    marginal_tol: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed OT transport cost over the batch, and the number of problems it covers.
 
@@ -120,8 +122,9 @@ def ot_loss(
         student_hidden_BSD, teacher_hidden_BTD: hidden states (any float dtype; computed in fp32).
         student_mask_BS, teacher_mask_BT: True at the positions to align.
         cost: ``"attention"``, ``"cosine"`` or ``"euclidean"`` (see ``cost_matrix``).
-        epsilon, num_iters, grad_mode, num_grad_iters, absorb_every, memory_budget_bytes: passed to
-            ``sinkhorn_log``. The default ``"truncated"`` reproduces the gradient of the unrolled
+        epsilon, num_iters, grad_mode, num_grad_iters, absorb_every, memory_budget_bytes,
+            max_iters, marginal_tol: passed to ``sinkhorn_log`` (the last two: the adaptive
+            iteration budget for small epsilon). The default ``"truncated"`` reproduces the gradient of the unrolled
             reference at bounded memory; ``"envelope"`` is cheaper but gives about half that
             gradient at epsilon=10 (see the ``sinkhorn`` module docstring). The memory budget
             bounds the solver's working memory, not the cost matrix and plan (B*S*T each), which
@@ -137,6 +140,7 @@ def ot_loss(
     solver = _solver_options(
         epsilon, num_iters, grad_mode, num_grad_iters, absorb_every, memory_budget_bytes, cost
     )
+    solver.update(max_iters=max_iters, marginal_tol=marginal_tol)
     per_problem_B, solvable_B = _solve_transport(
         cost_BST, student_mask_BS.bool(), teacher_mask_BT.bool(), solver
     )
@@ -155,6 +159,8 @@ def multi_pair_ot_loss(
     num_grad_iters: int = 10,
     absorb_every: int | None = None,
     memory_budget_bytes: int | None = None,
+    max_iters: int | None = None,
+    marginal_tol: float | None = None,
 ) -> MultiPairOT:
     """OT losses of several problem groups (layer pairs x views) in ONE batched Sinkhorn call.
 
@@ -180,6 +186,7 @@ def multi_pair_ot_loss(
     solver = _solver_options(
         epsilon, num_iters, grad_mode, num_grad_iters, absorb_every, memory_budget_bytes, cost
     )
+    solver.update(max_iters=max_iters, marginal_tol=marginal_tol)
     per_problem_B, solvable_B = _solve_transport(
         torch.cat([_pad_to(c, max_student, max_teacher) for c in costs]),
         torch.cat([_pad_to(m, max_student) for m in student_masks]),

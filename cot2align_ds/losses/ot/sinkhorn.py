@@ -18,9 +18,14 @@ and damped rows, so the warm phase first climbs down an epsilon ladder (``epsilo
 solve where nothing underflows, then at geometrically smaller epsilons, each rung starting from
 the last one's potentials). Within the same iteration count this brings the plans to their
 marginals at epsilon 0.01 and makes a single teacher position exact at 1e-3
-(tests/unit/test_sinkhorn.py bounds both against POT's converged value and the closed form);
-far below, a fixed count still stops short. The diagnostics (``return_diagnostics``) measure it, and training warns once
-when the logged plan's error exceeds ``cot2align.max_marginal_error``.
+(tests/unit/test_sinkhorn.py bounds both against POT's converged value and the closed form).
+Further down a fixed count stops short (at 1e-3, 100 iterations leave an L1 error of a few
+percent), so the solver has an adaptive budget (``max_iters`` with ``marginal_tol``): after the
+iterations without autograd it checks the column marginals and keeps iterating, still without
+autograd, until they are within tolerance or the budget is spent; the differentiated iterations
+follow. Sinkhorn at range / epsilon = 1000 needs on the order of 1000 iterations (tested against
+POT in float64). The diagnostics (``return_diagnostics``) measure what is left, and training
+warns once when the logged plan's error exceeds ``cot2align.max_marginal_error``.
 
 How it runs. Potentials ``f_BS, g_BT`` (in units of epsilon) live in the log domain. Every
 ``absorb_every`` iterations they are absorbed into the kernel ``K = exp(logK + f + g)``; in between,
@@ -123,6 +128,8 @@ def sinkhorn_log(
     absorb_every: int | None = None,
     cost_range: float | None = None,
     memory_budget_bytes: int | None = None,
+    max_iters: int | None = None,
+    marginal_tol: float | None = None,
     return_diagnostics: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, SinkhornDiagnostics]:
     """Entropic OT plans of B padded problems, solved together.
@@ -143,6 +150,13 @@ def sinkhorn_log(
             automatic ``absorb_every`` instead of measuring it (which synchronises the device).
         memory_budget_bytes: if set, solve the problems in chunks whose working memory fits the
             budget (see ``sinkhorn_chunk_size``); differentiated chunks are recomputed in backward.
+        max_iters, marginal_tol: the adaptive budget. When both are set and, after the
+            iterations without autograd, some problem's column-marginal L1 error still exceeds
+            ``marginal_tol``, the solver keeps iterating without autograd (checking at each
+            absorption) until it does not or ``max_iters`` iterations ran in all; the
+            differentiated iterations follow. A plan already within tolerance runs exactly
+            ``num_iters`` iterations, bit for bit as without the budget. ``"unrolled"`` has no
+            iterations without autograd and ignores it.
         return_diagnostics: also return a ``SinkhornDiagnostics``.
 
     Returns:
@@ -167,6 +181,8 @@ def sinkhorn_log(
         absorb_every=absorb_every,
         cost_range=cost_range,
         memory_budget_bytes=memory_budget_bytes,
+        max_iters=max_iters,
+        marginal_tol=marginal_tol,
     )
     plan_BST, f_BS, g_BT, iters = _solve_in_chunks(
         cost_BST, student_mask_BS, teacher_mask_BT, options, chunk
@@ -190,11 +206,19 @@ def plan_solve(
     absorb_every,
     cost_range,
     memory_budget_bytes,
+    max_iters=None,
+    marginal_tol=None,
 ) -> tuple[_Options, int]:
     """Solver options (absorption interval, differentiated iterations) and problems per chunk."""
     _check_counts(num_iters=num_iters, num_grad_iters=num_grad_iters)
     if absorb_every is not None:
         _check_counts(absorb_every=absorb_every)
+    if (max_iters is None) != (marginal_tol is None):
+        raise ValueError("max_iters and marginal_tol go together (the adaptive budget)")
+    if max_iters is not None and max_iters < num_iters:
+        raise ValueError(f"max_iters ({max_iters}) must be at least num_iters ({num_iters})")
+    if marginal_tol is not None and not marginal_tol > 0:
+        raise ValueError(f"marginal_tol must be positive, got {marginal_tol}")
     num_problems, num_student, num_teacher = cost_BST.shape
     if absorb_every is None or cost_range is None:
         cost_range = kernel_cost_range(cost_BST, student_mask_BS, teacher_mask_BT, cost_range)
@@ -203,7 +227,10 @@ def plan_solve(
             cost_BST, student_mask_BS, teacher_mask_BT, epsilon, num_iters, tol, cost_range
         )
     num_grad = {"unrolled": num_iters, "envelope": 0}.get(grad_mode, min(num_grad_iters, num_iters))
-    ladder = epsilon_ladder(cost_range, epsilon, num_iters - num_grad)
+    # The adaptive budget may pay for a finer ladder than the fixed count (at most half of the
+    # warm iterations go to rungs either way).
+    warm_budget = (max_iters if max_iters is not None else num_iters) - num_grad
+    ladder = epsilon_ladder(cost_range, epsilon, warm_budget)
     chunk = num_problems
     if memory_budget_bytes is not None:
         chunk = sinkhorn_chunk_size(
@@ -216,7 +243,15 @@ def plan_solve(
             bytes_per_element=torch.promote_types(cost_BST.dtype, torch.float32).itemsize,
         )
     options = _Options(
-        epsilon, num_iters, num_grad, tol, absorb_every, chunk < num_problems, ladder
+        epsilon,
+        num_iters,
+        num_grad,
+        tol,
+        absorb_every,
+        chunk < num_problems,
+        ladder,
+        max_iters if num_grad < num_iters and max_iters is not None else num_iters,
+        marginal_tol,
     )
     return options, chunk
 
@@ -286,6 +321,30 @@ def warm_start(cost_BST, student_mask_BS, teacher_mask_BT, options, *, clean=Tru
         return None, None, 0
     scale = previous / options.epsilon
     return f_BS * scale, g_BT * scale, iters
+
+
+def extend_warm(problem, f_BS, g_BT, options, plan_BST=None):
+    """The adaptive budget: potentials after further iterations without autograd while some
+    problem's column-marginal error exceeds ``options.marginal_tol``, and how many ran (0 when
+    the potentials were already within tolerance). ``plan_BST``: the plan at (f, g) if the
+    caller has it (saves one pass over the kernel). One host synchronisation per check."""
+    budget = options.max_iters - options.num_iters
+    if budget <= 0:
+        return f_BS, g_BT, 0
+    if plan_BST is None:
+        plan_BST = problem.plan_at(f_BS, g_BT)
+    if column_error(plan_BST, problem.b_B1T).max() <= options.marginal_tol:
+        return f_BS, g_BT, 0
+    _, f_BS, g_BT, done = problem.iterate(
+        f_BS, g_BT, budget, absorb_every=options.absorb_every, tol=options.marginal_tol,
+        want_plan=False,
+    )  # fmt: skip
+    return f_BS, g_BT, done
+
+
+def column_error(plan_BST: torch.Tensor, b_B1T: torch.Tensor) -> torch.Tensor:
+    """L1 distance of each plan's column sums from the teacher marginal, (B,)."""
+    return (plan_BST.sum(1) - b_B1T[:, 0]).abs().sum(1)
 
 
 def automatic_absorb_every(
@@ -387,6 +446,8 @@ class _Options:
     absorb_every: int
     recompute: bool  # checkpoint the differentiated phase (memory-bounded chunks)
     ladder: tuple[float, ...] = ()  # epsilon scaling: the warm phase's larger epsilons first
+    max_iters: int = 0  # adaptive budget: iterations in all while the error exceeds marginal_tol
+    marginal_tol: float | None = None
 
 
 def _solve_in_chunks(cost_BST, student_mask_BS, teacher_mask_BT, options, chunk):
@@ -436,6 +497,10 @@ def _solve_chunk(cost_BST, student_mask_BS, teacher_mask_BT, options):
                 want_plan=options.num_grad == 0,
             )
             iters += done
+        f_BS, g_BT, extra = extend_warm(warm, f_BS, g_BT, options, plan_BST)
+        if extra:
+            iters += extra
+            plan_BST = warm.plan_at(f_BS, g_BT) if options.num_grad == 0 else None
     if options.num_grad == 0:
         return plan_BST, f_BS, g_BT, iters
     # The warm phase's plan buffer is not needed any more: release it first.
@@ -546,6 +611,11 @@ class Problem:
             # keeps anyway) instead of an extra B*S*T product.
             plan_BST = self._exp_shifted(f_BS, g_BT)
         return plan_BST, f_BS, g_BT, done
+
+    def plan_at(self, f_BS, g_BT):
+        """The plan ``exp(log K + f + g)`` at potentials (f, g), in the reusable buffer when
+        iterating without autograd."""
+        return self._absorbed_kernel(f_BS, g_BT)
 
     def _exp_shifted(self, f_BS, g_BT):
         """``exp(log K + f + g)``, differentiable; one B*S*T buffer, updated in place.

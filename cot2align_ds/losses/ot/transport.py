@@ -10,6 +10,8 @@ from cot2align_ds.losses.ot.scaling import scaling_backward, scaling_forward
 from cot2align_ds.losses.ot.sinkhorn import (
     Problem,
     check_args,
+    column_error,
+    extend_warm,
     plan_solve,
     problem_masks,
     sinkhorn_log,
@@ -29,6 +31,8 @@ def transport_cost(
     absorb_every: int | None = None,
     cost_range: float | None = None,
     memory_budget_bytes: int | None = None,
+    max_iters: int | None = None,
+    marginal_tol: float | None = None,
 ) -> torch.Tensor:
     """Transport cost ``sum_ij P_ij C_ij`` of each problem's entropic plan, (B,) fp32 (fp64 stays).
 
@@ -60,6 +64,8 @@ def transport_cost(
             absorb_every=absorb_every,
             cost_range=cost_range,
             memory_budget_bytes=memory_budget_bytes,
+            max_iters=max_iters,
+            marginal_tol=marginal_tol,
         )
         if chunk == num_problems and options.num_grad <= options.absorb_every:
             return _TransportCost.apply(cost_BST, student_mask_BS, teacher_mask_BT, options)
@@ -74,6 +80,8 @@ def transport_cost(
         absorb_every=absorb_every,
         cost_range=cost_range,
         memory_budget_bytes=memory_budget_bytes,
+        max_iters=max_iters,
+        marginal_tol=marginal_tol,
     )
     return (plan_BST * cost_BST).sum((1, 2))
 
@@ -119,10 +127,17 @@ class _TransportCost(torch.autograd.Function):
             if num_warm > 0:
                 u_B1S, v_B1T, _, _ = scaling_forward(kernel_BST, a_B1S, b_B1T, num_warm, tiny)
                 kernel_BST.mul_(u_B1S.mT).mul_(v_B1T)
+                if options.max_iters > options.num_iters:
+                    kernel_BST = _extended(
+                        kernel_BST, cost_BST, problem, options, u_B1S, g_BT, v_B1T
+                    )
         else:
-            kernel_BST, *_ = problem.iterate(
+            kernel_BST, f_BS, g_BT, _ = problem.iterate(
                 f_BS, g_BT, num_warm, absorb_every=options.absorb_every, tol=None
             )
+            f_BS, g_BT, extra = extend_warm(problem, f_BS, g_BT, options, kernel_BST)
+            if extra:
+                kernel_BST = problem.plan_at(f_BS, g_BT)
         ctx.cost_dtype = cost_BST.dtype
         if options.num_grad == 0:
             ctx.save_for_backward(kernel_BST)
@@ -181,6 +196,21 @@ class _TransportCost(torch.autograd.Function):
         grad_BST = torch.bmm(left_B2NS.mT, right_B2NT).mul_(kernel_BST).add_(weighted_BST)
         grad_BST.mul_(grad_B11 / -ctx.epsilon).addcmul_(plan_BST, grad_B11)
         return grad_BST.to(ctx.cost_dtype), None, None, None
+
+
+def _extended(plan_BST, cost_BST, problem, options, u_B1S, g_BT, v_B1T):
+    """The warm plan after the adaptive budget (``extend_warm``), for the single-absorption
+    path, whose log-kernel buffer became the plan: when the plan is off its marginals the
+    log-kernel is rebuilt (one more B*S*T pass) and iterated on from the plan's potentials."""
+    if column_error(plan_BST, problem.b_B1T).max() <= options.marginal_tol:
+        return plan_BST
+    rebuilt = Problem(
+        cost_BST, problem.student_mask_BS, problem.teacher_mask_BT, options.epsilon, clean=False
+    )
+    f_BS = torch.log(torch.where(problem.student_mask_BS, u_B1S[:, 0], 1.0))
+    g_BT = g_BT + torch.log(torch.where(problem.teacher_mask_BT, v_B1T[:, 0], 1.0))
+    f_BS, g_BT, _ = extend_warm(rebuilt, f_BS, g_BT, options, plan_BST)
+    return rebuilt.plan_at(f_BS, g_BT)
 
 
 def _compiled_transport_grad(saved, grad_B, epsilon):
