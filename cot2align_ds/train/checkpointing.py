@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cot2align_ds.atomic import write_text_atomic
+from cot2align_ds.atomic import exchange_paths, write_text_atomic
 from cot2align_ds.engine import deepspeed_engines as dse
 from cot2align_ds.errors import UserError
 from cot2align_ds.models.lora import save_lora_student
@@ -204,9 +204,10 @@ def save_final_model(
         if models.teacher_model is not None:
             text = json.dumps(models.teacher_ds, indent=2)
             write_text_atomic(output_dir / "ds_teacher.json", text)
-        # Written into a staging folder, then renamed into place: a kill mid-save leaves the
+        # Written into a staging folder, then swapped into place: a kill mid-save leaves the
         # previous model (or none), never a directory that looks complete but is not.
-        staging = output_dir / ".final-model.partial"
+        recover_final_model(output_dir)
+        staging = output_dir / FINAL_MODEL_STAGING
         shutil.rmtree(staging, ignore_errors=True)
         staged_model, staged_adapter = staging / FINAL_MODEL_DIRNAME, staging / "student_adapter"
         staged_model.mkdir(parents=True)
@@ -228,8 +229,29 @@ def save_final_model(
     return model_dir
 
 
+FINAL_MODEL_STAGING = ".final-model.partial"
+_FINAL_DIRS = (FINAL_MODEL_DIRNAME, "student_adapter")
+
+
+def recover_final_model(output_dir: Path) -> list[str]:
+    """Put back a previous final model that a killed save had moved aside (the two-rename
+    fallback's window, on filesystems without an atomic exchange); the names restored."""
+    restored = []
+    for name in _FINAL_DIRS:
+        aside = output_dir / FINAL_MODEL_STAGING / f"{name}.old"
+        if aside.is_dir() and not (output_dir / name).exists():
+            aside.rename(output_dir / name)
+            restored.append(name)
+    return restored
+
+
 def _replace_dir(new: Path, target: Path, scratch: Path) -> None:
-    """Put ``new`` at ``target`` with two renames (the old one moves aside first)."""
+    """Put ``new`` at ``target``: one atomic exchange where the filesystem has it, else two
+    renames (the old one moves aside into ``scratch`` first; ``recover_final_model`` undoes a
+    kill between them)."""
+    if target.exists() and exchange_paths(new, target):
+        shutil.rmtree(new)  # now the previous model
+        return
     old = scratch / f"{target.name}.old"
     if target.exists():
         target.rename(old)

@@ -444,6 +444,8 @@ def run_train(
     dse.barrier()  # every rank has checked before rank 0 writes anything
     if ctx.is_main:
         make_output_dir(output_dir)
+        for name in ckpt.recover_final_model(output_dir):
+            print(f"{name}/: restored the previous final model (a save was killed midway)")
         write_text_atomic(output_dir / "config.json", json.dumps(config_to_dict(config), indent=2))
         if step is not None:
             for name in ["metrics.jsonl", *(p.name for p in output_dir.glob("examples_seen.*"))]:

@@ -38,3 +38,18 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         atomic_write(path, broken)
     assert path.read_text() == "old\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_exchange_paths_swaps_two_directories_in_one_step(tmp_path):
+    from cot2align_ds.atomic import exchange_paths
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "from_a").write_text("a")
+    (tmp_path / "b" / "from_b").write_text("b")
+    if not exchange_paths(tmp_path / "a", tmp_path / "b"):
+        pytest.skip("this filesystem has no atomic exchange (the fallback is tested elsewhere)")
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["from_b"]
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["from_a"]
+    with pytest.raises(FileNotFoundError):
+        exchange_paths(tmp_path / "a", tmp_path / "missing")
