@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from cot2align_ds.config import load_config
+from cot2align_ds.config import RunConfig, load_config
 from cot2align_ds.errors import UserError
+from cot2align_ds.run_dir import check_resumable, find_resume_tag
 
 SBATCH_TEMPLATE = Path(__file__).resolve().parents[1] / "launchers" / "slurm.sbatch"
 _TRAIN_MODULE = ("--module", "cot2align_ds.cli", "train")
@@ -146,6 +147,34 @@ def _overrides(extra_args: Sequence[str]) -> list[str]:
                 raise LaunchError(f"{arg} needs a value: section.key=value")
             overrides.append(extra_args[index + 1])
     return overrides
+
+
+def _resume_arg(extra_args: Sequence[str]) -> str | None:
+    """The ``--resume`` value among the arguments passed through to ``train``."""
+    for index, arg in enumerate(extra_args):
+        if arg.startswith("--resume="):
+            return arg.removeprefix("--resume=")
+        if arg == "--resume":
+            if index + 1 == len(extra_args):
+                raise LaunchError("--resume needs a value: auto or a checkpoint tag")
+            return extra_args[index + 1]
+    return None
+
+
+def check_resume(run: RunConfig, resume: str | None, world_size: int | None) -> None:
+    """Refuse a resume that ``train`` would refuse, before any rank starts: otherwise every rank
+    fails at start-up and the launcher adds its own failure report to the one line. Without a
+    known world size only the checkpoint's existence and the batch layout are checked."""
+    if resume is None:
+        return
+    output_dir = Path(run.output_dir)
+    tag = find_resume_tag(output_dir, resume)
+    if tag is None:
+        return
+    layout = {"micro_batch_size": run.train.micro_batch_size, "grad_accum": run.train.grad_accum}
+    if world_size is not None:
+        layout["world_size"] = world_size
+    check_resumable(output_dir, tag, layout)
 
 
 def _master_port(env: Mapping[str, str]) -> str:
@@ -289,6 +318,8 @@ def render_launch(
             "--slurm: the run saves no periodic checkpoints; set train.save_every (e.g. "
             "--set train.save_every=200) so a requeued job resumes where it stopped"
         )
+    gpus = gpus_per_node or (None if slurm else _int_env(env, "SLURM_GPUS_ON_NODE"))
+    check_resume(run, _resume_arg(extra_args), nodes * gpus if gpus else None)
     if slurm:
         directives = {"partition": partition, "time": time, "job-name": job_name}
         return _render_slurm(config_path, nodes, gpus_per_node, extra_args, directives)

@@ -1,5 +1,5 @@
-"""Resumable checkpoints (layout, completeness markers, rotation, picking one to resume,
-saving and restoring the training state) and the final model a run leaves behind.
+"""Saving and restoring the training state, and saving the final model a run leaves behind
+(the directory bookkeeping, which needs no engine, is in ``run_dir``).
 
 Layout under ``<output_dir>/checkpoints``: one DeepSpeed checkpoint per tag ``step-000120``
 (student engine: weights, optimizer, scheduler, projectors), and next to it a marker
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,77 +19,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from cot2align_ds.atomic import exchange_paths, write_text_atomic
+from cot2align_ds.atomic import write_text_atomic
 from cot2align_ds.engine import deepspeed_engines as dse
-from cot2align_ds.errors import UserError
 from cot2align_ds.models.lora import save_lora_student
-from cot2align_ds.run_dir import FINAL_MODEL_DIRNAME
-
-_TAG = re.compile(r"^step-(\d{6,})$")
-
-
-class ResumeError(UserError):
-    """No usable checkpoint where the user asked to resume from."""
-
-
-def checkpoint_root(output_dir: Path) -> Path:
-    return output_dir / "checkpoints"
-
-
-def tag_for(step: int) -> str:
-    return f"step-{step:06d}"
-
-
-def marker_path(root: Path, tag: str) -> Path:
-    return root / f"{tag}.complete"
-
-
-def complete_tags(root: Path) -> list[str]:
-    """Tags with both a checkpoint folder and a completeness marker, oldest first."""
-    if not root.is_dir():
-        return []
-    tags = [p.name for p in root.iterdir() if p.is_dir() and _TAG.match(p.name)]
-    tags = [tag for tag in tags if marker_path(root, tag).is_file()]
-    return sorted(tags, key=lambda tag: int(_TAG.match(tag).group(1)))
-
-
-def find_resume_tag(output_dir: Path, resume: str) -> str | None:
-    """``auto``: newest complete tag or None; a tag name: that one, which must be complete."""
-    root = checkpoint_root(output_dir)
-    tags = complete_tags(root)
-    if resume == "auto":
-        return tags[-1] if tags else None
-    if resume not in tags:
-        raise ResumeError(
-            f"--resume {resume}: no complete checkpoint of that name in {root} "
-            f"(complete: {', '.join(tags) or 'none'}); use --resume auto"
-        )
-    return resume
-
-
-def write_marker(root: Path, tag: str, state: dict[str, Any]) -> None:
-    write_text_atomic(marker_path(root, tag), json.dumps(state))
-
-
-def read_marker(root: Path, tag: str) -> dict[str, Any]:
-    return json.loads(marker_path(root, tag).read_text(encoding="utf-8"))
-
-
-def rotate(root: Path, keep_last: int) -> list[str]:
-    """Delete all but the newest ``keep_last`` complete checkpoints and any stale partial ones."""
-    tags = complete_tags(root)
-    doomed = tags[:-keep_last] if keep_last > 0 else tags
-    newest = int(_TAG.match(tags[-1]).group(1)) if tags else -1
-    for path in root.iterdir() if root.is_dir() else []:
-        match = _TAG.match(path.name)
-        # A partial folder older than the newest complete one is an abandoned write.
-        stale = match and int(match.group(1)) < newest
-        if stale and path.is_dir() and not marker_path(root, path.name).is_file():
-            doomed.append(path.name)
-    for tag in doomed:
-        marker_path(root, tag).unlink(missing_ok=True)
-        shutil.rmtree(root / tag, ignore_errors=True)
-    return doomed
+from cot2align_ds.run_dir import (
+    FINAL_MODEL_DIRNAME,
+    FINAL_MODEL_STAGING,
+    check_resumable,
+    checkpoint_root,
+    recover_final_model,
+    replace_dir,
+    rotate,
+    tag_for,
+    write_marker,
+)
 
 
 def rng_state() -> dict[str, Any]:
@@ -123,33 +65,6 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def truncate_jsonl_steps(path: Path, max_step: int) -> int:
-    """Drop rows logged after ``max_step`` (they belong to the run's lost tail), and a torn or
-    NUL-padded last line that a kill in the middle of a write leaves; returns how many lines
-    that were not whole JSON objects were dropped (the caller says so)."""
-    if not path.is_file():
-        return 0
-    kept, torn = [], 0
-    for line in path.read_bytes().decode("utf-8", errors="replace").split("\n"):
-        text = line.strip().strip("\x00")
-        if not text:
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError:
-            torn += 1
-            continue
-        if isinstance(row, dict) and row.get("step", 0) <= max_step:
-            kept.append(json.dumps(row))
-    write_text_atomic(path, "".join(line + "\n" for line in kept))
-    return torn
-
-
-# What must match between a checkpoint and the run resuming it: the data position counts
-# micro-batches of this size on this many ranks.
-_RESUME_INVARIANTS = ("world_size", "micro_batch_size", "grad_accum")
-
-
 def save_resumable(
     engine: Any, output_dir: Path, state: dict[str, Any], ctx: dse.DistContext, *, keep_last: int
 ) -> None:
@@ -163,19 +78,6 @@ def save_resumable(
         write_marker(root, tag, state)
         rotate(root, keep_last)
     dse.barrier()
-
-
-def check_resumable(output_dir: Path, tag: str, current: dict[str, Any]) -> dict[str, Any]:
-    """The saved trainer state of checkpoint ``tag``, refused (one line) when its data layout
-    differs from ``current``'s. Runs before the run writes anything."""
-    state = read_marker(checkpoint_root(output_dir), tag)
-    for key in _RESUME_INVARIANTS:
-        if state[key] != current[key]:
-            raise ResumeError(
-                f"checkpoint {tag} was written with {key}={state[key]}, this run has "
-                f"{current[key]}; resume with the same setting"
-            )
-    return state
 
 
 def restore(
@@ -221,39 +123,9 @@ def save_final_model(
         tokenizer.save_pretrained(staged_model)
         for staged in (staged_model, staged_adapter):
             if staged.exists():
-                _replace_dir(staged, output_dir / staged.name, staging)
+                replace_dir(staged, output_dir / staged.name, staging)
         shutil.rmtree(staging)
         if projectors:
             dse.save_safetensors(projectors, output_dir / "projectors.safetensors")
     dse.barrier()
     return model_dir
-
-
-FINAL_MODEL_STAGING = ".final-model.partial"
-_FINAL_DIRS = (FINAL_MODEL_DIRNAME, "student_adapter")
-
-
-def recover_final_model(output_dir: Path) -> list[str]:
-    """Put back a previous final model that a killed save had moved aside (the two-rename
-    fallback's window, on filesystems without an atomic exchange); the names restored."""
-    restored = []
-    for name in _FINAL_DIRS:
-        aside = output_dir / FINAL_MODEL_STAGING / f"{name}.old"
-        if aside.is_dir() and not (output_dir / name).exists():
-            aside.rename(output_dir / name)
-            restored.append(name)
-    return restored
-
-
-def _replace_dir(new: Path, target: Path, scratch: Path) -> None:
-    """Put ``new`` at ``target``: one atomic exchange where the filesystem has it, else two
-    renames (the old one moves aside into ``scratch`` first; ``recover_final_model`` undoes a
-    kill between them)."""
-    if target.exists() and exchange_paths(new, target):
-        shutil.rmtree(new)  # now the previous model
-        return
-    old = scratch / f"{target.name}.old"
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from cot2align_ds import run_dir as rundir
 from cot2align_ds.atomic import write_text_atomic
 from cot2align_ds.config import RunConfig, config_to_dict
 from cot2align_ds.data.batch import DistillBatch, TokenSide
@@ -268,7 +269,7 @@ class Trainer:
         cfg = self.config.train
         if not (cfg.save_every and step % cfg.save_every == 0):
             self.save_checkpoint()
-        tag = ckpt.tag_for(step)
+        tag = rundir.tag_for(step)
         self.tracker.summary({"preempted_at_step": step})
         self.tracker.close()
         raise Preempted(
@@ -336,7 +337,7 @@ class Trainer:
         self.tracker.log(metrics, step)
         if self.dev.should_keep(metrics):
             # Best-K live apart from the resumable checkpoints so the two rotations never clash.
-            root, tag = self.output_dir / "best_checkpoints", ckpt.tag_for(step)
+            root, tag = self.output_dir / "best_checkpoints", rundir.tag_for(step)
             dse.save_checkpoint(self.student_engine, root, tag)
             self.dev.register_checkpoint(step, root / tag)
         dse.barrier()
@@ -383,7 +384,7 @@ class Trainer:
             )
 
     def save_checkpoint(self) -> None:
-        self._require_finite_weights(f"checkpoint {ckpt.tag_for(self.step)}")
+        self._require_finite_weights(f"checkpoint {rundir.tag_for(self.step)}")
         ckpt.save_resumable(
             self.student_engine,
             self.output_dir,
@@ -422,12 +423,12 @@ def run_train(
     """Train; ``resume``: "auto" (newest complete checkpoint, if any) or a checkpoint tag."""
     ctx = dse.init_distributed(config.deepspeed.dist_timeout_s)
     output_dir = Path(config.output_dir)
-    tag = ckpt.find_resume_tag(output_dir, resume) if resume else None
+    tag = rundir.find_resume_tag(output_dir, resume) if resume else None
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
     if resume == "auto" and tag is None and restarts > 0:
-        raise ckpt.ResumeError(
+        raise rundir.ResumeError(
             f"restart {restarts} of SLURM job {os.environ.get('SLURM_JOB_ID', '?')} found no "
-            f"complete checkpoint in {ckpt.checkpoint_root(output_dir)}; refusing to start over "
+            f"complete checkpoint in {rundir.checkpoint_root(output_dir)}; refusing to start over "
             "into the same directory: set train.save_every, or start a new job"
         )
     step = None
@@ -440,16 +441,16 @@ def run_train(
             "micro_batch_size": config.train.micro_batch_size,
             "grad_accum": config.train.grad_accum,
         }
-        step = ckpt.check_resumable(output_dir, tag, layout)["step"]
+        step = rundir.check_resumable(output_dir, tag, layout)["step"]
     dse.barrier()  # every rank has checked before rank 0 writes anything
     if ctx.is_main:
         make_output_dir(output_dir)
-        for name in ckpt.recover_final_model(output_dir):
+        for name in rundir.recover_final_model(output_dir):
             print(f"{name}/: restored the previous final model (a save was killed midway)")
         write_text_atomic(output_dir / "config.json", json.dumps(config_to_dict(config), indent=2))
         if step is not None:
             for name in ["metrics.jsonl", *(p.name for p in output_dir.glob("examples_seen.*"))]:
-                if ckpt.truncate_jsonl_steps(output_dir / name, step):
+                if rundir.truncate_jsonl_steps(output_dir / name, step):
                     print(f"{name}: dropped a torn last line (the run was killed mid-write)")
     dse.barrier()
     trainer = Trainer(config, output_dir, ctx, tag)

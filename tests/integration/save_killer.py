@@ -14,9 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
-from cot2align_ds import atomic
+from cot2align_ds import atomic, run_dir
 from cot2align_ds.config import load_config
-from cot2align_ds.train import checkpointing
 from cot2align_ds.train.loop import run_train
 
 # Each point is a predicate on (event, args, output_dir); the process dies when the first
@@ -25,19 +24,17 @@ KILL_POINTS = {
     # the first file opened for writing inside the staging folder
     "staging-write": lambda event, args, out: (
         event == "open"
-        and str(args[0]).startswith(str(out / checkpointing.FINAL_MODEL_STAGING))
+        and str(args[0]).startswith(str(out / run_dir.FINAL_MODEL_STAGING))
         and isinstance(args[2], int)
         and args[2] & (os.O_WRONLY | os.O_RDWR)
     ),
     # fallback: after the previous model moved aside, before the new one moved in
     "between-renames": lambda event, args, out: (
-        event == "os.rename"
-        and Path(args[0]) == out / checkpointing.FINAL_MODEL_STAGING / "student"
+        event == "os.rename" and Path(args[0]) == out / run_dir.FINAL_MODEL_STAGING / "student"
     ),
     # after the swap, while the previous model (now in the staging folder) is deleted
     "cleanup": lambda event, args, out: (
-        event == "shutil.rmtree"
-        and Path(args[0]) == out / checkpointing.FINAL_MODEL_STAGING / "student"
+        event == "shutil.rmtree" and Path(args[0]) == out / run_dir.FINAL_MODEL_STAGING / "student"
     ),
 }
 
@@ -54,9 +51,9 @@ def main() -> None:
 
     if exchange == "off":
         # A filesystem without an atomic exchange (e.g. some network filesystems).
-        checkpointing.exchange_paths = lambda first, second: False
+        run_dir.exchange_paths = lambda first, second: False
     else:
-        assert atomic.exchange_paths is checkpointing.exchange_paths
+        assert atomic.exchange_paths is run_dir.exchange_paths
     sys.addaudithook(hook)
     run_train(config, resume="auto")
     sys.exit("the save finished without reaching the kill point")

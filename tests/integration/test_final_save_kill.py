@@ -14,8 +14,8 @@ import pytest
 import yaml
 from support import subprocess_env, tiny_run_config
 
+from cot2align_ds import run_dir as rundir
 from cot2align_ds.config import validate_config
-from cot2align_ds.train import checkpointing as ckpt
 
 HERE = Path(__file__).resolve().parent
 
@@ -66,7 +66,7 @@ def test_a_kill_during_the_final_save_never_leaves_a_partial_model(
     before = _snapshot(run_dir / "student")
     _kill_at(config_path, point, exchange)
 
-    restored = ckpt.recover_final_model(run_dir)  # what the next run does first
+    restored = rundir.recover_final_model(run_dir)  # what the next run does first
     after = _snapshot(run_dir / "student")
     if point == "cleanup":
         # The new model was complete and in place: a full set of files, different weights.
@@ -84,7 +84,7 @@ def test_the_next_run_restores_a_model_left_aside(finished_run, tmp_path):
     before = _snapshot(run_dir / "student")
     _kill_at(config_path, "between-renames", "off")
     assert not (run_dir / "student").exists()
-    assert _snapshot(run_dir / ckpt.FINAL_MODEL_STAGING / "student.old") == before
+    assert _snapshot(run_dir / rundir.FINAL_MODEL_STAGING / "student.old") == before
     # The resumed run restores the model, trains its last step again and saves the new one.
     command = [sys.executable, "-m", "cot2align_ds.cli", "train", "--config", str(config_path)]
     result = subprocess.run(
@@ -95,4 +95,4 @@ def test_the_next_run_restores_a_model_left_aside(finished_run, tmp_path):
     assert "student/: restored the previous final model" in result.stdout
     after = _snapshot(run_dir / "student")
     assert after.keys() == before.keys() and after != before
-    assert not (run_dir / ckpt.FINAL_MODEL_STAGING).exists()
+    assert not (run_dir / rundir.FINAL_MODEL_STAGING).exists()

@@ -85,13 +85,13 @@ def test_too_many_non_finite_steps_stop_the_run(workspace, tmp_path):
 def test_non_finite_weights_are_never_written(workspace, tmp_path):
     """Weights that became non-finite (an overflowing update) are not saved: not as a resumable
     checkpoint over the good ones, not as the final model; one line says so."""
+    from cot2align_ds import run_dir as rundir
     from cot2align_ds.errors import UserError
-    from cot2align_ds.train import checkpointing as ckpt
 
     trainer = _trainer(workspace, tmp_path, save_every=1, keep_last=3)
     trainer.step = 1
     trainer.save_checkpoint()
-    good = ckpt.complete_tags(ckpt.checkpoint_root(tmp_path / "run"))
+    good = rundir.complete_tags(rundir.checkpoint_root(tmp_path / "run"))
     assert good == ["step-000001"]
     name, parameter = next(iter(trainer.student_engine.module.student.named_parameters()))
     getattr(parameter, "ds_tensor", parameter.data).fill_(float("inf"))
@@ -100,7 +100,7 @@ def test_non_finite_weights_are_never_written(workspace, tmp_path):
         with pytest.raises(UserError, match="non-finite") as info:
             write()
         assert "\n" not in str(info.value) and "lower train.lr" in str(info.value)
-    assert ckpt.complete_tags(ckpt.checkpoint_root(tmp_path / "run")) == good
+    assert rundir.complete_tags(rundir.checkpoint_root(tmp_path / "run")) == good
     assert not (tmp_path / "run" / "checkpoints" / "step-000002").exists()
     assert not (tmp_path / "run" / "student").exists()
 

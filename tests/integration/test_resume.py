@@ -17,9 +17,9 @@ import torch
 import yaml
 from support import subprocess_env, tiny_run_config
 
+from cot2align_ds import run_dir as rundir
 from cot2align_ds.config import validate_config
 from cot2align_ds.data.records import read_records, write_records
-from cot2align_ds.train import checkpointing as ckpt
 
 NUM_RECORDS, MICRO_BATCH, STEPS = 16, 4, 10  # 4 steps per epoch, 2.5 epochs
 
@@ -94,14 +94,14 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(workspace, tmp_path):
         seen = Counter(i for row in rows[start : start + steps_per_epoch] for i in row["ids"])
         assert len(seen) == NUM_RECORDS and set(seen.values()) == {1}
     # Rotation kept the newest two complete checkpoints.
-    assert len(ckpt.complete_tags(ckpt.checkpoint_root(tmp_path / "killed"))) <= 2
+    assert len(rundir.complete_tags(rundir.checkpoint_root(tmp_path / "killed"))) <= 2
 
 
 def test_resume_without_checkpoint_starts_fresh_and_a_named_tag_must_exist(workspace, tmp_path):
     from cot2align_ds.train.loop import run_train
 
     config = validate_config(_config(workspace, tmp_path, "fresh"))
-    with pytest.raises(ckpt.ResumeError, match="no complete checkpoint"):
+    with pytest.raises(rundir.ResumeError, match="no complete checkpoint"):
         run_train(config, resume="step-000003")
     config.train.max_steps = 2
     run_train(config, resume="auto")
@@ -109,14 +109,14 @@ def test_resume_without_checkpoint_starts_fresh_and_a_named_tag_must_exist(works
 
 
 def test_half_written_checkpoint_is_never_picked(tmp_path):
-    root = ckpt.checkpoint_root(tmp_path)
+    root = rundir.checkpoint_root(tmp_path)
     (root / "step-000002").mkdir(parents=True)
-    ckpt.write_marker(root, "step-000002", {"step": 2})
+    rundir.write_marker(root, "step-000002", {"step": 2})
     (root / "step-000004").mkdir()  # killed while writing: no marker
-    assert ckpt.find_resume_tag(tmp_path, "auto") == "step-000002"
+    assert rundir.find_resume_tag(tmp_path, "auto") == "step-000002"
     (root / "step-000006").mkdir()
-    ckpt.write_marker(root, "step-000006", {"step": 6})
-    ckpt.rotate(root, keep_last=1)
+    rundir.write_marker(root, "step-000006", {"step": 6})
+    rundir.rotate(root, keep_last=1)
     assert sorted(p.name for p in root.iterdir()) == ["step-000006", "step-000006.complete"]
 
 
@@ -132,7 +132,7 @@ def test_a_refused_resume_touches_nothing_and_a_torn_log_line_is_dropped(workspa
         handle.write(b'{"step": 3, "loss/tot' + b"\x00" * 16)
     before = {name: (run_dir / name).read_bytes() for name in ("metrics.jsonl", "config.json")}
     other = {**raw, "train": {**raw["train"], "micro_batch_size": 2, "max_steps": 3}}
-    with pytest.raises(ckpt.ResumeError, match="micro_batch_size=4, this run has 2"):
+    with pytest.raises(rundir.ResumeError, match="micro_batch_size=4, this run has 2"):
         run_train(validate_config(other), resume="auto")
     assert {name: (run_dir / name).read_bytes() for name in before} == before
     raw["train"]["max_steps"] = 3
@@ -174,7 +174,7 @@ def test_a_preemption_notice_checkpoints_at_the_step_boundary_and_asks_for_a_req
     assert process.returncode == REQUEUE_EXIT_CODE, stderr[-3000:]
     notices = [line for line in stderr.decode().splitlines() if line.startswith("preempted:")]
     assert len(notices) == 1 and "--resume auto" in notices[0]
-    tags = ckpt.complete_tags(ckpt.checkpoint_root(tmp_path / "preempted"))
+    tags = rundir.complete_tags(rundir.checkpoint_root(tmp_path / "preempted"))
     assert len(tags) == 1 and not (tmp_path / "preempted" / "student").exists()
 
     command, env = _cli("train", "--config", str(path), "--resume", "auto")
@@ -190,6 +190,6 @@ def test_a_restarted_job_without_a_checkpoint_refuses_to_start_over(
 
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    with pytest.raises(ckpt.ResumeError, match="restart 1 of SLURM job 4242 found no complete"):
+    with pytest.raises(rundir.ResumeError, match="restart 1 of SLURM job 4242 found no complete"):
         run_train(validate_config(_config(workspace, tmp_path, "restarted")), resume="auto")
     assert not (tmp_path / "restarted").exists()
