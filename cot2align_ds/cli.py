@@ -361,6 +361,9 @@ def launch(
     partition: Annotated[str | None, typer.Option(help="SLURM partition.")] = None,
     time: Annotated[str | None, typer.Option(help="SLURM time limit, e.g. 24:00:00.")] = None,
     job_name: Annotated[str | None, typer.Option(help="SLURM job name.")] = None,
+    multinode: Annotated[
+        str, typer.Option(help="Several nodes in an allocation: srun (one step) or pdsh.")
+    ] = "srun",
     dry_run: Annotated[bool, typer.Option(help="Print the command or script only.")] = False,
 ) -> None:
     """Render and run (or submit) the exact launch command; extra args go to `train`."""
@@ -375,6 +378,7 @@ def launch(
         partition=partition,
         time=time,
         job_name=job_name,
+        multinode=multinode,
         dry_run=dry_run,
         echo=typer.echo,
     )

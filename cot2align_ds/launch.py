@@ -4,8 +4,11 @@ Three modes, each rendered first as a ``LaunchPlan`` (what will run, exactly) an
 
 - one node: the deepspeed launcher on the local GPUs (what ``launchers/local.sh`` does);
 - several nodes inside an existing allocation (``salloc``, an interactive job): a hostfile built
-  from ``SLURM_JOB_NODELIST`` and one deepspeed launcher on this host, which starts the other
-  nodes' ranks over pdsh/ssh;
+  from ``SLURM_JOB_NODELIST`` (in ``.cot2align/`` of the working directory, which every node
+  must see) and one ``srun`` step that starts one deepspeed launcher per node, with the node's
+  CPUs and GPUs requested explicitly (srun does not inherit ``--cpus-per-task`` since Slurm
+  22.05). ``multinode="pdsh"`` instead runs one launcher here that reaches the other nodes over
+  pdsh/ssh, with the environment DeepSpeed would not forward written to a private env file;
 - ``slurm=True``: ``launchers/slurm.sbatch`` with its ``#SBATCH`` header set from the arguments
   and the run's arguments baked in, submitted on ``sbatch``'s standard input (requeue on
   preemption and ``--resume auto`` on restart come with the script).
@@ -24,9 +27,8 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -52,12 +54,20 @@ class LaunchPlan:
     stdin: str | None = None
     hostfile_path: Path | None = None
     hostfile_text: str | None = None
+    env: dict[str, str] = field(default_factory=dict)  # set for the launcher, over os.environ
+    env_file_path: Path | None = None  # pdsh: what DeepSpeed forwards to the other nodes
+    env_file_text: str | None = None
 
     def describe(self) -> str:
-        """The dry-run text: the hostfile, the command, and the script for SLURM."""
+        """The dry-run text: the hostfile, the environment, the command, and the script for
+        SLURM (the env file's values are not shown: only its variable names)."""
         lines = []
         if self.hostfile_path is not None:
             lines += [f"# hostfile {self.hostfile_path}", (self.hostfile_text or "").rstrip()]
+        if self.env_file_path is not None:
+            names = [line.split("=", 1)[0] for line in (self.env_file_text or "").splitlines()]
+            lines.append(f"# env file {self.env_file_path}: {' '.join(names)}")
+        lines += [f"export {key}={shlex.quote(value)}" for key, value in self.env.items()]
         lines.append(shlex.join(self.argv))
         if self.stdin is not None:
             lines += ["# batch script (on sbatch's standard input):", self.stdin.rstrip()]
@@ -213,6 +223,7 @@ def _render_allocation(
     gpus_per_node: int | None,
     extra_args: Sequence[str],
     env: Mapping[str, str],
+    multinode: str = "srun",
 ) -> LaunchPlan:
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
@@ -228,10 +239,65 @@ def _render_allocation(
         raise LaunchError("cannot tell the GPUs per node: pass --gpus-per-node")
     hostfile_text = "".join(f"{host} slots={gpus}\n" for host in hosts[:nodes])
     job = env.get("SLURM_JOB_ID") or str(os.getpid())
-    hostfile_path = Path(tempfile.gettempdir()) / f"cot2align-hostfile-{job}"
-    argv = [*_deepspeed(), "--hostfile", str(hostfile_path), "--master_addr", hosts[0]]
-    argv += ["--master_port", _master_port(env), *_train_args(config_path, extra_args)]
-    return LaunchPlan("allocation", argv, hostfile_path=hostfile_path, hostfile_text=hostfile_text)
+    # Every node's launcher reads the hostfile in srun mode: not in a node-local /tmp.
+    shared = Path.cwd() / ".cot2align"
+    hostfile_path = shared / f"hostfile-{job}"
+    launcher = [*_deepspeed(), "--hostfile", str(hostfile_path), "--master_addr", hosts[0]]
+    launcher += ["--master_port", _master_port(env)]
+    train = _train_args(config_path, extra_args)
+    cpus = _int_env(env, "SLURM_CPUS_ON_NODE")
+    threads = _threads_per_rank(env, cpus, gpus)
+    common = {"hostfile_path": hostfile_path, "hostfile_text": hostfile_text}
+    if multinode == "pdsh":
+        env_file = shared / f"deepspeed_env-{job}"
+        forwarded = {**env, **threads}
+        return LaunchPlan(
+            "allocation",
+            [*launcher, *train],
+            env={**threads, "DS_ENV_FILE": str(env_file)},
+            env_file_path=env_file,
+            env_file_text=deepspeed_env_text(forwarded),
+            **common,
+        )
+    if multinode != "srun":
+        raise LaunchError(f"--multinode must be srun or pdsh (got {multinode!r})")
+    step = ["srun", "--nodes", str(nodes), "--ntasks-per-node", "1"]
+    if cpus is not None:
+        step += ["--cpus-per-task", str(cpus)]
+    step += ["--gpus-per-node", str(gpus), "--kill-on-bad-exit=1"]
+    # The node rank is only known on the node: an inner shell puts it between the launcher's
+    # options and the training command.
+    count = len(launcher)
+    inner = f'exec "${{@:1:{count}}}" --no_ssh --node_rank "$SLURM_NODEID" "${{@:{count + 1}}}"'
+    argv = [*step, "bash", "-c", inner, "_", *launcher, *train]
+    return LaunchPlan("allocation", argv, env=threads, **common)
+
+
+# Variables DeepSpeed's pdsh launcher does not forward by itself but a run reads.
+_FORWARDED_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "WANDB_", "TORCH_", "TRITON_")
+_FORWARDED_PREFIXES += ("COT2ALIGN_",)
+_FORWARDED_NAMES = ("OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "SLURM_JOB_ID", "SLURM_JOB_NAME")
+_FORWARDED_NAMES += ("SLURM_RESTART_COUNT", "SLURM_SUBMIT_DIR")
+_SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD")
+
+
+def deepspeed_env_text(env: Mapping[str, str]) -> str:
+    """A DeepSpeed env file (``NAME=value`` lines) of the variables a run needs on the other
+    nodes; never a credential (``*KEY*``, ``*TOKEN*``, ...: those come from the shared home's
+    ``wandb login`` / ``huggingface-cli login``), never a multi-line value."""
+    lines = []
+    for name in sorted(env):
+        wanted = name.startswith(_FORWARDED_PREFIXES) or name in _FORWARDED_NAMES
+        if wanted and not _SECRET.search(name) and "\n" not in env[name]:
+            lines.append(f"{name}={env[name]}\n")
+    return "".join(lines)
+
+
+def _threads_per_rank(env: Mapping[str, str], cpus: int | None, ranks: int) -> dict[str, str]:
+    """OMP_NUM_THREADS for each rank: the node's CPUs shared by its ranks (unless set)."""
+    if env.get("OMP_NUM_THREADS") or cpus is None:
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, cpus // ranks))}
 
 
 def _int_env(env: Mapping[str, str], key: str) -> int | None:
@@ -299,6 +365,7 @@ def render_launch(
     partition: str | None = None,
     time: str | None = None,
     job_name: str | None = None,
+    multinode: str = "srun",
 ) -> LaunchPlan:
     """Validate the run config (with the ``--set`` overrides in ``extra_args``) and render the
     launch. ``env`` is where SLURM variables and MASTER_PORT are read (default: os.environ);
@@ -324,7 +391,7 @@ def render_launch(
         directives = {"partition": partition, "time": time, "job-name": job_name}
         return _render_slurm(config_path, nodes, gpus_per_node, extra_args, directives)
     if nodes > 1:
-        return _render_allocation(config_path, nodes, gpus_per_node, extra_args, env)
+        return _render_allocation(config_path, nodes, gpus_per_node, extra_args, env, multinode)
     return _render_local(config_path, gpus_per_node, extra_args, env)
 
 
@@ -339,6 +406,7 @@ def run_launch(
     partition: str | None = None,
     time: str | None = None,
     job_name: str | None = None,
+    multinode: str = "srun",
     dry_run: bool = False,
     echo: Callable[[str], None] = print,
 ) -> int:
@@ -354,14 +422,28 @@ def run_launch(
         partition=partition,
         time=time,
         job_name=job_name,
+        multinode=multinode,
     )
     if dry_run:
         echo(plan.describe())
         return 0
     if plan.mode == "slurm" and shutil.which("sbatch") is None:
         raise LaunchError("sbatch not found on PATH: submit from a SLURM login node, or --dry-run")
+    written = []
     if plan.hostfile_path is not None:
+        plan.hostfile_path.parent.mkdir(parents=True, exist_ok=True)
         plan.hostfile_path.write_text(plan.hostfile_text or "", encoding="utf-8")
+        written.append(plan.hostfile_path)
+    if plan.env_file_path is not None:
+        # Private: it may carry paths and project names a teammate need not see.
+        fd = os.open(plan.env_file_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(plan.env_file_text or "")
+        written.append(plan.env_file_path)
     echo(shlex.join(plan.argv))
-    child_env = dict(os.environ if env is None else env)
-    return subprocess.run(plan.argv, input=plan.stdin, text=True, env=child_env).returncode
+    child_env = {**(os.environ if env is None else env), **plan.env}
+    try:
+        return subprocess.run(plan.argv, input=plan.stdin, text=True, env=child_env).returncode
+    finally:
+        for path in written:
+            path.unlink(missing_ok=True)

@@ -85,20 +85,49 @@ def _unlink_shm_workspace() -> None:
 
 
 def init_distributed(timeout_s: int = 1800) -> DistContext:
-    """Join (or create) the process group; idempotent."""
+    """Join (or create) the process group; idempotent. Refuses a GPU job that cannot use its
+    GPUs; binds this rank to its GPU before the first collective."""
+    require_usable_gpus(os.environ, get_accelerator().device_name())
     _set_single_process_rendezvous()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device_name = get_accelerator().device_name()
+    device = torch.device(device_name, local_rank) if device_name != "cpu" else torch.device("cpu")
+    if device.type != "cpu":
+        # Before the process group: NCCL's first collective otherwise creates its communicator
+        # on GPU 0 for every rank of the node.
+        get_accelerator().set_device(local_rank)
     if not dist.is_initialized():
         backend = get_accelerator().communication_backend_name()
         deepspeed.init_distributed(
             dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s)
         )
         _unlink_shm_workspace()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device_name = get_accelerator().device_name()
-    device = torch.device(device_name, local_rank) if device_name != "cpu" else torch.device("cpu")
-    if device.type != "cpu":
-        get_accelerator().set_device(local_rank)
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+class NoUsableGpuError(UserError):
+    """The scheduler gave this job GPUs, but this torch cannot use them."""
+
+
+# Set by SLURM when a job or step holds GPUs (whichever of --gpus*, --gres=gpu requested them).
+_GPU_JOB_VARIABLES = ("SLURM_GPUS_ON_NODE", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS")
+
+
+def require_usable_gpus(env: dict[str, str] | os._Environ, device_name: str) -> None:
+    """A job given GPUs must run on them: DeepSpeed would otherwise fall back to its CPU
+    accelerator and gloo with one warning, and train for days on the CPU."""
+    granted = next((key for key in _GPU_JOB_VARIABLES if env.get(key, "") not in ("", "0")), None)
+    if granted is None or device_name != "cpu":
+        return
+    if torch.version.cuda is None:
+        reason = f"torch {torch.__version__} is a CPU-only build"
+    else:
+        reason = f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU (driver?)"
+    raise NoUsableGpuError(
+        f"this job was given GPUs ({granted}={env[granted]}) but {reason}; install a CUDA "
+        "build of torch in this environment on a GPU node (not a login node), or submit "
+        "without GPUs"
+    )
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

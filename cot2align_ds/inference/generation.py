@@ -214,7 +214,9 @@ def generate_ids(
     device = next(model.parameters()).device
     outputs: list[list[int]] = [[] for _ in prompt_ids]
     bar = tqdm(total=len(order), desc="generate", unit="prompt", disable=not show_progress)
-    with bar, _eval_mode(model), _seeded(seed, device), torch.inference_mode():
+    # no_grad, not inference_mode: ZeRO-3 gathers parameters in hooks during generation, and
+    # tensors created under inference_mode could not be used by the training step afterwards.
+    with bar, _eval_mode(model), _seeded(seed, device), torch.no_grad():
         for start in range(0, len(order), batch_size):
             indices = order[start : start + batch_size]
             batch = [prompt_ids[i] for i in indices]

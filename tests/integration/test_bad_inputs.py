@@ -592,3 +592,15 @@ def test_a_plan_short_of_its_marginals_is_reported_once(workspace, tmp_path):
     warnings = [line for line in outcome.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1, outcome.stderr[-2000:]
     assert "marginal error" in warnings[0] and "cot2align.num_iters" in warnings[0]
+
+
+def test_a_gpu_job_whose_torch_cannot_use_cuda_is_one_line(workspace, tmp_path, monkeypatch):
+    """A CPU-only torch (installed from a login node) in a job SLURM gave GPUs: refused at
+    start-up instead of training on the CPU with gloo."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine's torch can use CUDA")
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "8")
+    run_dir = tmp_path / "run"
+    outcome = _train(tmp_path, tiny_run_config(workspace, run_dir))
+    assert_user_error(outcome, "SLURM_GPUS_ON_NODE=8", "CUDA build of torch")
+    assert not run_dir.exists()

@@ -40,10 +40,13 @@ STUBS = {
     "deepspeed": _RECORD
     + 'for ((i = 1; i < $#; i++)); do [[ "${!i}" == --hostfile ]] && j=$((i + 1)) && '
     + 'cp "${!j}" "$STUB_LOG.hostfile"; done\n'
+    + 'echo "$OMP_NUM_THREADS" > "$STUB_LOG.omp"\n'
+    + '[[ -z "${DS_ENV_FILE:-}" ]] || cp -p "$DS_ENV_FILE" "$STUB_LOG.envfile"\n'
     + "for ((t = 0; t < 400 && ${STUB_WAIT:-0}; t++)); do "
     + 'grep -qE "^(pkill|pdsh) " "$STUB_LOG" && exit "${STUB_STATUS:-75}"; sleep 0.05; done\n'
     + 'exit "${STUB_EXIT:-0}"\n',
     "pkill": _RECORD,
+    "recorder": _RECORD,
     "pdsh": _RECORD,
     # srun: drop its own options, then run the command once per node as SLURM would.
     "srun": _RECORD
@@ -64,7 +67,11 @@ def stubs(tmp_path) -> dict[str, str]:
         path.chmod(0o755)
     submit = tmp_path / "submit"
     submit.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "MASTER_")) and k not in ("OMP_NUM_THREADS", "DS_ENV_FILE")
+    }
     env.update(
         PATH=f"{bin_dir}{os.pathsep}{env['PATH']}",
         STUB_LOG=str(tmp_path / "calls.log"),
@@ -147,14 +154,42 @@ def test_sbatch_multinode_pdsh_one_launcher_with_hostfile(stubs):
 
 
 def test_sbatch_multinode_srun_one_launcher_per_node_with_node_rank(stubs):
-    result = _sbatch({**stubs, "DS_MULTINODE": "srun"}, "cfg.yaml", "--set", "a.b=two words")
+    # srun is the default; the step asks for the node's CPUs and GPUs (not inherited since
+    # Slurm 22.05), and each rank gets its share of the CPUs as OpenMP threads.
+    stubs["SLURM_CPUS_ON_NODE"] = "32"
+    result = _sbatch(stubs, "cfg.yaml", "--set", "a.b=two words")
     assert result.returncode == 0, result.stderr
     [srun] = _calls(stubs, "srun")
-    assert srun[:6] == ["--nodes", "3", "--ntasks-per-node", "1", "--kill-on-bad-exit=1", "bash"]
+    assert srun[:10] == [
+        "--nodes", "3", "--ntasks-per-node", "1", "--cpus-per-task", "32", "--gpus-per-node", "4",
+        "--kill-on-bad-exit=1", "bash",
+    ]  # fmt: skip
     calls = _calls(stubs, "deepspeed")
     assert [call[:3] for call in calls] == [["--no_ssh", "--node_rank", str(n)] for n in range(3)]
     assert all(call[-2:] == ["--set", "a.b=two words"] for call in calls)
     assert all(call[call.index("--master_addr") + 1] == "node01" for call in calls)
+    assert Path(stubs["STUB_LOG"] + ".omp").read_text().strip() == "8"  # 32 CPUs / 4 ranks
+    assert not Path(stubs["STUB_LOG"] + ".envfile").exists()  # srun passes the environment
+
+
+def test_sbatch_pdsh_mode_forwards_the_environment_but_no_secrets(stubs):
+    env = {
+        **stubs, "DS_MULTINODE": "pdsh", "SLURM_RESTART_COUNT": "1", "SLURM_CPUS_ON_NODE": "16",
+        "HF_HOME": "/shared/hf cache", "HF_HUB_OFFLINE": "1", "WANDB_PROJECT": "distill",
+        "WANDB_API_KEY": "secret-1", "HF_TOKEN": "secret-2", "UNRELATED": "x",
+    }  # fmt: skip
+    result = _sbatch(env, "cfg.yaml")
+    assert result.returncode == 0, result.stderr
+    copy = Path(stubs["STUB_LOG"] + ".envfile")
+    lines = copy.read_text().splitlines()
+    for expected in ["HF_HOME=/shared/hf cache", "HF_HUB_OFFLINE=1", "WANDB_PROJECT=distill",
+                     "SLURM_RESTART_COUNT=1", "SLURM_JOB_ID=4321", "OMP_NUM_THREADS=4"]:  # fmt: skip
+        assert expected in lines
+    assert "secret" not in copy.read_text() and not any(
+        line.startswith("UNRELATED") for line in lines
+    )
+    assert copy.stat().st_mode & 0o077 == 0  # private to the user
+    assert not list((Path(stubs["SLURM_SUBMIT_DIR"]) / ".cot2align").glob("deepspeed_env-*"))
 
 
 def test_sbatch_single_node_uses_num_gpus_and_no_hostfile(stubs):
@@ -248,16 +283,56 @@ def test_render_one_node_runs_the_deepspeed_launcher_locally(config_file):
     ]  # fmt: skip
 
 
-def test_render_two_nodes_from_a_slurm_allocation(config_file):
-    env = {"SLURM_JOB_NODELIST": "gpu[07-09]", "SLURM_JOB_ID": "123", "SLURM_GPUS_ON_NODE": "8"}
+def test_render_two_nodes_from_a_slurm_allocation(config_file, stubs, monkeypatch, tmp_path):
+    """One srun step, one deepspeed launcher per node with its node rank; the step asks for
+    the node's CPUs and GPUs, each rank gets its share of the CPUs as threads."""
+    monkeypatch.chdir(tmp_path)
+    env = {
+        "SLURM_JOB_NODELIST": "gpu[07-09]", "SLURM_JOB_ID": "123", "SLURM_GPUS_ON_NODE": "8",
+        "SLURM_CPUS_ON_NODE": "64",
+    }  # fmt: skip
     plan = render_launch(config_file, nodes=2, env=env)
-    assert plan.mode == "allocation"
+    assert plan.mode == "allocation" and plan.env == {"OMP_NUM_THREADS": "8"}
+    assert plan.hostfile_path == tmp_path / ".cot2align" / "hostfile-123"  # shared, not /tmp
     assert plan.hostfile_text == "gpu07 slots=8\ngpu08 slots=8\n"
-    assert plan.argv == [
-        *DEEPSPEED_RUNNER, "--hostfile", str(plan.hostfile_path), "--master_addr", "gpu07",
-        "--master_port", "20123", *TRAIN, "--config", str(config_file),
+    assert plan.argv[:12] == [
+        "srun", "--nodes", "2", "--ntasks-per-node", "1", "--cpus-per-task", "64",
+        "--gpus-per-node", "8", "--kill-on-bad-exit=1", "bash", "-c",
     ]  # fmt: skip
-    assert "gpu07 slots=8" in plan.describe()
+    assert "gpu07 slots=8" in plan.describe() and "export OMP_NUM_THREADS=8" in plan.describe()
+    # Run the step through the srun stub, with a recorder standing in for python.
+    argv = list(plan.argv)
+    start = argv.index("_") + 1
+    assert argv[start : start + 3] == DEEPSPEED_RUNNER
+    argv[start] = str(tmp_path / "bin" / "recorder")
+    result = subprocess.run(argv, env={**stubs, "STUB_NODES": "2"}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    launcher = [
+        "-m", "deepspeed.launcher.runner", "--hostfile", str(plan.hostfile_path),
+        "--master_addr", "gpu07", "--master_port", "20123",
+    ]  # fmt: skip
+    assert _calls(stubs, "recorder") == [
+        [*launcher, "--no_ssh", "--node_rank", str(node), *TRAIN, "--config", str(config_file)]
+        for node in range(2)
+    ]
+
+
+def test_render_two_nodes_over_pdsh_writes_the_environment_but_no_secrets(config_file):
+    env = {
+        "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123", "SLURM_GPUS_ON_NODE": "4",
+        "SLURM_CPUS_ON_NODE": "32", "HF_HOME": "/shared/hf", "WANDB_PROJECT": "p",
+        "WANDB_API_KEY": "secret", "HF_TOKEN": "secret", "UNRELATED": "x",
+    }  # fmt: skip
+    plan = render_launch(config_file, nodes=2, env=env, multinode="pdsh")
+    assert plan.argv[:3] == DEEPSPEED_RUNNER and "--no_ssh" not in plan.argv
+    assert plan.env == {"OMP_NUM_THREADS": "8", "DS_ENV_FILE": str(plan.env_file_path)}
+    lines = (plan.env_file_text or "").splitlines()
+    assert lines == [
+        "HF_HOME=/shared/hf", "OMP_NUM_THREADS=8", "SLURM_JOB_ID=123", "WANDB_PROJECT=p",
+    ]  # fmt: skip
+    assert "secret" not in plan.describe()
+    with pytest.raises(LaunchError, match="srun or pdsh"):
+        render_launch(config_file, nodes=2, env=env, multinode="ssh")
 
 
 def test_render_two_nodes_without_an_allocation_fails_in_one_line(config_file):
@@ -371,3 +446,24 @@ def test_a_slurm_submission_needs_periodic_checkpoints(tmp_path):
     assert (
         render_launch(path, slurm=True, extra_args=["--set", "train.save_every=50"]).mode == "slurm"
     )
+
+
+# -- the GPU check at start-up ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("env", "device", "refused"), [
+    ({"SLURM_GPUS_ON_NODE": "4"}, "cpu", True),
+    ({"SLURM_JOB_GPUS": "0,1"}, "cpu", True),
+    ({"SLURM_GPUS_ON_NODE": "0"}, "cpu", False),  # a CPU job
+    ({}, "cpu", False),  # not under SLURM
+    ({"SLURM_GPUS_ON_NODE": "4"}, "cuda", False),
+])  # fmt: skip
+def test_a_job_given_gpus_must_be_able_to_use_them(env, device, refused):
+    from cot2align_ds.engine.deepspeed_engines import NoUsableGpuError, require_usable_gpus
+
+    if not refused:
+        require_usable_gpus(env, device)
+        return
+    with pytest.raises(NoUsableGpuError, match="install a CUDA build of torch") as info:
+        require_usable_gpus(env, device)
+    assert "\n" not in str(info.value)
