@@ -36,7 +36,7 @@ from cot2align_ds.config import RunConfig, load_config
 from cot2align_ds.errors import UserError
 from cot2align_ds.run_dir import check_resumable, find_resume_tag
 
-SBATCH_TEMPLATE = Path(__file__).resolve().parents[1] / "launchers" / "slurm.sbatch"
+SBATCH_TEMPLATE = Path(__file__).resolve().parent / "launchers" / "slurm.sbatch"
 _TRAIN_MODULE = ("--module", "cot2align_ds.cli", "train")
 
 
@@ -343,7 +343,7 @@ def _render_slurm(
     directives: Mapping[str, str | None],
 ) -> LaunchPlan:
     if not SBATCH_TEMPLATE.is_file():
-        raise LaunchError(f"batch script template {SBATCH_TEMPLATE} not found (source checkout?)")
+        raise LaunchError(f"batch script template {SBATCH_TEMPLATE} not found; reinstall the package")
     template = SBATCH_TEMPLATE.read_text(encoding="utf-8")
     all_directives = {
         "nodes": str(nodes),

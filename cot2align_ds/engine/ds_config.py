@@ -17,20 +17,21 @@ from typing import Any
 
 from cot2align_ds.config import ConfigError, RunConfig
 
-_REPO_DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+# Shipped with the package (the repository's top-level ds_configs/ links here).
+_SHIPPED_DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 _RUN_CONFIG_OWNED = ("optimizer", "scheduler")
 
 
 def find_ds_config(name_or_path: str) -> Path:
-    """A path as given, else a file in ``./ds_configs`` or the repository's ``ds_configs``."""
+    """A path as given, else a file in ``./ds_configs`` or among the shipped ``ds_configs``."""
     candidates = [Path(name_or_path), Path("ds_configs") / name_or_path]
-    candidates.append(_REPO_DS_CONFIGS / name_or_path)
+    candidates.append(_SHIPPED_DS_CONFIGS / name_or_path)
     for candidate in candidates:
         if candidate.is_file():
             return candidate
     raise ConfigError(
         f"deepspeed config '{name_or_path}': not found (looked in ., ./ds_configs, "
-        f"{_REPO_DS_CONFIGS}); set deepspeed.student_config/teacher_config to a JSON file"
+        f"{_SHIPPED_DS_CONFIGS}); set deepspeed.student_config/teacher_config to a JSON file"
     )
 
 
