@@ -343,7 +343,9 @@ def _render_slurm(
     directives: Mapping[str, str | None],
 ) -> LaunchPlan:
     if not SBATCH_TEMPLATE.is_file():
-        raise LaunchError(f"batch script template {SBATCH_TEMPLATE} not found; reinstall the package")
+        raise LaunchError(
+            f"batch script template {SBATCH_TEMPLATE} not found; reinstall the package"
+        )
     template = SBATCH_TEMPLATE.read_text(encoding="utf-8")
     all_directives = {
         "nodes": str(nodes),

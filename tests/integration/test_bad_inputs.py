@@ -579,19 +579,27 @@ def test_an_output_dir_that_cannot_be_a_directory_is_one_line(workspace, tmp_pat
 
 
 def test_a_plan_short_of_its_marginals_is_reported_once(workspace, tmp_path):
-    """Small epsilon with few iterations: the run trains (exit 0) and says once that its OT
-    plans are not transport plans, instead of nothing."""
-    config = tiny_run_config(
-        workspace,
-        tmp_path / "run",
-        cot2align={"enabled": True, "cross_cot": False, "epsilon": 0.001, "num_iters": 2},
-        train={"max_steps": 3, "log_every": 1},
-    )
-    outcome = _train(tmp_path, config)
-    assert outcome.code == 0 and outcome.crash is None, outcome.stderr[-2000:]
-    warnings = [line for line in outcome.stderr.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1, outcome.stderr[-2000:]
-    assert "marginal error" in warnings[0] and "cot2align.num_iters" in warnings[0]
+    """Small epsilon with the iteration budget capped: the run trains (exit 0) and says once
+    that its OT plans are not transport plans, instead of nothing. With the default adaptive
+    budget the same epsilon converges and nothing is said."""
+    ot = {"enabled": True, "cross_cot": False, "epsilon": 0.001, "num_iters": 2}
+    for budget, expected in ((2, 1), (None, 0)):
+        run_dir = tmp_path / f"run-{budget}"
+        config = tiny_run_config(
+            workspace,
+            run_dir,
+            cot2align={**ot, **({"max_iters": budget} if budget else {})},
+            train={"max_steps": 3, "log_every": 1},
+        )
+        outcome = _train(tmp_path, config)
+        assert outcome.code == 0 and outcome.crash is None, outcome.stderr[-2000:]
+        warnings = [line for line in outcome.stderr.splitlines() if line.startswith("warning:")]
+        assert len(warnings) == expected, outcome.stderr[-2000:]
+        if expected:
+            assert "marginal error" in warnings[0] and "cot2align.max_iters" in warnings[0]
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        errors = [row["ot/marginal_error"] for row in rows if "ot/marginal_error" in row]
+        assert errors and (max(errors) > 0.01 if expected else max(errors) <= 0.01), errors
 
 
 def test_a_gpu_job_whose_torch_cannot_use_cuda_is_one_line(workspace, tmp_path, monkeypatch):

@@ -710,3 +710,21 @@ def test_adaptive_budget_arguments_are_checked():
                 dict(max_iters=500, marginal_tol=0.0)]:  # fmt: skip
         with pytest.raises(ValueError):
             sinkhorn_log(cost_BST, *masks, epsilon=1.0, num_iters=100, **bad)
+
+
+@pytest.mark.parametrize("num_iters", [2, 30])
+def test_adaptive_budget_runs_before_an_all_differentiated_tail(num_iters):
+    # Truncated mode with num_iters <= num_grad_iters has no warm iterations of its own: the
+    # budget's iterations come before the differentiated ones, in both solver paths.
+    cost_BST = torch.rand(3, 10, 7, generator=torch.Generator().manual_seed(4))
+    masks = torch.ones(3, 10, dtype=torch.bool), torch.ones(3, 7, dtype=torch.bool)
+    solve = dict(epsilon=1e-3, num_iters=num_iters, num_grad_iters=30, max_iters=3000)
+    _, diagnostics = sinkhorn_log(
+        cost_BST, *masks, marginal_tol=1e-3, return_diagnostics=True, **solve
+    )
+    assert diagnostics.marginal_error_B.max() <= 1e-3
+    leaf = cost_BST.clone().requires_grad_()
+    value_B = transport_cost(leaf, *masks, marginal_tol=1e-3, **solve)
+    assert_close(value_B.double(), _pot_cost(cost_BST.double(), 1e-3), rtol=2e-3, atol=0)
+    value_B.sum().backward()
+    assert torch.isfinite(leaf.grad).all()

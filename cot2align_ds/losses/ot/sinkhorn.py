@@ -155,8 +155,9 @@ def sinkhorn_log(
             ``marginal_tol``, the solver keeps iterating without autograd (checking at each
             absorption) until it does not or ``max_iters`` iterations ran in all; the
             differentiated iterations follow. A plan already within tolerance runs exactly
-            ``num_iters`` iterations, bit for bit as without the budget. ``"unrolled"`` has no
-            iterations without autograd and ignores it.
+            ``num_iters`` iterations, bit for bit as without the budget (unless an epsilon ladder
+            runs: the budget pays for a finer one). ``"unrolled"`` differentiates every
+            iteration and ignores it.
         return_diagnostics: also return a ``SinkhornDiagnostics``.
 
     Returns:
@@ -227,10 +228,11 @@ def plan_solve(
             cost_BST, student_mask_BS, teacher_mask_BT, epsilon, num_iters, tol, cost_range
         )
     num_grad = {"unrolled": num_iters, "envelope": 0}.get(grad_mode, min(num_grad_iters, num_iters))
+    # Every unrolled iteration is differentiated: no iterations without autograd to add.
+    total = max_iters if max_iters is not None and grad_mode != "unrolled" else num_iters
     # The adaptive budget may pay for a finer ladder than the fixed count (at most half of the
     # warm iterations go to rungs either way).
-    warm_budget = (max_iters if max_iters is not None else num_iters) - num_grad
-    ladder = epsilon_ladder(cost_range, epsilon, warm_budget)
+    ladder = epsilon_ladder(cost_range, epsilon, total - num_grad)
     chunk = num_problems
     if memory_budget_bytes is not None:
         chunk = sinkhorn_chunk_size(
@@ -250,7 +252,7 @@ def plan_solve(
         absorb_every,
         chunk < num_problems,
         ladder,
-        max_iters if num_grad < num_iters and max_iters is not None else num_iters,
+        total,
         marginal_tol,
     )
     return options, chunk
@@ -592,6 +594,8 @@ class Problem:
 
         With ``want_plan=False`` the plan is None (a warm phase whose potentials seed the next).
         """
+        if num_iters <= 0:  # e.g. an epsilon ladder that used up the warm iterations
+            return (self.plan_at(f_BS, g_BT) if want_plan else None), f_BS, g_BT, 0
         done = 0
         while done < num_iters:
             block = min(absorb_every, num_iters - done)

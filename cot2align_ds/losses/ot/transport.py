@@ -124,13 +124,12 @@ class _TransportCost(torch.autograd.Function):
             # One absorption, f = 0: the kernel in the log-kernel's own buffer, then the warm
             # plan K exp(f) exp(g) in place, which is the block's kernel K1.
             kernel_BST = problem.log_kernel_BST.add_(g_BT[:, None, :]).exp_()
+            u_B1S = v_B1T = None
             if num_warm > 0:
                 u_B1S, v_B1T, _, _ = scaling_forward(kernel_BST, a_B1S, b_B1T, num_warm, tiny)
                 kernel_BST.mul_(u_B1S.mT).mul_(v_B1T)
-                if options.max_iters > options.num_iters:
-                    kernel_BST = _extended(
-                        kernel_BST, cost_BST, problem, options, u_B1S, g_BT, v_B1T
-                    )
+            if options.max_iters > options.num_iters:
+                kernel_BST = _extended(kernel_BST, cost_BST, problem, options, u_B1S, g_BT, v_B1T)
         else:
             kernel_BST, f_BS, g_BT, _ = problem.iterate(
                 f_BS, g_BT, num_warm, absorb_every=options.absorb_every, tol=None
@@ -207,8 +206,10 @@ def _extended(plan_BST, cost_BST, problem, options, u_B1S, g_BT, v_B1T):
     rebuilt = Problem(
         cost_BST, problem.student_mask_BS, problem.teacher_mask_BT, options.epsilon, clean=False
     )
-    f_BS = torch.log(torch.where(problem.student_mask_BS, u_B1S[:, 0], 1.0))
-    g_BT = g_BT + torch.log(torch.where(problem.teacher_mask_BT, v_B1T[:, 0], 1.0))
+    f_BS = torch.zeros(problem.student_mask_BS.shape, dtype=g_BT.dtype, device=g_BT.device)
+    if u_B1S is not None:  # None: no warm iteration ran, the potentials are (0, g)
+        f_BS = torch.log(torch.where(problem.student_mask_BS, u_B1S[:, 0], 1.0))
+        g_BT = g_BT + torch.log(torch.where(problem.teacher_mask_BT, v_B1T[:, 0], 1.0))
     f_BS, g_BT, _ = extend_warm(rebuilt, f_BS, g_BT, options, plan_BST)
     return rebuilt.plan_at(f_BS, g_BT)
 
