@@ -222,20 +222,30 @@ def demo(
 @app.command("eval")
 @user_errors
 def evaluate(
-    model: Annotated[
-        Path, typer.Option(help="Saved HF model dir, LoRA adapter or ZeRO checkpoint.")
-    ],
     data: Annotated[list[Path], typer.Option(help="JSONL records (repeatable: one table each).")],
     output_dir: Annotated[Path, typer.Option(help="Predictions and eval_results.json.")],
-    template: str = "alpaca",
+    model: Annotated[
+        Path | None, typer.Option(help="Saved HF model dir, LoRA adapter or ZeRO checkpoint.")
+    ] = None,
+    run: Annotated[
+        Path | None,
+        typer.Option(help="A training run: its best model, with its template and lengths."),
+    ] = None,
+    template: Annotated[
+        str | None, typer.Option(help="Prompt template (default: the run's, else alpaca).")
+    ] = None,
     seed: Annotated[
         list[int] | None, typer.Option(help="Repeatable; default 10 20 30 40 50.")
     ] = None,
     greedy: Annotated[bool, typer.Option(help="One greedy pass instead of sampling.")] = False,
     metric: Annotated[list[str] | None, typer.Option(help="rouge_l, exact_match.")] = None,
     batch_size: int = 8,
-    max_new_tokens: int = 256,
-    max_prompt_tokens: int = 256,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Default: the run's eval.max_new_tokens, else 256.")
+    ] = None,
+    max_prompt_tokens: Annotated[
+        int | None, typer.Option(help="Default: the run's data.max_prompt_tokens, else 256.")
+    ] = None,
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer if not next to it.")] = None,
     base_model: Annotated[str | None, typer.Option(help="Base for adapters/checkpoints.")] = None,
     dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16.")] = None,
@@ -249,6 +259,7 @@ def evaluate(
     run_eval_command(
         model,
         data,
+        run_dir=run,
         output_dir=output_dir,
         template=template,
         seeds=tuple(seed or (10, 20, 30, 40, 50)),
@@ -262,6 +273,27 @@ def evaluate(
         dtype=dtype,
         allow_pickle=allow_pickle,
     )
+
+
+@app.command()
+@user_errors
+def export(
+    run: Annotated[Path, typer.Option(help="A training run's output_dir.")],
+    output: Annotated[Path, typer.Option(help="Where the standalone model goes.")],
+    last: Annotated[
+        bool, typer.Option("--last", help="The final student/, not the best dev checkpoint.")
+    ] = False,
+    dtype: Annotated[
+        str | None, typer.Option(help="fp32, bf16 or fp16 (default: the run's precision).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --output.")] = False,
+) -> None:
+    """Write a run's best (or last) student as a standalone Hugging Face model directory:
+    ZeRO shards consolidated, LoRA merged, tied weights stored once, safetensors."""
+    from cot2align_ds.runs import run_export_command
+
+    source = run_export_command(run, output, last=last, dtype=dtype, overwrite=overwrite)
+    typer.echo(f"exported {source} -> {output}")
 
 
 @app.command()

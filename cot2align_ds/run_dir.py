@@ -27,6 +27,20 @@ class RunDirError(UserError):
     """A run directory lacks what a later step needs."""
 
 
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """The resolved run config a training run wrote (``config.json``), as a dict."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise RunDirError(f"{run_dir}: no config.json; pass a training run's output_dir")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunDirError(f"{path}: unreadable ({error}); rerun the training") from None
+    if not isinstance(config, dict):
+        raise RunDirError(f"{path}: not a run config; rerun the training")
+    return config
+
+
 def best_model_dir(run_dir: str | Path) -> Path:
     """The best dev checkpoint the run kept, else its final ``student/`` model."""
     run_dir = Path(run_dir)

@@ -185,10 +185,25 @@ def run_plan_command(config: str, overrides: list[str], **options) -> None:
     run_plan(config, overrides, **options)
 
 
-def run_eval_command(model_path: Path, data_files: list[Path], **options) -> dict:
-    from cot2align_ds.eval.commands import run_eval
+def run_eval_command(
+    model_path: Path | None, data_files: list[Path], *, run_dir: Path | None = None, **options
+) -> dict:
+    from cot2align_ds.eval.commands import eval_settings_of_run, run_eval
 
+    if (model_path is None) == (run_dir is None):
+        raise UserError("eval: pass exactly one of --model and --run")
+    if run_dir is not None:
+        model_path, defaults = eval_settings_of_run(run_dir)
+        options = {**options, **{k: v for k, v in defaults.items() if options.get(k) is None}}
+    defaults = {"template": "alpaca", "max_new_tokens": 256, "max_prompt_tokens": 256}
+    options = {**options, **{k: v for k, v in defaults.items() if options.get(k) is None}}
     return run_eval(model_path, data_files, **options)
+
+
+def run_export_command(run_dir: Path, output: Path, **options) -> Path:
+    from cot2align_ds.eval.export import export_model
+
+    return export_model(run_dir, output, **options)
 
 
 def run_report_command(run_dirs: list[Path], out_dir: Path) -> Path:

@@ -32,6 +32,7 @@ from cot2align_ds.eval.metrics import EvalInputError, get_metric
 from cot2align_ds.eval.report import make_report
 from cot2align_ds.inference.generation import DecodingConfig
 from cot2align_ds.inference.loading import load_model_for_eval
+from cot2align_ds.run_dir import best_model_dir, read_run_config
 
 EVAL_ARGS_FILENAME = "eval_args.json"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -116,6 +117,19 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def eval_settings_of_run(run_dir: str | Path) -> tuple[Path, dict]:
+    """A run's best model (``run_dir.best_model_dir``) and the evaluation settings it trained
+    and evaluated with (template, prompt length, new tokens), from its ``config.json``."""
+    config = read_run_config(run_dir)
+    data, evaluation = config.get("data") or {}, config.get("eval") or {}
+    settings = {
+        "template": data.get("template"),
+        "max_prompt_tokens": data.get("max_prompt_tokens"),
+        "max_new_tokens": evaluation.get("max_new_tokens"),
+    }
+    return best_model_dir(Path(run_dir)), {k: v for k, v in settings.items() if v is not None}
+
+
 def run_eval(
     model_path: str | Path,
     data_files: Sequence[str | Path],
@@ -193,6 +207,8 @@ def _write_eval_args(
             for key, value in options.items()
         },
     }
+    if args.get("greedy"):
+        args["seeds"] = []  # one greedy pass: no seed is used
     write_text_atomic(output_dir / EVAL_ARGS_FILENAME, json.dumps(args, indent=2) + "\n")
 
 

@@ -1,5 +1,9 @@
 """Publish a run's best model as a plain Hugging Face directory (safetensors + tokenizer).
 
+``export_model`` (``cot2align export``) writes the best (or last) student of a run anywhere, as
+a standalone model: ZeRO shards consolidated, a LoRA adapter merged, tied embeddings stored
+once, in the run's precision unless asked otherwise.
+
 A fine-tuned teacher feeds two later steps, ``cot2align augment`` and distillation
 (``teacher.name_or_path``), and the paper keeps the best dev checkpoint, not the last epoch.
 Best checkpoints are ZeRO shards (``best_checkpoints/``); ``publish_best_model`` consolidates the
@@ -14,8 +18,14 @@ import os
 import shutil
 from pathlib import Path
 
+from cot2align_ds.errors import UserError
 from cot2align_ds.inference.loading import load_model_for_eval
-from cot2align_ds.run_dir import FINAL_MODEL_DIRNAME, best_model_dir
+from cot2align_ds.run_dir import (
+    FINAL_MODEL_DIRNAME,
+    RunDirError,
+    best_model_dir,
+    read_run_config,
+)
 
 # Training precision -> the dtype the published weights are saved in.
 _SAVE_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -49,3 +59,46 @@ def _remove(path: Path) -> None:
         path.unlink()
     elif path.is_dir():
         shutil.rmtree(path)
+
+
+class ExportError(UserError):
+    """The export's target cannot be written as asked."""
+
+
+def run_precision(run_dir: Path) -> str:
+    """The precision the run trained in (its ``config.json``)."""
+    return (read_run_config(run_dir).get("train") or {}).get("precision", "fp32")
+
+
+def export_model(
+    run_dir: Path, output: Path, *, last: bool = False, dtype: str | None = None,
+    overwrite: bool = False,
+) -> Path:  # fmt: skip
+    """Write the run's best dev checkpoint (``last``: its final ``student/``) to ``output`` as a
+    standalone Hugging Face model directory; returns the model it came from.
+
+    Written beside ``output`` and renamed into place, so a failed export leaves nothing that
+    looks complete. ``dtype``: fp32, bf16 or fp16 (default: the run's training precision).
+    """
+    run_dir, output = Path(run_dir), Path(output)
+    if output.exists() and not (output.is_dir() and not any(output.iterdir())) and not overwrite:
+        raise ExportError(f"--output '{output}' exists and is not empty; pass --overwrite")
+    source = run_dir / FINAL_MODEL_DIRNAME if last else best_model_dir(run_dir)
+    if not source.is_dir():
+        raise RunDirError(f"{run_dir}: no final {FINAL_MODEL_DIRNAME}/ model; train it first")
+    precision = dtype or run_precision(run_dir)
+    if precision not in _SAVE_DTYPE:
+        raise ExportError(f"--dtype {precision}: use fp32, bf16 or fp16")
+    model, tokenizer = load_model_for_eval(source, dtype=_SAVE_DTYPE[precision])
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    _remove(staging)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+    except BaseException:
+        _remove(staging)
+        raise
+    _remove(output)
+    os.replace(staging, output)
+    return source

@@ -119,6 +119,11 @@ def save_final_model(
             save_lora_student(student, state, staged_adapter, staged_model)
             tokenizer.save_pretrained(staged_adapter)
         else:
+            # The gathered tensors are separate copies, so transformers cannot see that the
+            # output embedding is the input one: drop the duplicate names (the saved config's
+            # tie_word_embeddings restores the tie on load).
+            for name in tied_duplicates(student):
+                state.pop(name, None)
             student.save_pretrained(staged_model, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(staged_model)
         for staged in (staged_model, staged_adapter):
@@ -129,3 +134,14 @@ def save_final_model(
             dse.save_safetensors(projectors, output_dir / "projectors.safetensors")
     dse.barrier()
     return model_dir
+
+
+def tied_duplicates(module: torch.nn.Module) -> list[str]:
+    """Names of parameters that are the same tensor as an earlier-named one (tied weights)."""
+    seen: set[int] = set()
+    duplicates = []
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        if id(parameter) in seen:
+            duplicates.append(name)
+        seen.add(id(parameter))
+    return duplicates
