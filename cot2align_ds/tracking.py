@@ -15,6 +15,8 @@ import json
 import netrc
 import os
 import re
+import secrets
+import string
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,6 +28,7 @@ from urllib.parse import urlparse
 
 from tqdm.auto import tqdm
 
+from cot2align_ds.atomic import write_text_atomic
 from cot2align_ds.errors import UserError
 
 METRICS_FILENAME = "metrics.jsonl"
@@ -38,6 +41,33 @@ _RESERVED_KEYS = ("step", "time")
 _SECRET_MARKERS = ("key", "token", "secret", "password", "passwd")
 # Environment variables whose values must never appear in anything we write.
 _SECRET_ENV_VARS = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+# metrics.jsonl keeps the project's names; W&B gets the names TRL and the HF Trainer use, so
+# runs of either overlay on one dashboard: train/* and eval/*, plotted against train/global_step.
+_DASHBOARD_NAMES = {
+    "loss/total": "train/loss",
+    "grad_norm": "train/grad_norm",
+    "epoch": "train/epoch",
+    "lr/student_decay": "train/learning_rate",
+}
+STEP_METRIC = "train/global_step"
+
+
+def dashboard_name(name: str) -> str:
+    """The W&B name of a metrics.jsonl metric: ``eval/*`` as is, the TRL name where there is
+    one, else ``train/<name>``."""
+    if name.startswith("eval/"):
+        return name
+    return _DASHBOARD_NAMES.get(name, f"train/{name}")
+
+
+RUN_ID_FILENAME = "wandb_run_id"
+
+
+def new_run_id() -> str:
+    """A W&B run id: 8 lowercase letters and digits, like the ones W&B makes."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
 class TrackingError(UserError):
@@ -134,8 +164,10 @@ class Tracker:
         group: str | None = None,
         tags: Sequence[str] = (),
         config: Mapping[str, Any] | None = None,
+        resume: bool = False,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.resume = resume
         self.metrics_path = self.output_dir / METRICS_FILENAME
         self.is_main_process = is_main_process
         self.wandb_mode = resolve_wandb_mode(wandb_mode)
@@ -159,15 +191,29 @@ class Tracker:
     ) -> Any:
         import wandb  # imported lazily: slow to import and unused when disabled
 
-        return wandb.init(
+        # One W&B run per training run: a resumed (or requeued) run continues the run whose id
+        # the first start saved, instead of splitting into several.
+        id_path = self.output_dir / RUN_ID_FILENAME
+        run_id = (
+            id_path.read_text(encoding="utf-8").strip() if self.resume and id_path.is_file() else ""
+        )
+        if not run_id:
+            run_id = new_run_id()
+            write_text_atomic(id_path, run_id + "\n")
+        run = wandb.init(
             mode=self.wandb_mode,
             dir=str(self.output_dir),
+            id=run_id,
+            resume="allow",
             project=project,
             name=run_name,
             group=group,
             tags=list(tags) or None,
             config=scrub_secrets(dict(config)),
         )
+        run.define_metric(STEP_METRIC)
+        run.define_metric("*", step_metric=STEP_METRIC)
+        return run
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         """Append ``{"step", "time", **metrics}`` to metrics.jsonl (flushed) and send to W&B."""
@@ -181,7 +227,8 @@ class Tracker:
         self._metrics_file.write(json.dumps(row) + "\n")
         self._metrics_file.flush()
         if self._wandb_run is not None:
-            self._wandb_run.log(values, step=int(step))
+            named = {dashboard_name(name): value for name, value in values.items()}
+            self._wandb_run.log({STEP_METRIC: int(step), **named}, step=int(step))
 
     @contextmanager
     def progress(self, total: int) -> Iterator[_Progress]:
@@ -198,7 +245,7 @@ class Tracker:
             return
         tqdm.write(format_metrics(metrics))
         if self._wandb_run is not None:
-            self._wandb_run.summary.update(dict(metrics))
+            self._wandb_run.summary.update({dashboard_name(k): v for k, v in metrics.items()})
 
     def warn(self, message: str) -> None:
         """One ``warning:`` line on stderr (main process, above any live bar)."""

@@ -128,6 +128,7 @@ class Trainer:
             group=config.tracking.group,
             tags=config.tracking.tags,
             config=config_to_dict(config),
+            resume=resume_tag is not None,
         )
 
     # -- one optimizer step ---------------------------------------------------------------------

@@ -365,9 +365,15 @@ def _plan_diagnostics(group: tuple, ot: CoT2AlignConfig) -> dict[str, torch.Tens
     )
     solved = student_mask.any(1) & teacher_mask.any(1)
     count = solved.sum().clamp_min(1)
+    # 1 is the uniform plan (maximum entropy, log(S T)), 0 a plan on S or T entries: the
+    # question "does the plan align anything or spread everywhere" at any sequence length.
+    pairs_B = student_mask.sum(1) * teacher_mask.sum(1)
+    max_entropy_B = torch.log(pairs_B.clamp_min(2).to(diagnostics.entropy_B.dtype))
+    normalised_B = torch.where(pairs_B > 1, diagnostics.entropy_B / max_entropy_B, 0.0)
     return {
         "ot/marginal_error": (diagnostics.marginal_error_B * solved).sum() / count,
         "ot/plan_entropy": (diagnostics.entropy_B * solved).sum() / count,
+        "ot/plan_entropy_normalised": (normalised_B * solved).sum() / count,
     }
 
 

@@ -92,6 +92,8 @@ def test_method_lowers_its_loss(workspace, tmp_path, name, precision):
         assert "lr/projectors" in rows[-1]
         # OT plan diagnostics ride along at log steps; peak memory is always logged.
         assert 0 <= rows[-1]["ot/marginal_error"] < 1e-2 and rows[-1]["ot/plan_entropy"] > 0
+        # At epsilon 10 on a [0, 1] cost the plan is close to uniform (normalised entropy ~1).
+        assert 0.95 < rows[-1]["ot/plan_entropy_normalised"] <= 1.0 + 1e-6
     assert rows[-1]["mem/peak_host_rss_mb"] > 0
 
 
@@ -138,7 +140,9 @@ def pinned_rows(workspace, tmp_path, name: str) -> list[dict[str, float]]:
 def test_per_step_losses_are_pinned(workspace, tmp_path, name):
     pinned = json.loads(PINNED_FILE.read_text())[name]
     rows = pinned_rows(workspace, tmp_path, name)
-    assert [sorted(row) for row in rows] == [sorted(row) for row in pinned]
+    # Every pinned term is still logged (new diagnostics may join them) with its pinned value.
+    assert len(rows) == len(pinned)
+    assert all(set(expected) <= set(row) for row, expected in zip(rows, pinned, strict=True))
     for step, (row, expected) in enumerate(zip(rows, pinned, strict=True), start=1):
         for key, value in expected.items():
             assert row[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (step, key)

@@ -137,7 +137,13 @@ def test_offline_wandb_run_has_the_metrics_and_never_the_key(tmp_path, monkeypat
     assert len(log_files) == 1
     # The run log is protobuf records; key names and config entries appear as plain bytes.
     run_log = log_files[0].read_bytes()
-    for expected in (b"loss/total", b"loss/ot_main", b"eval/rouge_l", b"max_new_tokens", b"tiny"):
+    for expected in (
+        b"train/loss",
+        b"train/loss/ot_main",
+        b"eval/rouge_l",
+        b"max_new_tokens",
+        b"tiny",
+    ):
         assert expected in run_log
     written = [path for path in tmp_path.rglob("*") if path.is_file() and not path.is_symlink()]
     assert len(written) > 2
@@ -146,3 +152,35 @@ def test_offline_wandb_run_has_the_metrics_and_never_the_key(tmp_path, monkeypat
         assert FAKE_API_KEY.encode() not in content, path
         assert b"wandb_api_key" not in content, path
     assert len(_rows(output_dir / METRICS_FILENAME)) == 3
+
+
+def test_dashboard_names_follow_the_trl_convention() -> None:
+    from cot2align_ds.tracking import dashboard_name
+
+    assert dashboard_name("loss/total") == "train/loss"
+    assert dashboard_name("lr/student_decay") == "train/learning_rate"
+    assert dashboard_name("grad_norm") == "train/grad_norm"
+    assert dashboard_name("loss/ot_main") == "train/loss/ot_main"
+    assert dashboard_name("eval/rouge_l") == "eval/rouge_l"
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch) -> None:
+    """A requeued job resumes into one W&B run (the id is kept in the run directory); a fresh
+    run into the same directory (--overwrite) starts a new one."""
+    from cot2align_ds.tracking import RUN_ID_FILENAME, STEP_METRIC
+
+    for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(variable, str(tmp_path / "wandb_home"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    output_dir = tmp_path / "run"
+    ids = []
+    for resume in (False, True, False):
+        with Tracker(output_dir, wandb_mode="offline", resume=resume) as tracker:
+            tracker.log({"loss/total": 1.0}, step=1)
+        ids.append((output_dir / RUN_ID_FILENAME).read_text().strip())
+    wandb.teardown()
+    assert ids[0] == ids[1] != ids[2]
+    runs = sorted(p.name for p in (output_dir / "wandb").glob("offline-run-*"))
+    assert sum(f"-{ids[0]}" in name for name in runs) == 2 and len(runs) == 3
+    run_log = next((output_dir / "wandb").glob(f"offline-run-*-{ids[0]}*/run-*.wandb"))
+    assert b"train/loss" in run_log.read_bytes() and STEP_METRIC.encode() in run_log.read_bytes()
