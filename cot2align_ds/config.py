@@ -81,6 +81,14 @@ class DataConfig(_Strict):
     )
     num_workers: int = Field(1, ge=0)
     prefetch_factor: int = Field(2, ge=1)
+    prompt_truncation: Literal["left", "right"] = Field(
+        "left",
+        description="long prompts: keep the end, next to the answer (left) or the start, as "
+        "the reference does (right, which can cut the response marker away)",
+    )
+    prompt_special_tokens: bool = Field(
+        True, description="tokenize prompts with the tokenizer's BOS (the reference adds none)"
+    )
 
     @model_validator(mode="after")
     def _lengths(self) -> DataConfig:
@@ -110,6 +118,16 @@ class DistillConfig(_Strict):
     mined_alignment: Literal["offsets", "dp"] = Field(
         "offsets",
         description="MinED token alignment: character offsets (exact) or the reference's DP",
+    )
+    mined_projection: Literal["sum", "first"] = Field(
+        "sum",
+        description="MinED: teacher ids mapped to one student id pool their probability (sum) "
+        "or only the first of them counts (first, the reference)",
+    )
+    dskd_std: Literal["response", "padded"] = Field(
+        "response",
+        description="DSKD-CMA key/value std over response positions, or over the whole padded "
+        "tensor (the reference: it then depends on prompt lengths and padding)",
     )
 
 
@@ -168,6 +186,11 @@ class CoT2AlignConfig(_Strict):
         "least num_iters; epsilon 0.001 on the attention cost needs about 1000-2000); plans "
         "within tolerance run exactly num_iters; null: always num_iters",
     )
+    cross_cot_pooling: Literal["window", "micro_batch"] = Field(
+        "window",
+        description="Cross-CoT terms averaged over the CoT records of the accumulation window "
+        "and all ranks (window), or per micro-batch and then over micro-batches (the reference)",
+    )
     fuse_teacher_views: bool = Field(
         True,
         description="one teacher forward for the main and standard views (right-padded to the "
@@ -184,9 +207,17 @@ class EvalConfig(_Strict):
     keep_best: int = Field(1, ge=0)
     early_stopping_patience: int | None = Field(None, ge=1, description="evaluations")
     max_records: int | None = Field(None, ge=1, description="evaluate a dev subset")
-    greedy: bool = True
+    greedy: bool = Field(
+        True, description="greedy dev decoding (one deterministic pass); the reference samples"
+    )
     seeds: list[int] = Field(default_factory=lambda: [10, 20, 30, 40, 50])
     max_new_tokens: int = Field(256, ge=1)
+    max_length: int | None = Field(
+        None, ge=2, description="cap on prompt + new tokens (the reference's max_length 512)"
+    )
+    no_repeat_ngram_size: int = Field(
+        6, ge=0, description="dev decoding; the paper's test protocol uses 6, its dev runs 0"
+    )
     batch_size: int = Field(8, ge=1)
 
 
@@ -265,7 +296,33 @@ class TrackingConfig(_Strict):
     tags: list[str] = Field(default_factory=list)
 
 
+# ``fidelity: reference``: the research code's behaviour wherever this project's default differs
+# (docs/fidelity.md: each row, why the default differs, and its switch). Keys the config sets
+# explicitly keep their values.
+REFERENCE_SETTINGS: dict[str, dict[str, Any]] = {
+    "data": {"prompt_truncation": "right", "prompt_special_tokens": False},
+    "distill": {"mined_projection": "first", "mined_alignment": "dp", "dskd_std": "padded"},
+    "cot2align": {
+        "reference_compat": True,
+        "cross_cot_pooling": "micro_batch",
+        "grad_mode": "unrolled",
+        "max_iters": None,
+    },
+    "eval": {
+        "greedy": False,
+        "seeds": [10, 20, 30],
+        "no_repeat_ngram_size": 0,
+        "max_length": 512,
+    },
+}
+
+
 class RunConfig(_Strict):
+    fidelity: Literal["project", "reference"] = Field(
+        "project",
+        description="reference: the research code's behaviour wherever the defaults differ "
+        "(docs/fidelity.md); keys set explicitly keep their values",
+    )
     output_dir: Path = Path("runs/default")
     student: ModelSpec
     teacher: ModelSpec | None = None
@@ -277,6 +334,19 @@ class RunConfig(_Strict):
     teacher_sft: TeacherSFTConfig = Field(default_factory=TeacherSFTConfig)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fidelity_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("fidelity") != "reference":
+            return data
+        data = dict(data)
+        for section, values in REFERENCE_SETTINGS.items():
+            given = data.get(section)
+            if given is not None and not isinstance(given, dict):
+                continue  # the section's own validation reports it
+            data[section] = {**values, **(given or {})}
+        return data
 
     @model_validator(mode="after")
     def _method_needs_teacher(self) -> RunConfig:

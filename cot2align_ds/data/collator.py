@@ -4,7 +4,9 @@ Legend: B batch, C CoT rows (at least 1, see below), S student positions, T teac
 
 Each text is tokenized separately by each tokenizer: prompt (special tokens as the tokenizer
 adds them, at most ``max_prompt_tokens``, cut from the left so the "Response:" marker next to
-the answer survives, leading special tokens kept; evaluation cuts prompts the same way) then
+the answer survives, leading special tokens kept; evaluation cuts prompts the same way;
+``data.prompt_truncation`` / ``data.prompt_special_tokens`` give the reference's right cut
+without special tokens) then
 answer + EOS (truncated so the total stays within ``max_total_tokens``). The batch layout (shifted
 labels, right padding, response positions) is ``data/batch.py``.
 
@@ -43,12 +45,15 @@ def tokenize_pair(
     *,
     max_prompt_tokens: int,
     max_total_tokens: int,
+    prompt_cut: str = "left",
+    prompt_special_tokens: bool = True,
     with_offsets: bool = False,
 ) -> TokenizedPair:
     prompt_ids = truncate_prompt(
-        tokenizer(prompt, add_special_tokens=True)["input_ids"],
+        tokenizer(prompt, add_special_tokens=prompt_special_tokens)["input_ids"],
         max_prompt_tokens,
         set(tokenizer.all_special_ids),
+        prompt_cut,
     )
     encoded = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=with_offsets)
     answer_ids = (encoded["input_ids"] + [tokenizer.eos_token_id])[
@@ -137,13 +142,21 @@ class DistillCollator:
         *,
         max_prompt_tokens: int,
         max_total_tokens: int,
+        prompt_cut: str = "left",
+        prompt_special_tokens: bool = True,
         cot_views: bool = False,
         alignment: str | None = None,
     ) -> None:
         self.tokenizers = {"student": student_tokenizer}
         if teacher_tokenizer is not None:
             self.tokenizers["teacher"] = teacher_tokenizer
-        self.limits = {"max_prompt_tokens": max_prompt_tokens, "max_total_tokens": max_total_tokens}
+        # Everything tokenize_pair needs besides the texts: lengths and how prompts are cut.
+        self.limits = {
+            "max_prompt_tokens": max_prompt_tokens,
+            "max_total_tokens": max_total_tokens,
+            "prompt_cut": prompt_cut,
+            "prompt_special_tokens": prompt_special_tokens,
+        }
         self.cot_views = cot_views
         self.alignment = alignment if teacher_tokenizer is not None else None
 

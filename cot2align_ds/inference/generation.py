@@ -10,9 +10,11 @@ penalty), which would silently change the evaluation protocol.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -20,11 +22,19 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from cot2align_ds.errors import UserError
 
+PromptCut = Literal["left", "right"]
 
-def truncate_prompt(ids: list[int], max_tokens: int, special_ids: set[int]) -> list[int]:
-    """Keep the last ``max_tokens`` ids, but keep leading special tokens (BOS) in front."""
+
+def truncate_prompt(
+    ids: list[int], max_tokens: int, special_ids: set[int], cut: PromptCut = "left"
+) -> list[int]:
+    """At most ``max_tokens`` ids. ``left`` (default) keeps the last ones, so the template's
+    response marker next to the answer survives, and keeps leading special tokens (BOS) in
+    front; ``right`` keeps the first ones, as the reference code does."""
     if len(ids) <= max_tokens:
         return ids
+    if cut == "right":
+        return ids[:max_tokens]
     num_prefix = 0
     while num_prefix < max_tokens - 1 and ids[num_prefix] in special_ids:
         num_prefix += 1
@@ -51,6 +61,10 @@ class DecodingConfig:
     top_k: int = 0
     no_repeat_ngram_size: int = 6
     max_prompt_tokens: int | None = 256
+    prompt_cut: PromptCut = "left"
+    prompt_special_tokens: bool = True
+    # Cap on prompt + new tokens (the reference's max_length); None: max_new_tokens alone.
+    max_length: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -62,6 +76,8 @@ class DecodingConfig:
             problems.append(f"top_p must be in (0, 1] (got {self.top_p})")
         if self.top_k < 0 or self.no_repeat_ngram_size < 0:
             problems.append("top_k and no_repeat_ngram_size must be >= 0 (0 disables them)")
+        if self.max_length is not None and self.max_length < 2:
+            problems.append(f"max_length must be >= 2 (got {self.max_length})")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             problems.append(f"max_prompt_tokens must be >= 1 (got {self.max_prompt_tokens})")
         if problems:
@@ -102,17 +118,23 @@ def _pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_prompt_tokens: int | None
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_prompt_tokens: int | None,
+    *,
+    cut: PromptCut = "left",
+    special_tokens: bool = True,
 ) -> list[list[int]]:
-    """Token ids per prompt (with the tokenizer's special tokens), cut from the left.
-
-    Leading special tokens (a BOS) survive the cut: the model was trained with them in front.
+    """Token ids per prompt, with the tokenizer's special tokens (``special_tokens``), cut to
+    ``max_prompt_tokens`` as ``truncate_prompt`` does (training prompts are cut the same way).
     """
-    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    if not prompts:
+        return []
+    encoded = tokenizer(list(prompts), add_special_tokens=special_tokens)["input_ids"]
     if max_prompt_tokens is None:
         return [list(ids) for ids in encoded]
     special_ids = set(tokenizer.all_special_ids)
-    return [truncate_prompt(list(ids), max_prompt_tokens, special_ids) for ids in encoded]
+    return [truncate_prompt(list(ids), max_prompt_tokens, special_ids, cut) for ids in encoded]
 
 
 def _left_pad(
@@ -204,7 +226,13 @@ def generate_ids(
     """
     if batch_size < 1:
         raise GenerationSettingsError(f"batch_size must be >= 1 (got {batch_size})")
-    prompt_ids = encode_prompts(tokenizer, prompts, decoding.max_prompt_tokens)
+    prompt_ids = encode_prompts(
+        tokenizer,
+        prompts,
+        decoding.max_prompt_tokens,
+        cut=decoding.prompt_cut,
+        special_tokens=decoding.prompt_special_tokens,
+    )
     empty = [index for index, ids in enumerate(prompt_ids) if not ids]
     if empty:
         raise GenerationSettingsError(f"prompts {empty} are empty after tokenization")
@@ -220,11 +248,25 @@ def generate_ids(
         for start in range(0, len(order), batch_size):
             indices = order[start : start + batch_size]
             batch = [prompt_ids[i] for i in indices]
-            new_ids = _generate_batch(model, batch, config, device, synced_gpus)
+            new_ids = _generate_batch(
+                model, batch, _batch_config(config, decoding, batch), device, synced_gpus
+            )
             for index, ids in zip(indices, new_ids, strict=True):
                 outputs[index] = _cut_at_eos(ids, end_ids)
             bar.update(len(indices))
     return outputs
+
+
+def _batch_config(config: GenerationConfig, decoding: DecodingConfig, batch) -> GenerationConfig:
+    """With ``decoding.max_length``, the new-token budget left by the batch's longest prompt."""
+    if decoding.max_length is None:
+        return config
+    room = max(decoding.max_length - max(len(ids) for ids in batch), 1)
+    if room >= config.max_new_tokens:
+        return config
+    limited = copy.deepcopy(config)
+    limited.max_new_tokens = room
+    return limited
 
 
 def _generate_batch(

@@ -190,11 +190,18 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.
     return torch.softmax(filled, dim=dim) * mask
 
 
-def _masked_std(x_BTX: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
-    """Scalar std of the entries at valid positions (padding and prompts do not change it)."""
-    std = x_BTX[mask_BT].float().std()
+def _masked_std(x_BTX: torch.Tensor, mask_BT: torch.Tensor | None) -> torch.Tensor:
+    """Scalar std of the entries at valid positions (padding and prompts do not change it);
+    ``mask_BT=None``: of the whole padded tensor (the reference's scope)."""
+    std = (x_BTX if mask_BT is None else x_BTX[mask_BT]).float().std()
     # No or constant valid entries: leave the scale alone instead of dividing by NaN / 0.
     return torch.nan_to_num(std, nan=1.0).clamp_min(1e-6)
+
+
+def _std_mask(mask_BT: torch.Tensor, std_scope: str) -> torch.Tensor | None:
+    if std_scope not in ("response", "padded"):
+        raise ValueError(f"std_scope must be 'response' or 'padded', got {std_scope!r}")
+    return mask_BT if std_scope == "response" else None
 
 
 def cross_model_attention(
@@ -206,6 +213,7 @@ def cross_model_attention(
     teacher_mask_BT: torch.Tensor,
     *,
     query_projector: Projector,
+    std_scope: str = "response",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DSKD-CMA attention between student and teacher response positions.
 
@@ -218,7 +226,7 @@ def cross_model_attention(
     query_in_BSX = torch.cat([student_input_embeds_BSD, student_target_embeds_BSD], -1).detach()
     query_BSX = _project(query_projector, query_in_BSX).float()
     key_BTX = torch.cat([teacher_input_embeds_BTH, teacher_target_embeds_BTH], -1).detach().float()
-    key_BTX = key_BTX / _masked_std(key_BTX, teacher_mask_BT)
+    key_BTX = key_BTX / _masked_std(key_BTX, _std_mask(teacher_mask_BT, std_scope))
     scores_BST = query_BSX @ key_BTX.transpose(1, 2) / math.sqrt(key_BTX.shape[-1])
     pair_mask_BST = student_mask_BS[:, :, None] & teacher_mask_BT[:, None, :]
     t2s_weights_BST = masked_softmax(scores_BST, pair_mask_BST, dim=-1)
@@ -249,6 +257,7 @@ def dskd_cma_loss(
     skew: float = 0.1,
     t2s_kd_only_correct: bool = True,
     chunk_size: int | None = None,
+    std_scope: str = "response",
 ) -> DSKDLosses:
     """DSKD with cross-model attention, for different tokenizers.
 
@@ -261,6 +270,8 @@ def dskd_cma_loss(
         student_head_weight_VD, teacher_head_weight_WH: LM head weights (used detached).
         query_projector: 2D -> 2H; t2s_projector: H -> D; s2t_projector: D -> H.
         kind, s2t_kind, temperature, skew, t2s_kd_only_correct, chunk_size: as in ``dskd_loss``.
+        std_scope: ``"response"``: keys and values are scaled by their std over the teacher's
+            response positions; ``"padded"``: over the whole padded tensor (the reference).
     Returns:
         DSKDLosses. Student positions whose sequence has no teacher response position (and vice
         versa) contribute nothing and are not counted.
@@ -277,12 +288,14 @@ def dskd_cma_loss(
         student_mask_BS,
         teacher_mask_BT,
         query_projector=query_projector,
+        std_scope=std_scope,
     )
     # Values: std-normalised teacher hidden + target embedding, projected to the student space.
+    std_mask_BT = _std_mask(teacher_mask_BT, std_scope)
     teacher_hidden_BTH = teacher_hidden_BTH.float()
-    teacher_value_in_BTH = teacher_hidden_BTH / _masked_std(teacher_hidden_BTH, teacher_mask_BT)
+    teacher_value_in_BTH = teacher_hidden_BTH / _masked_std(teacher_hidden_BTH, std_mask_BT)
     teacher_target_BTH = teacher_target_embeds_BTH.detach().float()
-    teacher_value_in_BTH += teacher_target_BTH / _masked_std(teacher_target_BTH, teacher_mask_BT)
+    teacher_value_in_BTH += teacher_target_BTH / _masked_std(teacher_target_BTH, std_mask_BT)
     t2s_values_BTD = _project(t2s_projector, teacher_value_in_BTH.detach()).float()
     s2t_values_BSH = _project(s2t_projector, student_hidden_BSD).float()
     t2s_hidden_BSD = t2s_weights_BST @ t2s_values_BTD

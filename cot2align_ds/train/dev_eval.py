@@ -89,6 +89,8 @@ class DevEvaluator:
         *,
         template: str,
         max_prompt_tokens: int,
+        prompt_cut: str = "left",
+        prompt_special_tokens: bool = True,
         output_dir: Path,
         is_main: bool,
         steps_per_epoch: int,
@@ -105,7 +107,11 @@ class DevEvaluator:
         self.decoding = DecodingConfig(
             max_new_tokens=config.max_new_tokens,
             greedy=config.greedy,
+            no_repeat_ngram_size=config.no_repeat_ngram_size,
             max_prompt_tokens=max_prompt_tokens,
+            prompt_cut=prompt_cut,
+            prompt_special_tokens=prompt_special_tokens,
+            max_length=config.max_length,
         )
         self._check_prompts()
         self.seeds: list[int | None] = [None] if config.greedy else list(config.seeds)
@@ -125,7 +131,13 @@ class DevEvaluator:
     def _check_prompts(self) -> None:
         # Checked once here, identically on every rank: raised inside generation on one rank
         # only, it would leave the other ranks waiting in a collective.
-        encoded = encode_prompts(self.tokenizer, self.prompts, self.decoding.max_prompt_tokens)
+        encoded = encode_prompts(
+            self.tokenizer,
+            self.prompts,
+            self.decoding.max_prompt_tokens,
+            cut=self.decoding.prompt_cut,
+            special_tokens=self.decoding.prompt_special_tokens,
+        )
         empty = [self.records[i].id for i, ids in enumerate(encoded) if not ids]
         if empty:
             raise EvalInputError(f"data.dev_file: records {empty[:3]} have empty prompts")

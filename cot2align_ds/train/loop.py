@@ -325,6 +325,8 @@ class Trainer:
             self.models.student_tokenizer,
             template=cfg.data.template,
             max_prompt_tokens=cfg.data.max_prompt_tokens,
+            prompt_cut=cfg.data.prompt_truncation,
+            prompt_special_tokens=cfg.data.prompt_special_tokens,
             output_dir=self.output_dir,
             is_main=self.ctx.is_main,
             steps_per_epoch=self.steps_per_epoch,

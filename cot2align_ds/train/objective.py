@@ -115,6 +115,8 @@ class Objective:
             raise ConfigError("cot2align.enabled needs a teacher: choose a distill.method")
         if self.method == "mined" and teacher_to_student_vocab_W is None:
             raise ValueError("MinED needs the teacher->student vocabulary map")
+        if teacher_to_student_vocab_W is not None and distill.mined_projection == "first":
+            teacher_to_student_vocab_W = first_teacher_id_only(teacher_to_student_vocab_W)
         self.vocab_map_W = teacher_to_student_vocab_W
         spec = get_method(self.method)
         kd_rate = distill.kd_rate if spec.kd_terms else 0.0
@@ -223,6 +225,7 @@ class Objective:
                 teacher_hidden_BTH=teacher.hidden_states[-1],
                 teacher_labels_BT=t_side.labels,
                 query_projector=projectors["query"],
+                std_scope=cfg.dskd_std,
                 **embeds,
                 **common,
             )
@@ -307,7 +310,12 @@ class Objective:
         total = student.logits.new_zeros((), dtype=torch.float32)
         values = {}
         for term in self.terms:
-            value = sums[term.name] / window_counts[term.normaliser]
+            if term.normaliser == "cot_records" and self.ot.cross_cot_pooling == "micro_batch":
+                # The reference's pooling: a mean over this micro-batch's CoT records (DeepSpeed
+                # then averages the micro-batches of the window and the ranks).
+                value = sums[term.name] / batch.is_cot_B.sum().clamp_min(1)
+            else:
+                value = sums[term.name] / window_counts[term.normaliser]
             values[term.name] = value.detach()
             total = total + term.weight * value
         if outputs.student_standard is not None:
@@ -375,6 +383,20 @@ def _plan_diagnostics(group: tuple, ot: CoT2AlignConfig) -> dict[str, torch.Tens
         "ot/plan_entropy": (diagnostics.entropy_B * solved).sum() / count,
         "ot/plan_entropy_normalised": (normalised_B * solved).sum() / count,
     }
+
+
+def first_teacher_id_only(teacher_to_student_vocab_W: torch.Tensor) -> torch.Tensor:
+    """The vocabulary map with, for each student id, only its lowest teacher id mapped (the
+    others -1): the reference's projection, where one teacher id stands for each student id."""
+    map_W = teacher_to_student_vocab_W.long().clone()
+    mapped_W = map_W >= 0
+    if not bool(mapped_W.any()):
+        return map_W
+    teacher_ids = torch.arange(map_W.numel(), device=map_W.device)
+    lowest_V = torch.full((int(map_W.max()) + 1,), map_W.numel(), device=map_W.device)
+    lowest_V = lowest_V.scatter_reduce(0, map_W[mapped_W], teacher_ids[mapped_W], "amin")
+    keep_W = mapped_W & (lowest_V[map_W.clamp_min(0)] == teacher_ids)
+    return torch.where(keep_W, map_W, -1)
 
 
 def adaptive_budget(ot: CoT2AlignConfig) -> dict:

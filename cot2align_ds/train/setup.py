@@ -279,6 +279,8 @@ def build_data(config: RunConfig, models: Models, ctx: dse.DistContext) -> Data:
         models.teacher_tokenizer,
         max_prompt_tokens=config.data.max_prompt_tokens,
         max_total_tokens=config.data.max_total_tokens,
+        prompt_cut=config.data.prompt_truncation,
+        prompt_special_tokens=config.data.prompt_special_tokens,
         cot_views=objective.needs_cross_views,
         alignment=objective.alignment,
     )

@@ -99,3 +99,17 @@ def test_every_float_field_must_be_finite(override):
     with pytest.raises(ConfigError, match=f"{key}: Input should be a finite number") as info:
         load_config("demo", [override])
     assert "\n" not in str(info.value)
+
+
+def test_fidelity_reference_sets_every_reference_behaviour_and_explicit_keys_win():
+    from cot2align_ds.config import REFERENCE_SETTINGS
+
+    base = {"student": {"name_or_path": "s"}, "teacher": {"name_or_path": "t"}}
+    project = validate_config(base)
+    reference = validate_config({**base, "fidelity": "reference"})
+    for section, values in REFERENCE_SETTINGS.items():
+        for key, value in values.items():
+            assert getattr(getattr(reference, section), key) == value, (section, key)
+            assert getattr(getattr(project, section), key) != value, (section, key)
+    chosen = validate_config({**base, "fidelity": "reference", "eval": {"greedy": True}})
+    assert chosen.eval.greedy is True and chosen.eval.max_length == 512

@@ -298,3 +298,51 @@ def test_tokenizer_larger_than_the_model_is_one_clear_error(pairs, saved_model) 
     bpe.save_pretrained(tokenizer_dir)
     with pytest.raises(ModelLoadError, match="tokenizer has 300 tokens but the model embeds"):
         load_model_for_eval(saved_model, tokenizer_path=tokenizer_dir)
+
+
+def _bos_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<bos>": 0, "a": 1, "b": 2, "[UNK]": 3, "<eos>": 4}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", 0)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", unk_token="[UNK]"
+    )
+
+
+@pytest.mark.parametrize(("cut", "special", "expected"), [
+    ("left", True, [0, 2, 1]),  # BOS kept in front, then the end next to the answer
+    ("right", True, [0, 1, 2]),  # the reference's cut: the first tokens
+    ("left", False, [2, 2, 1]),
+    ("right", False, [1, 2, 2]),  # the reference: no special tokens, first 3
+])  # fmt: skip
+def test_prompt_cut_and_special_tokens_in_evaluation_and_training(cut, special, expected):
+    from cot2align_ds.data.collator import tokenize_pair
+    from cot2align_ds.inference.generation import encode_prompts
+
+    tokenizer = _bos_tokenizer()
+    prompt = "a b b a"  # with BOS: [0, 1, 2, 2, 1]
+    assert encode_prompts(tokenizer, [prompt], 3, cut=cut, special_tokens=special) == [expected]
+    pair = tokenize_pair(
+        tokenizer, prompt, "b", max_prompt_tokens=3, max_total_tokens=6, prompt_cut=cut,
+        prompt_special_tokens=special,
+    )  # fmt: skip
+    assert pair.input_ids == [*expected, 2, 4] and pair.prompt_length == 3
+
+
+def test_max_length_caps_prompt_plus_new_tokens():
+    from transformers import GenerationConfig
+
+    from cot2align_ds.inference.generation import DecodingConfig, _batch_config
+
+    decoding = DecodingConfig(max_new_tokens=50, max_length=40)
+    config = GenerationConfig(max_new_tokens=50)
+    assert _batch_config(config, decoding, [[1] * 30, [1] * 10]).max_new_tokens == 10
+    assert _batch_config(config, decoding, [[1] * 45]).max_new_tokens == 1
+    unlimited = DecodingConfig(max_new_tokens=50)
+    assert _batch_config(config, unlimited, [[1] * 300]) is config

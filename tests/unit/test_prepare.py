@@ -323,7 +323,7 @@ def test_dialogsum_keeps_source_splits_one_summary_per_dialogue(tmp_path):
     assert [r.id for r in test] == ["test_0_1", "test_1_1", "test_2_1", "test_long_1"]
     assert test[0] == Record(
         id="test_0_1",
-        instruction=DIALOGSUM_INSTRUCTION,
+        instruction=DIALOGSUM_INSTRUCTION.format(topic="t"),  # the topic, as the reference
         input="#Person1#: test dialogue 0",
         output="test sum 0 v1",
     )
