@@ -123,6 +123,28 @@ def dskd_cma(record: dict, batch_stats: dict, projectors, heads, cfg) -> dict[st
     return out
 
 
+def dskd_same_vocab(record: dict, projectors, heads, cfg) -> dict[str, torch.Tensor]:
+    """DSKD for a shared tokenizer, one record: each position's teacher hidden state projected
+    into the student space (t2s) and the student's into the teacher space (s2t), through the
+    other model's head; no attention, and the t2s KD at every position."""
+    t2s, s2t = projectors["t2s"], projectors["s2t"]
+    t2s_logits = t2s(record["t_hidden"].to(t2s.weight.dtype)).to(F64) @ heads["student"].to(F64).T
+    s2t_logits = s2t(record["s_hidden"].to(s2t.weight.dtype)).to(F64) @ heads["teacher"].to(F64).T
+    labels = record["s_labels"]
+    out = {"ce": torch.zeros((), dtype=F64), "kd": torch.zeros((), dtype=F64)}
+    out["s2t"] = torch.zeros((), dtype=F64)
+    for i in range(len(labels)):
+        out["ce"] = out["ce"] - log_probs(t2s_logits[i])[labels[i]]
+        out["kd"] = out["kd"] + divergence(
+            record["s_logits"][i], t2s_logits[i].detach(), cfg.divergence, cfg.temperature,
+            cfg.skew,
+        )  # fmt: skip
+        out["s2t"] = out["s2t"] + divergence(
+            s2t_logits[i], record["t_logits"][i].detach(), "forward_kl", cfg.temperature, cfg.skew
+        )
+    return out
+
+
 def sinkhorn_transport(cost_ST: torch.Tensor, epsilon: float, num_iters: int) -> torch.Tensor:
     """Entropic OT with uniform marginals: ``num_iters`` log-domain Sinkhorn iterations (a
     column then a row update) from zero potentials, differentiated through every iteration;

@@ -37,6 +37,8 @@ D, H = 12, 20  # student and teacher hidden sizes of the random outputs
 def _tokenizers(workspace, pair: str):
     if pair == "trained":
         paths = workspace["student_tok"], workspace["teacher_tok"]
+    elif pair == "same":  # one tokenizer on both sides, for same-vocabulary DSKD
+        paths = workspace["student_tok"], workspace["student_tok"]
     else:
         root = default_cache_dir()
         paths = root / "smollm2-135m-instruct", root / "gemma3-270m"
@@ -157,6 +159,17 @@ def _oracle_total(case: _Case) -> torch.Tensor:
             )  # fmt: skip
     if cfg.method == "dskd_cma":
         kd = kd + _oracle_dskd_cma(case, records)
+    if cfg.method == "dskd":
+        for row, s_pos, _t_pos, s_logits, labels, _t_logits in records:
+            record = {
+                "t_hidden": outputs.teacher.hidden_states[-1][row, s_pos],
+                "s_hidden": outputs.student.hidden_states[-1][row, s_pos],
+                "s_logits": s_logits,
+                "t_logits": outputs.teacher.logits[row, s_pos],
+                "s_labels": labels,
+            }
+            parts = oracles.dskd_same_vocab(record, case.projectors, case.heads, cfg)
+            kd = kd + parts["ce"] + parts["kd"] + parts["s2t"]
     a = cfg.kd_rate
     total = (1 - a) * ce / num_tokens + a * kd / num_tokens
     return total + a * ot.ot_weight * _oracle_ot(case)
@@ -277,6 +290,11 @@ def test_the_reference_switches_equal_the_oracle_in_that_mode(workspace, switch)
 def test_first_projection_keeps_the_lowest_teacher_id_per_student_id():
     vocab_map = torch.tensor([3, -1, 3, 0, 5, 0, 3, -1])
     assert first_teacher_id_only(vocab_map).tolist() == [3, -1, -1, 0, 5, -1, -1, -1]
+
+
+def test_same_vocabulary_dskd_equals_the_per_sample_oracle(workspace):
+    case = _Case(workspace, "same", _config("dskd"))
+    _compare(case)
 
 
 def test_cross_cot_pooling_per_micro_batch_is_the_references(workspace):
