@@ -115,9 +115,11 @@ class DistillConfig(_Strict):
     skew: float = Field(0.1, gt=0.0, lt=1.0, description="for the skewed KL divergences")
     chunk_size: int | None = Field(None, gt=0, description="response positions per chunk")
     mined_top_k: int | None = Field(None, ge=1, description="teacher top-k kept by MinED")
-    mined_alignment: Literal["offsets", "dp"] = Field(
+    mined_alignment: Literal["offsets", "dp", "dp_reference"] = Field(
         "offsets",
-        description="MinED token alignment: character offsets (exact) or the reference's DP",
+        description="MinED token alignment: character offsets (exact), DP over the target "
+        "tokens, or the reference's DP over the input tokens, keeping a pair only where the "
+        "vocabulary map sends the teacher's input id to the student's",
     )
     mined_projection: Literal["sum", "first"] = Field(
         "sum",
@@ -301,7 +303,11 @@ class TrackingConfig(_Strict):
 # explicitly keep their values.
 REFERENCE_SETTINGS: dict[str, dict[str, Any]] = {
     "data": {"prompt_truncation": "right", "prompt_special_tokens": False},
-    "distill": {"mined_projection": "first", "mined_alignment": "dp", "dskd_std": "padded"},
+    "distill": {
+        "mined_projection": "first",
+        "mined_alignment": "dp_reference",
+        "dskd_std": "padded",
+    },
     "cot2align": {
         "reference_compat": True,
         "cross_cot_pooling": "micro_batch",

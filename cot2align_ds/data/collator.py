@@ -96,14 +96,34 @@ def pad_side(pairs: Sequence[TokenizedPair], pad_id: int) -> TokenSide:
 
 
 def answer_alignment(
-    student: TokenizedPair, teacher: TokenizedPair, method: str, tokenizers
+    student: TokenizedPair,
+    teacher: TokenizedPair,
+    method: str,
+    tokenizers,
+    vocab_map: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Teacher logits position aligned one-to-one with each student logits position, else -1."""
+    """Teacher logits position aligned one-to-one with each student logits position, else -1.
+
+    ``offsets``: character spans of the answer tokens; ``dp``: edit-distance DP over the answer
+    (target) tokens; ``dp_reference``: the DP over the input tokens at the answer's logits
+    positions (the last prompt token, then the answer but its last token), a pair kept only
+    where ``vocab_map`` sends the teacher's input id to the student's.
+    """
     num_student = len(student.input_ids) - student.prompt_length
     num_teacher = len(teacher.input_ids) - teacher.prompt_length
     if method == "offsets":
         groups = align_by_char_boundaries(student.answer_spans, teacher.answer_spans)
         answer_map = groups.aligned_teacher_pos_S
+    elif method == "dp_reference":
+        s_inputs = student.input_ids[student.prompt_length - 1 : -1]
+        t_inputs = teacher.input_ids[teacher.prompt_length - 1 : -1]
+        answer_map = mined_dp_align(
+            tokenizers["student"].convert_ids_to_tokens(s_inputs),
+            tokenizers["teacher"].convert_ids_to_tokens(t_inputs),
+        ).aligned_teacher_pos_S.copy()
+        for k, j in enumerate(answer_map):
+            if j >= 0 and (t_inputs[j] >= len(vocab_map) or vocab_map[t_inputs[j]] != s_inputs[k]):
+                answer_map[k] = -1
     else:
         student_tokens = tokenizers["student"].convert_ids_to_tokens(
             student.input_ids[student.prompt_length :]
@@ -146,6 +166,7 @@ class DistillCollator:
         prompt_special_tokens: bool = True,
         cot_views: bool = False,
         alignment: str | None = None,
+        vocab_map=None,
     ) -> None:
         self.tokenizers = {"student": student_tokenizer}
         if teacher_tokenizer is not None:
@@ -159,6 +180,10 @@ class DistillCollator:
         }
         self.cot_views = cot_views
         self.alignment = alignment if teacher_tokenizer is not None else None
+        if self.alignment == "dp_reference" and vocab_map is None:
+            raise ValueError("the dp_reference alignment needs the teacher->student vocabulary map")
+        # A NumPy array: the collator is pickled into the DataLoader workers.
+        self.vocab_map = None if vocab_map is None else np.asarray(vocab_map, dtype=np.int64)
 
     def _tokenize(self, role: str, texts: list[tuple[str, str]]) -> list[TokenizedPair]:
         offsets = self.alignment == "offsets"
@@ -177,7 +202,7 @@ class DistillCollator:
         aligned = None
         if self.alignment is not None:
             rows = [
-                answer_alignment(s, t, self.alignment, self.tokenizers)
+                answer_alignment(s, t, self.alignment, self.tokenizers, self.vocab_map)
                 for s, t in zip(pairs["student"], pairs["teacher"], strict=True)
             ]
             aligned = pad_positions(rows, sides["student"].labels.shape[1])

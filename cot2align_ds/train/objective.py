@@ -115,6 +115,8 @@ class Objective:
             raise ConfigError("cot2align.enabled needs a teacher: choose a distill.method")
         if self.method == "mined" and teacher_to_student_vocab_W is None:
             raise ValueError("MinED needs the teacher->student vocabulary map")
+        # As built (nearest string per teacher id): the reference DP alignment checks it.
+        self.teacher_to_student_W = teacher_to_student_vocab_W
         if teacher_to_student_vocab_W is not None and distill.mined_projection == "first":
             teacher_to_student_vocab_W = first_teacher_id_only(teacher_to_student_vocab_W)
         self.vocab_map_W = teacher_to_student_vocab_W

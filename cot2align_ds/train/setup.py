@@ -283,6 +283,7 @@ def build_data(config: RunConfig, models: Models, ctx: dse.DistContext) -> Data:
         prompt_special_tokens=config.data.prompt_special_tokens,
         cot_views=objective.needs_cross_views,
         alignment=objective.alignment,
+        vocab_map=objective.teacher_to_student_W if objective.alignment == "dp_reference" else None,
     )
     loader, sampler = build_loader(config, examples, collator, ctx)
     steps_per_epoch = len(loader) // config.train.grad_accum

@@ -81,7 +81,7 @@ class _Case:
         )
         collator = DistillCollator(
             student_tok, teacher_tok, max_prompt_tokens=40, max_total_tokens=72,
-            cot_views=True, alignment=self.objective.alignment,
+            cot_views=True, alignment=self.objective.alignment, vocab_map=self.vocab_map,
         )  # fmt: skip
         self.batch = collator(examples)
         self.config = config
@@ -279,7 +279,10 @@ def test_objective_equals_the_per_sample_oracle(workspace, pair, method):
 @pytest.mark.parametrize("switch", ["mined_first", "dskd_padded", "reference_compat"])
 def test_the_reference_switches_equal_the_oracle_in_that_mode(workspace, switch):
     method, switches = {
-        "mined_first": ("mined", {"distill": {"mined_projection": "first"}}),
+        "mined_first": (
+            "mined",
+            {"distill": {"mined_projection": "first", "mined_alignment": "dp_reference"}},
+        ),
         "dskd_padded": ("dskd_cma", {"distill": {"dskd_std": "padded"}}),
         "reference_compat": ("uld", {"cot2align": {"reference_compat": True}}),
     }[switch]
@@ -321,3 +324,20 @@ def test_cross_cot_pooling_per_micro_batch_is_the_references(workspace):
         expected = terms["window"][name] * (local + 3) / local
         torch.testing.assert_close(terms["micro_batch"][name], expected)
     assert terms["micro_batch"]["ot_main"] == terms["window"]["ot_main"]
+
+
+def test_reference_dp_alignment_keeps_pairs_whose_input_ids_the_map_agrees_on(workspace):
+    case = _Case(
+        workspace, "trained", _config("mined", distill={"mined_alignment": "dp_reference"})
+    )
+    batch, vocab_map = case.batch, case.vocab_map
+    kept = 0
+    for row in range(batch.student.input_ids.shape[0]):
+        for position, teacher_position in enumerate(batch.aligned_teacher_pos_BS[row].tolist()):
+            if teacher_position < 0:
+                continue
+            kept += 1
+            # The logits positions' input tokens: the map sends the teacher's to the student's.
+            teacher_input = int(batch.teacher.input_ids[row, teacher_position])
+            assert int(vocab_map[teacher_input]) == int(batch.student.input_ids[row, position])
+    assert kept > 0
