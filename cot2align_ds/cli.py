@@ -246,6 +246,10 @@ def evaluate(
     max_prompt_tokens: Annotated[
         int | None, typer.Option(help="Default: the run's data.max_prompt_tokens, else 256.")
     ] = None,
+    max_length: Annotated[
+        int | None,
+        typer.Option(help="Cap on prompt + new tokens (the paper's 512); default: the run's."),
+    ] = None,
     tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer if not next to it.")] = None,
     base_model: Annotated[str | None, typer.Option(help="Base for adapters/checkpoints.")] = None,
     dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16.")] = None,
@@ -268,6 +272,7 @@ def evaluate(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         max_prompt_tokens=max_prompt_tokens,
+        max_length=max_length,
         tokenizer_path=tokenizer,
         base_model=base_model,
         dtype=dtype,

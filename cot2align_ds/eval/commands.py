@@ -126,6 +126,9 @@ def eval_settings_of_run(run_dir: str | Path) -> tuple[Path, dict]:
         "template": data.get("template"),
         "max_prompt_tokens": data.get("max_prompt_tokens"),
         "max_new_tokens": evaluation.get("max_new_tokens"),
+        "max_length": evaluation.get("max_length"),
+        "prompt_cut": data.get("prompt_truncation"),
+        "prompt_special_tokens": data.get("prompt_special_tokens"),
     }
     return best_model_dir(Path(run_dir)), {k: v for k, v in settings.items() if v is not None}
 
@@ -142,6 +145,9 @@ def run_eval(
     batch_size: int = 8,
     max_new_tokens: int = 256,
     max_prompt_tokens: int = 256,
+    max_length: int | None = None,
+    prompt_cut: str = "left",
+    prompt_special_tokens: bool = True,
     tokenizer_path: str | Path | None = None,
     base_model: str | Path | None = None,
     trust_remote_code: bool = False,
@@ -159,7 +165,9 @@ def run_eval(
     output_dir = Path(output_dir)
     _check_output_dir(output_dir)
     _check_settings(template, metrics, seeds, greedy, batch_size)
-    DecodingConfig(max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens)
+    DecodingConfig(
+        max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, max_length=max_length
+    )
     torch_dtype = _resolve_dtype(dtype)
     datasets = _read_datasets(data_files)
     model, tokenizer = load_model_for_eval(
@@ -179,6 +187,9 @@ def run_eval(
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,
         "max_prompt_tokens": max_prompt_tokens,
+        "max_length": max_length,
+        "prompt_cut": prompt_cut,
+        "prompt_special_tokens": prompt_special_tokens,
     }
     _write_eval_args(output_dir, model_path, datasets, data_files, options)
     results: dict[str, dict[str, dict]] = {}

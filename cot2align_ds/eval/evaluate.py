@@ -111,10 +111,15 @@ def evaluate_records(
     references: Sequence[Sequence[str]] | None = None,
     show_progress: bool = False,
     prompt_view: str = "standard",
+    max_length: int | None = None,
+    prompt_cut: str = "left",
+    prompt_special_tokens: bool = True,
 ) -> EvalResult:
     """Generate for every record's standard prompt under each seed and score the outputs.
 
     ``references`` overrides the gold answers (one list per record; default ``[record.output]``).
+    ``max_length`` caps prompt + new tokens (the reference's 512); ``prompt_cut`` and
+    ``prompt_special_tokens`` as in training (``data.prompt_truncation`` and its neighbour).
     ``prompt_view="cot"`` prompts with the CoT template instead (a diagnostic: the paper's
     protocol is standard prompts); the answer is then read after "the answer is".
     Each seed's metric value is the mean over records; ``scores`` aggregates them over seeds.
@@ -131,6 +136,9 @@ def evaluate_records(
         top_k=top_k,
         no_repeat_ngram_size=no_repeat_ngram_size,
         max_prompt_tokens=max_prompt_tokens,
+        max_length=max_length,
+        prompt_cut=prompt_cut,
+        prompt_special_tokens=prompt_special_tokens,
     )
     if prompt_view not in ("standard", "cot"):
         raise ValueError(f"prompt_view must be 'standard' or 'cot', got {prompt_view!r}")

@@ -77,6 +77,8 @@ def test_eval_run_uses_the_runs_template_and_lengths(trained_run, workspace, tmp
     assert used["template"] == run_config["data"]["template"] == "compact"
     assert used["max_prompt_tokens"] == run_config["data"]["max_prompt_tokens"]
     assert used["max_new_tokens"] == run_config["eval"]["max_new_tokens"]
+    assert used["prompt_cut"] == run_config["data"]["prompt_truncation"] == "left"
+    assert used["max_length"] is None
     assert used["seeds"] == []  # greedy: no seed is used
     assert used["model_path"] == str(trained_run / "student")
     both = runner.invoke(app, [*args[:1], "--model", str(trained_run / "student"), *args[1:]])
