@@ -273,7 +273,26 @@ def test_objective_equals_the_per_sample_oracle(workspace, pair, method):
     # record's standard one) keep the per-position oracle loops short.
     case = _Case(workspace, pair, _config(method), num_examples=4 if pair == "trained" else 2)
     assert case.batch.standard.valid_C.any()  # the Cross-CoT terms are real here
+    if method == "dskd_cma":
+        _make_some_t2s_predictions_right(case)
     _compare(case)
+
+
+def _make_some_t2s_predictions_right(case: _Case) -> None:
+    """DSKD-CMA distils the t2s logits only where their argmax is the label; random outputs
+    are almost never right. Tilt the student head towards the most common label along the
+    t2s projector's bias, which every attended value carries (attention rows sum to 1)."""
+    labels = case.batch.student.labels
+    label = int(labels[labels != -100].mode().values)
+    direction = torch.randn(D, generator=torch.Generator().manual_seed(1))
+    direction = direction / direction.norm()
+    with torch.no_grad():
+        case.projectors["t2s"].bias.copy_(3 * direction)
+        case.heads["student"][label] += 10 * direction
+    counts = batch_normalisers(case.batch).clamp_min(1).to(torch.float32)
+    window = dict(zip(NORMALISERS, counts.unbind(), strict=True))
+    terms = case.objective(case.batch, case.outputs, case.projectors, case.access, window).terms
+    assert terms["kd_t2s_kd"] > 0  # the gated KD term is exercised
 
 
 @pytest.mark.parametrize("switch", ["mined_first", "dskd_padded", "reference_compat"])
