@@ -354,11 +354,17 @@ def pair_check(
     ] = None,
     max_texts: Annotated[int, typer.Option(help="Records sampled from --data.")] = 200,
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable report.")] = False,
+    template: Annotated[
+        str, typer.Option(help="The run's data.template (alpaca, compact, chat).")
+    ] = "alpaca",
 ) -> None:
     """Check a teacher/student tokenizer pair; exits 1 when the pair cannot work."""
     from cot2align_ds.runs import run_pair_check
 
-    if not run_pair_check(teacher, student, data, max_texts=max_texts, as_json=json_output):
+    ok = run_pair_check(
+        teacher, student, data, max_texts=max_texts, as_json=json_output, template=template
+    )
+    if not ok:
         raise typer.Exit(1)
 
 

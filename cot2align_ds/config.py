@@ -73,7 +73,11 @@ class ModelSpec(_Strict):
 class DataConfig(_Strict):
     train_file: Path | None = None
     dev_file: Path | None = None
-    template: Literal["alpaca", "compact"] = "alpaca"
+    template: Literal["alpaca", "compact", "chat"] = Field(
+        "alpaca",
+        description="alpaca (the paper's prompts), compact (tiny models), or chat: each "
+        "model's own chat template, teacher and student alike",
+    )
     max_prompt_tokens: int = Field(256, gt=0)
     max_total_tokens: int = Field(512, gt=1)
     cot_records: Literal["none", "non_empty_input", "all"] = Field(

@@ -42,7 +42,13 @@ def _hidden_size_or_default(run: RunConfig, role: str) -> int:
 
 
 def run_pair_check(
-    teacher: str, student: str, data_file: Path | None, *, max_texts: int, as_json: bool
+    teacher: str,
+    student: str,
+    data_file: Path | None,
+    *,
+    max_texts: int,
+    as_json: bool,
+    template: str | None = None,
 ) -> bool:
     """Print the tokenizer-pair report; returns whether the pair can work."""
     from cot2align_ds.alignment.pair_check import check_tokenizer_pair
@@ -55,6 +61,7 @@ def run_pair_check(
     tokenizers = {role: load_tokenizer(spec, role, strict=False) for role, spec in specs.items()}
     texts = None
     if data_file is not None:
+        # Plain text for the alignment statistics (chat prompts differ per tokenizer).
         examples = make_examples(read_records(data_file), template="alpaca", cot_records="all")
         texts = [example.prompt + example.answer for example in examples[:max_texts]]
     report = check_tokenizer_pair(
@@ -63,6 +70,7 @@ def run_pair_check(
         texts=texts,
         teacher_embedding_rows=embedding_rows_from_config(specs["teacher"], "teacher"),
         student_embedding_rows=embedding_rows_from_config(specs["student"], "student"),
+        template=template,
     )
     Console().print(report.to_json() if as_json else report.to_text(), markup=False)
     return report.ok

@@ -238,15 +238,37 @@ def _vocab_findings(report: PairReport) -> None:
         )
 
 
+def template_findings(tokenizers: dict[str, Any], template: str) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of a prompt template against each tokenizer's chat template: an
+    instruct model fed plain prompts is not what it was tuned on; chat prompts need a template."""
+    problems, warnings = [], []
+    for role, tokenizer in tokenizers.items():
+        has_chat = bool(getattr(tokenizer, "chat_template", None))
+        if template == "chat" and not has_chat:
+            problems.append(
+                f"{role} tokenizer has no chat template, but data.template is chat; use "
+                "alpaca or compact"
+            )
+        elif template != "chat" and has_chat:
+            warnings.append(
+                f"{role} tokenizer has a chat template (an instruct model) but prompts use the "
+                f"{template} template; set data.template: chat to train on the conversation "
+                "format it was tuned on"
+            )
+    return problems, warnings
+
+
 def check_tokenizer_pair(
     teacher_tokenizer: Any,
     student_tokenizer: Any,
     texts: Sequence[str] | None = None,
     teacher_embedding_rows: int | None = None,
     student_embedding_rows: int | None = None,
+    template: str | None = None,
 ) -> PairReport:
     """Report on a teacher/student tokenizer pair (module docstring); ``texts`` default to a
-    few built-in lines (prose, numbers, accents, code)."""
+    few built-in lines (prose, numbers, accents, code); ``template``: the prompt template the
+    run uses (checked against the tokenizers' chat templates)."""
     teacher = _side_info(teacher_tokenizer, teacher_embedding_rows)
     student = _side_info(student_tokenizer, student_embedding_rows)
     map_W = exact_vocab_map(teacher_tokenizer, student_tokenizer)
@@ -259,6 +281,11 @@ def check_tokenizer_pair(
     )
     for role, side in (("teacher", teacher), ("student", student)):
         problems, warnings = _side_findings(role, side)
+        report.problems += problems
+        report.warnings += warnings
+    tokenizers = {"teacher": teacher_tokenizer, "student": student_tokenizer}
+    if template is not None:
+        problems, warnings = template_findings(tokenizers, template)
         report.problems += problems
         report.warnings += warnings
     _vocab_findings(report)

@@ -44,7 +44,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from cot2align_ds.atomic import write_jsonl_atomic, write_text_atomic
 from cot2align_ds.data.answers import extract_answer, parse_number
 from cot2align_ds.data.records import Record, RecordError, read_records, write_records
-from cot2align_ds.data.templates import TEMPLATES, cot_prompt
+from cot2align_ds.data.templates import CHAT, TEMPLATE_NAMES, cot_prompt
 from cot2align_ds.errors import UserError
 from cot2align_ds.inference.generation import DecodingConfig, encode_prompts, generate_ids
 from cot2align_ds.inference.loading import LoadOptions, load_model_for_eval, require_safetensors
@@ -142,8 +142,8 @@ class AugmentSettings:
 
     def check(self) -> None:
         """Fail on bad values before anything loads."""
-        if self.template not in TEMPLATES:
-            raise AugmentError(f"unknown template '{self.template}'; choose {sorted(TEMPLATES)}")
+        if self.template not in TEMPLATE_NAMES:
+            raise AugmentError(f"unknown template '{self.template}'; choose {TEMPLATE_NAMES}")
         if self.selection not in _SELECTIONS:
             raise AugmentError(f"unknown selection '{self.selection}'; choose {list(_SELECTIONS)}")
         if self.batch_size < 1 or self.shard_size < 1:
@@ -165,6 +165,7 @@ class AugmentSettings:
             top_k=self.top_k,
             no_repeat_ngram_size=self.no_repeat_ngram_size,
             max_prompt_tokens=self.max_prompt_tokens,
+            prompt_special_tokens=self.template != CHAT,  # a chat template writes its own BOS
         )
 
 
@@ -301,8 +302,10 @@ def generate_shard(
     to the largest budget among its rows and each row is cut to its own budget
     ``max_total_tokens - prompt length``. ``truncated``: the budget ran out before EOS.
     """
-    prompts = [cot_prompt(record, settings.template) for record in records]
-    lengths = [len(ids) for ids in encode_prompts(tokenizer, prompts, settings.max_prompt_tokens)]
+    prompts = [cot_prompt(record, settings.template, tokenizer) for record in records]
+    special = settings.template != CHAT
+    encoded = encode_prompts(tokenizer, prompts, settings.max_prompt_tokens, special_tokens=special)
+    lengths = [len(ids) for ids in encoded]
     order = sorted(range(len(prompts)), key=lambda index: -lengths[index])
     rows: list[dict] = [{} for _ in prompts]
     for batch_index, start in enumerate(range(0, len(order), settings.batch_size)):

@@ -27,7 +27,8 @@ from cot2align_ds.alignment.mined_dp import mined_dp_align
 from cot2align_ds.alignment.offsets import align_by_char_boundaries, clean_char_spans
 from cot2align_ds.data.batch import IGNORE_INDEX, DistillBatch, StandardViews, TokenSide
 from cot2align_ds.data.examples import Example
-from cot2align_ds.inference.generation import truncate_prompt
+from cot2align_ds.data.templates import require_chat_template
+from cot2align_ds.inference.generation import chat_end_text, truncate_prompt
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,9 @@ def tokenize_pair(
     prompt_cut: str = "left",
     prompt_special_tokens: bool = True,
     with_offsets: bool = False,
+    end_ids: Sequence[int] | None = None,
 ) -> TokenizedPair:
+    """``end_ids``: what ends the answer (a chat template's end-of-turn tokens); default EOS."""
     prompt_ids = truncate_prompt(
         tokenizer(prompt, add_special_tokens=prompt_special_tokens)["input_ids"],
         max_prompt_tokens,
@@ -56,17 +59,18 @@ def tokenize_pair(
         prompt_cut,
     )
     encoded = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=with_offsets)
-    answer_ids = (encoded["input_ids"] + [tokenizer.eos_token_id])[
-        : max_total_tokens - len(prompt_ids)
-    ]
+    end = list(end_ids) if end_ids else [tokenizer.eos_token_id]
+    answer_ids = (encoded["input_ids"] + end)[: max_total_tokens - len(prompt_ids)]
     input_ids = prompt_ids + answer_ids
     # Position t predicts token t+1: the last prompt position predicts the first answer token.
     labels = [IGNORE_INDEX] * (len(prompt_ids) - 1) + answer_ids + [IGNORE_INDEX]
     spans = None
     if with_offsets:
         spans = clean_char_spans(encoded["offset_mapping"], answer, encoded.tokens())
-        # EOS is zero-width at the end of the answer text, so it aligns with the other EOS.
-        spans = np.concatenate([spans, [[len(answer), len(answer)]]])[: len(answer_ids)]
+        # The end tokens are zero-width at the end of the answer text, so they align with the
+        # other side's.
+        ends = [[len(answer), len(answer)]] * len(end)
+        spans = np.concatenate([spans.reshape(-1, 2), ends])[: len(answer_ids)]
     return TokenizedPair(input_ids, labels, len(prompt_ids), spans)
 
 
@@ -179,25 +183,54 @@ class DistillCollator:
             "prompt_special_tokens": prompt_special_tokens,
         }
         self.cot_views = cot_views
+        self._end_ids: dict[str, list[int]] = {}
         self.alignment = alignment if teacher_tokenizer is not None else None
         if self.alignment == "dp_reference" and vocab_map is None:
             raise ValueError("the dp_reference alignment needs the teacher->student vocabulary map")
         # A NumPy array: the collator is pickled into the DataLoader workers.
         self.vocab_map = None if vocab_map is None else np.asarray(vocab_map, dtype=np.int64)
 
-    def _tokenize(self, role: str, texts: list[tuple[str, str]]) -> list[TokenizedPair]:
-        offsets = self.alignment == "offsets"
+    def _tokenize(
+        self, role: str, examples: Sequence[Example], *, standard_view: bool = False
+    ) -> list[TokenizedPair]:
+        offsets = self.alignment == "offsets" and not standard_view
         tokenizer = self.tokenizers[role]
-        return [
-            tokenize_pair(tokenizer, p, a, **self.limits, with_offsets=offsets) for p, a in texts
-        ]
+        pairs = []
+        for example in examples:
+            limits = dict(self.limits)
+            end_ids = None
+            if example.chat is not None:
+                # The chat template writes its own BOS; the answer ends the template's turn.
+                limits["prompt_special_tokens"] = False
+                end_ids = self._chat_end_ids(role)
+            answer = example.standard_answer if standard_view else example.answer
+            prompt = example.prompt_for(tokenizer, standard_view=standard_view)
+            pairs.append(
+                tokenize_pair(
+                    tokenizer,
+                    prompt,
+                    answer or "",
+                    **limits,
+                    with_offsets=offsets,
+                    end_ids=end_ids,
+                )  # fmt: skip
+            )
+        return pairs
+
+    def _chat_end_ids(self, role: str) -> list[int]:
+        if role not in self._end_ids:
+            tokenizer = self.tokenizers[role]
+            require_chat_template(tokenizer)
+            text = chat_end_text(tokenizer)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+            self._end_ids[role] = ids or [tokenizer.eos_token_id]
+        return self._end_ids[role]
 
     def _pad(self, role: str, pairs: list[TokenizedPair]) -> TokenSide:
         return pad_side(pairs, self.tokenizers[role].pad_token_id)
 
     def __call__(self, examples: Sequence[Example]) -> DistillBatch:
-        main = [(example.prompt, example.answer) for example in examples]
-        pairs = {role: self._tokenize(role, main) for role in self.tokenizers}
+        pairs = {role: self._tokenize(role, examples) for role in self.tokenizers}
         sides = {role: self._pad(role, role_pairs) for role, role_pairs in pairs.items()}
         aligned = None
         if self.alignment is not None:
@@ -217,16 +250,17 @@ class DistillCollator:
 
     def _standard_views(self, examples: Sequence[Example]) -> StandardViews:
         cot_rows = [index for index, example in enumerate(examples) if example.is_cot]
-        texts = [
-            (examples[i].standard_prompt or "", examples[i].standard_answer or "") for i in cot_rows
-        ]
+        views = [examples[i] for i in cot_rows]
         valid = [True] * len(cot_rows)
+        sides = {}
+        for role in self.tokenizers:
+            if cot_rows:
+                pairs = self._tokenize(role, views, standard_view=True)
+            else:  # a masked stand-in row, so every rank runs the same forward passes
+                pairs = self._tokenize(role, examples[:1])
+            sides[role] = self._pad(role, pairs)
         if not cot_rows:
-            cot_rows, texts, valid = [0], [(examples[0].prompt, examples[0].answer)], [False]
-        sides = {
-            role: self._pad(role, [tokenize_pair(tokenizer, p, a, **self.limits) for p, a in texts])
-            for role, tokenizer in self.tokenizers.items()
-        }
+            cot_rows, valid = [0], [False]
         return StandardViews(
             student=sides["student"],
             teacher=sides.get("teacher"),

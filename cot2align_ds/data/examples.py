@@ -13,22 +13,35 @@ from dataclasses import dataclass
 from typing import Literal
 
 from cot2align_ds.data.records import Record
-from cot2align_ds.data.templates import cot_answer, cot_prompt, standard_prompt
+from cot2align_ds.data.templates import CHAT, cot_answer, cot_prompt, standard_prompt
 
 CotSelection = Literal["none", "non_empty_input", "all"]
 
 
 @dataclass(frozen=True)
 class Example:
+    """Prompt and answer texts. With the ``chat`` template the prompts depend on the tokenizer
+    (each model's own chat template): ``chat`` then holds the record, and ``prompt_for``
+    renders its prompts per tokenizer."""
+
     id: str
     prompt: str
     answer: str
     standard_prompt: str | None = None
     standard_answer: str | None = None
+    chat: Record | None = None
 
     @property
     def is_cot(self) -> bool:
         return self.standard_prompt is not None
+
+    def prompt_for(self, tokenizer, *, standard_view: bool = False) -> str:
+        """The main view's prompt (``standard_view``: the standard view's) for ``tokenizer``."""
+        if self.chat is None:
+            return self.standard_prompt if standard_view else self.prompt
+        if self.is_cot and not standard_view:
+            return cot_prompt(self.chat, CHAT, tokenizer)
+        return standard_prompt(self.chat, CHAT, tokenizer)
 
 
 def _wants_cot(record: Record, selection: CotSelection) -> bool:
@@ -41,17 +54,20 @@ def make_examples(
     records: list[Record], *, template: str, cot_records: CotSelection = "none"
 ) -> list[Example]:
     examples = []
+    chat = template == CHAT
     for record in records:
-        prompt = standard_prompt(record, template)
-        examples.append(Example(record.id, prompt, record.output))
+        record_if_chat = record if chat else None
+        prompt = "" if chat else standard_prompt(record, template)
+        examples.append(Example(record.id, prompt, record.output, chat=record_if_chat))
         if _wants_cot(record, cot_records):
             examples.append(
                 Example(
                     f"{record.id}#cot",
-                    cot_prompt(record, template),
+                    "" if chat else cot_prompt(record, template),
                     cot_answer(record.rationale or "", record.output),
                     standard_prompt=prompt,
                     standard_answer=record.output,
+                    chat=record_if_chat,
                 )
             )
     return examples

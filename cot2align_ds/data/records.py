@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -22,7 +23,18 @@ class RecordError(UserError):
     """A data file is malformed; the message names the file, line and field."""
 
 
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
 class Record(BaseModel):
+    """One example. Three input shapes are read into it: Alpaca-style (``instruction``,
+    optional ``input``, ``output``), ``prompt`` / ``completion``, and chat ``messages`` whose
+    last message is the assistant's answer (the earlier ones stay in ``messages``)."""
+
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     id: str
@@ -30,6 +42,7 @@ class Record(BaseModel):
     input: str = ""
     output: str
     rationale: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None  # the conversation before the answer
 
 
 def read_records(path: str | Path) -> list[Record]:
@@ -63,6 +76,7 @@ def _parse_line(path: Path, line_number: int, raw: bytes) -> Record | None:
         ) from None
     if not isinstance(payload, dict):
         raise RecordError(f"{where}: expected a JSON object per line")
+    payload = _normalise_shape(where, payload)
     if "output" not in payload:
         raise RecordError(f"{where}: field 'output' is missing; every record needs a gold answer")
     if "id" not in payload:
@@ -76,6 +90,34 @@ def _parse_line(path: Path, line_number: int, raw: bytes) -> Record | None:
     if not record.output.strip():
         raise RecordError(f"{where}: field 'output' is empty; every record needs a gold answer")
     return record
+
+
+def _normalise_shape(where: str, payload: dict) -> dict:
+    """``prompt``/``completion`` and chat ``messages`` records in the Alpaca field names."""
+    if "output" in payload:
+        return payload
+    if "completion" in payload or "prompt" in payload:
+        if not isinstance(payload.get("prompt"), str):
+            raise RecordError(f"{where}: field 'prompt': a string is needed beside 'completion'")
+        return {**payload, "instruction": payload["prompt"], "output": payload.get("completion")}
+    messages = payload.get("messages")
+    if messages is None:
+        return payload
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise RecordError(f"{where}: field 'messages': a list of {{role, content}} objects")
+    if len(messages) < 2 or messages[-1].get("role") != "assistant":
+        raise RecordError(
+            f"{where}: field 'messages': end with the assistant's answer, after a user turn"
+        )
+    users = [m for m in messages[:-1] if m.get("role") == "user"]
+    if not users:
+        raise RecordError(f"{where}: field 'messages': no user turn before the answer")
+    return {
+        **payload,
+        "instruction": users[-1].get("content"),
+        "output": messages[-1].get("content"),
+        "messages": messages[:-1],
+    }
 
 
 def write_records(path: str | Path, records: Iterable[Record]) -> None:

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from cot2align_ds.atomic import write_text_atomic
 from cot2align_ds.data.records import Record, read_records
-from cot2align_ds.data.templates import TEMPLATES
+from cot2align_ds.data.templates import TEMPLATE_NAMES
 from cot2align_ds.eval.evaluate import (
     EVAL_RESULTS_FILENAME,
     PAPER_SEEDS,
@@ -63,8 +63,8 @@ def _check_settings(
 ) -> None:
     if batch_size < 1:
         raise EvalInputError(f"batch_size must be >= 1 (got {batch_size})")
-    if template not in TEMPLATES:
-        raise EvalInputError(f"unknown template '{template}'; choose from {sorted(TEMPLATES)}")
+    if template not in TEMPLATE_NAMES:
+        raise EvalInputError(f"unknown template '{template}'; choose from {TEMPLATE_NAMES}")
     if not metrics:
         raise EvalInputError("no metrics; choose from rouge_l, exact_match")
     for name in metrics:

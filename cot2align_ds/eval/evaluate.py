@@ -22,7 +22,7 @@ from transformers import (
 from cot2align_ds.atomic import write_jsonl_atomic, write_text_atomic
 from cot2align_ds.data.answers import extract_answer
 from cot2align_ds.data.records import Record
-from cot2align_ds.data.templates import cot_prompt, standard_prompt
+from cot2align_ds.data.templates import CHAT, cot_prompt, standard_prompt
 from cot2align_ds.eval.metrics import EvalInputError, SeedStats, aggregate_seeds, get_metric
 from cot2align_ds.inference.generation import DecodingConfig, generate
 
@@ -138,12 +138,13 @@ def evaluate_records(
         max_prompt_tokens=max_prompt_tokens,
         max_length=max_length,
         prompt_cut=prompt_cut,
-        prompt_special_tokens=prompt_special_tokens,
+        # A chat template writes its own BOS.
+        prompt_special_tokens=prompt_special_tokens and template != CHAT,
     )
     if prompt_view not in ("standard", "cot"):
         raise ValueError(f"prompt_view must be 'standard' or 'cot', got {prompt_view!r}")
     make_prompt = cot_prompt if prompt_view == "cot" else standard_prompt
-    prompts = [make_prompt(record, template) for record in records]
+    prompts = [make_prompt(record, template, tokenizer) for record in records]
     predictions: list[Prediction] = []
     for seed in run_seeds:
         texts = generate(

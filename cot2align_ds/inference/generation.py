@@ -151,20 +151,39 @@ def _left_pad(
 
 
 def end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Every id that ends a generation: the tokenizer's EOS and the model's own end tokens.
+    """Every id that ends a generation: the tokenizer's EOS, the model's own end tokens and
+    the chat template's end-of-turn token.
 
     Instruct and chat models end a turn with a token other than the tokenizer's EOS (Gemma-3:
     ``<end_of_turn>`` beside ``<eos>``; Llama-3-Instruct: ``<|eot_id|>``), listed in their
-    ``generation_config``; stopping at EOS alone would run every answer to max_new_tokens.
+    ``generation_config`` or written by their chat template after each answer; stopping at EOS
+    alone would run every answer to max_new_tokens.
     """
     ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if isinstance(configured, int):
         configured = [configured]
-    for token_id in configured or []:
+    candidates = list(configured or [])
+    if getattr(tokenizer, "chat_template", None):
+        turn_end = tokenizer(chat_end_text(tokenizer), add_special_tokens=False)["input_ids"]
+        if len(turn_end) == 1:
+            candidates += turn_end
+    for token_id in candidates:
         if token_id not in ids and token_id < len(tokenizer):
             ids.append(int(token_id))
     return ids
+
+
+_ANSWER_MARKER = "cot2align-answer-marker"
+
+
+def chat_end_text(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What the chat template writes right after an assistant answer (trailing whitespace cut),
+    e.g. ``<|im_end|>`` or ``<end_of_turn>``: the answer's end marker in training, and a stop
+    token in generation."""
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _ANSWER_MARKER}]
+    text = tokenizer.apply_chat_template(turns, tokenize=False)
+    return text[text.rindex(_ANSWER_MARKER) + len(_ANSWER_MARKER) :].rstrip()
 
 
 def _cut_at_eos(ids: list[int], end_ids: Sequence[int]) -> list[int]:

