@@ -35,12 +35,24 @@ SetOption = Annotated[
 ]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import importlib.metadata
+
+        typer.echo(f"cot2align-ds {importlib.metadata.version('cot2align-ds')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     local_rank: Annotated[
         int | None,
         typer.Option("--local_rank", "--local-rank", hidden=True, help="Set by launchers."),
     ] = None,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print it."),
+    ] = False,
 ) -> None:
     """Cross-tokenizer distillation with CoT2Align on DeepSpeed ZeRO-3."""
     # The deepspeed launcher passes --local_rank; the environment carries the same value.

@@ -24,6 +24,15 @@ def test_help_lists_commands_with_help_text():
     assert "Run the embedded offline demo" in result.output
 
 
+def test_version_is_the_installed_packages():
+    import importlib.metadata
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"cot2align-ds {importlib.metadata.version('cot2align-ds')}"
+    assert "export" in runner.invoke(app, ["--help"]).output
+
+
 def test_show_config_prints_run_and_deepspeed_configs():
     result = runner.invoke(app, ["show-config", "--set", "train.micro_batch_size=3"])
     assert result.exit_code == 0, result.output
