@@ -475,7 +475,7 @@ app.add_typer(data_app, name="data")
 @data_app.command("prepare")
 @user_errors
 def data_prepare(
-    dataset: Annotated[str, typer.Argument(help="dolly, alpaca, sni or dialogsum.")],
+    dataset: Annotated[str, typer.Argument(help="dolly, alpaca, sni, dialogsum or gsm8k.")],
     output_dir: Annotated[Path, typer.Option(help="Where train/dev/test.jsonl are written.")],
     source: Annotated[
         Path | None, typer.Option(help="Local JSON/JSONL file or directory instead of the hub.")

@@ -33,6 +33,7 @@ split is never length-filtered, so the benchmark stays the published one.
 | alpaca | tatsu-lab/alpaca | instruction / input / output | resplit | 11,435/1,000/500 |
 | sni | Muennighoff/natural-instructions (test tasks) | definition / inputs / targets | resplit | all/500/500 |
 | dialogsum | knkarthick/dialogsum | instruction naming the topic / dialogue / summary | source | all/500/1,500 |
+| gsm8k | openai/gsm8k (main) | question / - / the number after "####"; the worked solution is the gold `rationale` | source (dev from train) | all/500/1,319 |
 
 Dolly's sizes are DSKD's (docs/method.md section 5). The paper's sizes for the other three are not
 available to us: Alpaca uses Dolly's, so a recipe costs the same per dataset; S-NI uses the 119
@@ -48,6 +49,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -59,7 +61,7 @@ from cot2align_ds.data.records import Record, write_records
 from cot2align_ds.data.templates import TEMPLATES, standard_prompt
 from cot2align_ds.errors import UserError, first_line
 
-DatasetName = Literal["dolly", "alpaca", "sni", "dialogsum"]
+DatasetName = Literal["dolly", "alpaca", "sni", "dialogsum", "gsm8k"]
 SplitMode = Literal["auto", "resplit", "source"]
 SPLITS = ("train", "dev", "test")
 STATS_FILENAME = "prepare_stats.json"
@@ -89,6 +91,7 @@ class _Fields:
     input: str
     output: str
     group: str | None = None  # the S-NI task, for the per-task cap
+    rationale: str | None = None  # a gold rationale (GSM8K's worked solution)
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,7 @@ class DatasetSpec:
     max_prompt_tokens: int = 256
     max_total_tokens: int = 512
     max_per_task: int | None = None
+    hub_config: str | None = None  # the hub dataset's configuration name (GSM8K: "main")
 
 
 def _text(value: Any) -> str:
@@ -132,6 +136,16 @@ def _dialogsum(row: Mapping[str, Any]) -> _Fields:
         DIALOGSUM_INSTRUCTION.format(topic=topic) if topic else DIALOGSUM_INSTRUCTION_NO_TOPIC
     )
     return _Fields(instruction, _text(row["dialogue"]), _text(row["summary"]))
+
+
+def _gsm8k(row: Mapping[str, Any]) -> _Fields:
+    """GSM8K: the worked solution ends with ``#### <answer>``; the solution (its ``<<3*4=12>>``
+    calculator annotations removed) becomes the gold rationale, the number the answer."""
+    solution, _, final = _text(row["answer"]).rpartition("####")
+    rationale = re.sub(r"<<[^>]*>>", "", solution).strip()
+    return _Fields(
+        _text(row["question"]), "", final.strip().replace(",", ""), None, rationale or None
+    )
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -170,6 +184,15 @@ DATASETS: dict[str, DatasetSpec] = {
         max_prompt_tokens=0,
         max_total_tokens=0,
     ),
+    "gsm8k": DatasetSpec(
+        "openai/gsm8k",
+        ("train", "test"),
+        ("question", "answer"),
+        _gsm8k,
+        "source",
+        (None, 500, 1_319),
+        hub_config="main",
+    ),
 }
 
 
@@ -207,9 +230,11 @@ def _load_hub(spec: DatasetSpec, cache_dir: Path | None) -> dict[str, Any]:
 
     try:
         if spec.hub_splits is None:
-            return dict(datasets.load_dataset(spec.hub_name, cache_dir=cache_dir))
+            return dict(datasets.load_dataset(spec.hub_name, spec.hub_config, cache_dir=cache_dir))
         return {
-            split: datasets.load_dataset(spec.hub_name, split=split, cache_dir=cache_dir)
+            split: datasets.load_dataset(
+                spec.hub_name, spec.hub_config, split=split, cache_dir=cache_dir
+            )
             for split in spec.hub_splits
         }
     except ConnectionError:
@@ -303,6 +328,7 @@ def _examples(rows: Any, spec: DatasetSpec, id_prefix: str) -> list[_Example]:
             instruction=fields.instruction,
             input=fields.input,
             output=fields.output,
+            rationale=fields.rationale,
         )
         examples.append(_Example(record, fields.group))
     return examples
@@ -478,8 +504,17 @@ def _split(
         splits = _resplit(usable, plan)
         return splits, len(usable) - sum(len(records) for records in splits.values())
     splits, unused = {}, 0
+    carve_dev = "dev" not in by_split  # GSM8K: train and test only; dev comes from train
     for split in ("test", "dev", "train"):  # test first: a duplicate is dropped from train
+        if split == "dev" and carve_dev:
+            continue
         usable = keep.keep(by_split[split], check_length=split != "test")
+        if split == "train" and carve_dev:
+            order = list(range(len(usable)))
+            random.Random(plan.seed).shuffle(order)
+            dev_count = min(plan.sizes["dev"], max(len(usable) - 1, 0))
+            splits["dev"] = [usable[index].record for index in order[:dev_count]]
+            usable = [usable[index] for index in sorted(order[dev_count:])]
         usable, over_cap = cap_per_task(usable, plan.max_per_task, rng)
         keep.dropped["over_task_cap"] += over_cap
         if not usable:
@@ -495,10 +530,11 @@ def _split(
 def _split_mode(
     requested: SplitMode, spec: DatasetSpec, by_split: dict[str, list[_Example]], where: str
 ) -> Literal["resplit", "source"]:
-    has_splits = all(split in by_split for split in SPLITS)
+    # A source with train and test but no dev gets its dev carved from train.
+    has_splits = "train" in by_split and "test" in by_split
     if requested == "source" and not has_splits:
         raise PrepareError(
-            f"{where}: --split-mode source needs train, validation/dev and test splits "
+            f"{where}: --split-mode source needs train and test splits (and validation/dev) "
             f"(found: {', '.join(sorted(by_split))}); name the files train/dev/test.jsonl or "
             "use --split-mode resplit"
         )

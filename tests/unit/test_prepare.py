@@ -354,7 +354,7 @@ def test_dialogsum_single_file_is_resplit_and_source_mode_needs_splits(tmp_path)
     source = _dialogsum_dir(tmp_path / "dialogsum") / "train.jsonl"
     result = _prepare(tmp_path, "dialogsum", source, dev_size=3, test_size=3)
     assert result.stats["split_mode"] == "resplit"
-    with pytest.raises(PrepareError, match="--split-mode source needs train, validation/dev"):
+    with pytest.raises(PrepareError, match="--split-mode source needs train and test splits"):
         _prepare(tmp_path, "dialogsum", source, "b", split_mode="source")
 
 
@@ -443,8 +443,8 @@ def test_missing_field_is_named(tmp_path):
 
 
 def test_unknown_dataset(tmp_path):
-    with pytest.raises(PrepareError, match="unknown dataset 'gsm8k'; choose one of dolly"):
-        run_prepare("gsm8k", tmp_path / "out")
+    with pytest.raises(PrepareError, match="unknown dataset 'mmlu'; choose one of dolly"):
+        run_prepare("mmlu", tmp_path / "out")
 
 
 @pytest.mark.parametrize(
@@ -510,3 +510,37 @@ def test_unreadable_tokenizer(tmp_path):
     with pytest.raises(PrepareError) as caught:
         _prepare(tmp_path, "dolly", source, tokenizer=tmp_path / "no_tokenizer_here")
     assert "--tokenizer" in _one_line(caught)
+
+
+# ---------------------------------------------------------------------------------------------
+# GSM8K: worked solutions become rationales; dev comes from train
+# ---------------------------------------------------------------------------------------------
+
+
+def _gsm8k_dir(root: Path) -> Path:
+    """openai/gsm8k's layout (config "main"): question, answer = solution + "#### number"."""
+
+    def row(i: int) -> dict:
+        return {
+            "question": f"Tom has {i} apples and buys {i + 2} more. How many does he have?",
+            "answer": f"He has {i} + {i + 2} = <<{i}+{i + 2}={2 * i + 2}>>{2 * i + 2} apples.\n"
+            f"#### {2 * i + 2:,}",
+        }
+
+    _write_jsonl(root / "train.jsonl", [row(i) for i in range(1000, 1012)])
+    _write_jsonl(root / "test.jsonl", [row(i) for i in range(5)])
+    return root
+
+
+def test_gsm8k_keeps_its_test_split_and_turns_solutions_into_rationales(tmp_path):
+    source = _gsm8k_dir(tmp_path / "gsm8k")
+    result = _prepare(tmp_path, "gsm8k", source, dev_size=3)
+    test = _read_split(result, "test")
+    assert [r.output for r in test] == ["2", "4", "6", "8", "10"]  # the published test, in order
+    assert test[1].rationale == "He has 1 + 3 = 4 apples."  # calculator annotations removed
+    train, dev = _read_split(result, "train"), _read_split(result, "dev")
+    assert len(dev) == 3 and len(train) == 9  # dev carved from the 12 training problems
+    assert not {r.id for r in dev} & {r.id for r in train}
+    assert train[0].output == "2,002".replace(",", "") and train[0].rationale
+    again = _prepare(tmp_path, "gsm8k", source, dev_size=3, name="again")
+    assert _ids(again, "dev") == _ids(result, "dev")  # seeded
