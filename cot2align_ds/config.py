@@ -54,6 +54,11 @@ class ModelSpec(_Strict):
     )
     trust_remote_code: bool = False
     lora: LoraConfig | None = None
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None,
+        description="attention kernel; null: transformers' default for the model (sdpa where "
+        "supported). flash_attention_2 needs the flash-attn package and a GPU",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:

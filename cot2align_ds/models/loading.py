@@ -70,8 +70,11 @@ def load_causal_lm(
 ) -> torch.nn.Module:
     """Build or load the model; call inside ``engine.zero3_loading`` to load into partitions."""
     dtype = torch_dtype(precision)
+    attention = {}
+    if spec.attn_implementation is not None:
+        attention["attn_implementation"] = spec.attn_implementation
     if spec.architecture is not None:
-        return _from_architecture(spec.architecture, tokenizer, dtype, role)
+        return _from_architecture(spec.architecture, tokenizer, dtype, role, **attention)
     source = spec.name_or_path or ""
     _require_model_dir(source, role)
     try:
@@ -80,8 +83,9 @@ def load_causal_lm(
             dtype=dtype,
             trust_remote_code=spec.trust_remote_code,
             use_safetensors=True,
+            **attention,
         )
-    except _LOAD_ERRORS as error:
+    except (*_LOAD_ERRORS, ImportError) as error:
         raise ModelLoadError(
             f"{role}.name_or_path: cannot load '{source}' ({first_line(error, 200)})"
         ) from None
@@ -117,7 +121,11 @@ def _architecture_config(architecture: dict[str, Any], role: str, **defaults) ->
 
 
 def _from_architecture(
-    architecture: dict[str, Any], tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, role: str
+    architecture: dict[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    dtype: torch.dtype,
+    role: str,
+    **attention: str,
 ) -> torch.nn.Module:
     config = _architecture_config(
         architecture,
@@ -128,8 +136,8 @@ def _from_architecture(
         pad_token_id=tokenizer.pad_token_id,
     )
     try:
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except _LOAD_ERRORS as error:
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, **attention)
+    except (*_LOAD_ERRORS, ImportError) as error:
         raise ModelLoadError(
             f"{role}.architecture: transformers cannot build the model "
             f"({first_line(error, 200)}); fix the architecture keys"
