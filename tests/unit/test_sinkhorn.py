@@ -728,3 +728,29 @@ def test_adaptive_budget_runs_before_an_all_differentiated_tail(num_iters):
     assert_close(value_B.double(), _pot_cost(cost_BST.double(), 1e-3), rtol=2e-3, atol=0)
     value_B.sum().backward()
     assert torch.isfinite(leaf.grad).all()
+
+
+def test_without_numba_the_numpy_loops_run_with_the_same_results(tmp_path):
+    """numba is an optional extra: where it cannot be imported the solver falls back to its
+    NumPy loops by itself (a fresh process in which ``import numba`` fails)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.modules['numba'] = None\n"
+        "import torch\n"
+        "from cot2align_ds.losses.ot.backend import current_backend\n"
+        "from cot2align_ds.losses.ot.transport import transport_cost\n"
+        "assert current_backend().cpu_arrays == 'numpy', current_backend()\n"
+        "cost = torch.rand(3, 7, 5, generator=torch.Generator().manual_seed(0))\n"
+        "masks = torch.ones(3, 7, dtype=torch.bool), torch.ones(3, 5, dtype=torch.bool)\n"
+        "value = transport_cost(cost, *masks, epsilon=0.5, num_iters=30)\n"
+        "print(' '.join(repr(float(v)) for v in value))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    numpy_values = [float(v) for v in result.stdout.split()]
+    cost = torch.rand(3, 7, 5, generator=torch.Generator().manual_seed(0))
+    masks = torch.ones(3, 7, dtype=torch.bool), torch.ones(3, 5, dtype=torch.bool)
+    compiled = transport_cost(cost, *masks, epsilon=0.5, num_iters=30)
+    assert_close(torch.tensor(numpy_values), compiled, rtol=1e-5, atol=1e-7)

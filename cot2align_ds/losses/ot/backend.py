@@ -1,7 +1,7 @@
 """What runs the Sinkhorn solver's inner loops, as one explicit, swappable object.
 
 On CPU the scaling iterations and the transport loss's passes run compiled (``cpu_kernels``,
-numba) by default; NumPy and torch loops give the same results up to float rounding and are the
+numba) by default, or in NumPy where numba is not installed; NumPy and torch loops give the same results up to float rounding and are the
 peers the tests and ``bench/bench_ot.py`` compare against. Tests and benches choose a backend
 with ``use_backend(...)`` (a context: it applies to the current thread and the calls it makes);
 library code reads ``current_backend()``.
@@ -40,14 +40,24 @@ class SolverBackend:
     stationary_exit: bool = True
 
 
-_DEFAULT_BACKEND = SolverBackend()
 _BACKEND: contextvars.ContextVar[SolverBackend | None] = contextvars.ContextVar(
     "sinkhorn_backend", default=None
 )
 
 
+@functools.cache
+def default_backend() -> SolverBackend:
+    """The compiled loops where numba is installed (the ``cpu`` extra), else the NumPy loops:
+    the same results up to float rounding, slower on CPU (GPU tensors use neither)."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return SolverBackend(cpu_arrays="numpy")
+    return SolverBackend()
+
+
 def current_backend() -> SolverBackend:
-    return _BACKEND.get() or _DEFAULT_BACKEND
+    return _BACKEND.get() or default_backend()
 
 
 @contextlib.contextmanager
