@@ -149,15 +149,23 @@ def resolve_teacher_ds_config(
     world_size: int,
     precision: str,
     hidden_size: int,
+    gpus_per_node: int | None = None,
 ) -> dict[str, Any]:
-    """Inference-only: no optimizer, accumulation 1, ZeRO-3 required (weights partitioned)."""
+    """Inference-only: no optimizer, accumulation 1. ZeRO stage 3 (partitioned, optionally
+    offloaded, or partitioned within a node: ``zero_hpz_partition_size``, "auto" = the GPUs of
+    a node) or stage 0 (a full copy on every GPU: no gathers at all)."""
     ds = copy.deepcopy(raw)
     for key in (*_RUN_CONFIG_OWNED, "gradient_clipping"):
         if key in ds:
             raise ConfigError(f"{path}: remove '{key}'; the teacher engine never trains")
     zero = ds.setdefault("zero_optimization", {})
-    if zero.get("stage") != 3:
-        raise ConfigError(f"{path}: teacher configs must use zero_optimization.stage 3")
+    if zero.get("stage") not in (0, 3):
+        raise ConfigError(
+            f"{path}: teacher configs use zero_optimization.stage 3 (partitioned) or 0 "
+            "(replicated on every GPU)"
+        )
+    if zero.get("zero_hpz_partition_size") == "auto":
+        zero["zero_hpz_partition_size"] = min(gpus_per_node or world_size, world_size)
     _settle(ds, "train_micro_batch_size_per_gpu", micro_batch_size, "train.micro_batch_size", path)
     _settle(ds, "gradient_accumulation_steps", 1, "teacher accumulation (always 1)", path)
     ds["train_batch_size"] = micro_batch_size * world_size
@@ -177,7 +185,12 @@ class RunDeepSpeedConfigs:
 
 
 def resolve_run_ds_configs(
-    run: RunConfig, *, world_size: int, student_hidden: int, teacher_hidden: int | None
+    run: RunConfig,
+    *,
+    world_size: int,
+    student_hidden: int,
+    teacher_hidden: int | None,
+    gpus_per_node: int | None = None,
 ) -> RunDeepSpeedConfigs:
     """Resolve the run's student and (when ``teacher_hidden`` is given) teacher JSON."""
     train = run.train
@@ -202,5 +215,6 @@ def resolve_run_ds_configs(
         world_size=world_size,
         precision=train.precision,
         hidden_size=teacher_hidden,
+        gpus_per_node=gpus_per_node,
     )
     return RunDeepSpeedConfigs(student, student_path, teacher, teacher_path)

@@ -83,6 +83,17 @@ def peak_bytes(items: Sequence[MemoryItem], value: Callable[[MemoryItem], int]) 
     return by_phase.pop("steady") + max(by_phase.values())
 
 
+@dataclass(frozen=True)
+class TeacherPlacement:
+    """Where the teacher's weights live, and what that costs per rank."""
+
+    name: str
+    ds_config: str  # the shipped DeepSpeed JSON that selects it
+    gpu_bytes: int  # the run's per-GPU peak with this placement
+    cpu_bytes: int  # per-node host peak
+    traffic: str  # weights moved per teacher forward, per GPU
+
+
 @dataclass
 class MemoryPlan:
     world_size: int
@@ -93,6 +104,8 @@ class MemoryPlan:
     items: list[MemoryItem]
     alternatives: dict[str, int] = field(default_factory=dict)  # per-GPU peaks if a knob flips
     warnings: list[str] = field(default_factory=list)
+    placements: list[TeacherPlacement] = field(default_factory=list)  # teacher options compared
+    recommended: str | None = None  # the placement name the planner advises
 
     @property
     def gpu_bytes(self) -> int:
@@ -123,6 +136,8 @@ class MemoryPlan:
             "host_bytes": self.host_bytes,
             "alternatives": dict(self.alternatives),
             "warnings": list(self.warnings),
+            "teacher_placements": [asdict(placement) for placement in self.placements],
+            "recommended_teacher_placement": self.recommended,
         }
 
     def to_table(self) -> str:
@@ -149,8 +164,32 @@ class MemoryPlan:
         lines += [
             f"if {name}: {gib_text(value)} GiB per GPU" for name, value in self.alternatives.items()
         ]
+        lines += self._placement_lines()
         lines += [f"warning: {warning}" for warning in self.warnings]
         return "\n".join(lines)
+
+    def _placement_lines(self) -> list[str]:
+        if not self.placements:
+            return []
+        header = ("teacher placement", "per GPU (GiB)", "per node CPU (GiB)", "moved per forward")
+        rows = [
+            (
+                f"{p.name}{' (recommended)' if p.name == self.recommended else ''}",
+                gib_text(p.gpu_bytes),
+                gib_text(p.cpu_bytes),
+                p.traffic,
+            )
+            for p in self.placements
+        ]
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
+        lines = []
+        for row in [header, *rows]:
+            cells = [row[0].ljust(widths[0]), row[1].rjust(widths[1]), row[2].rjust(widths[2])]
+            lines.append("  ".join([*cells, row[3]]).rstrip())
+        chosen = next((p for p in self.placements if p.name == self.recommended), None)
+        if chosen is not None:
+            lines.append(f"recommended: deepspeed.teacher_config={chosen.ds_config}")
+        return lines
 
     def _title(self) -> str:
         teacher = f", teacher {_params(self.teacher)}" if self.teacher else ""
@@ -308,9 +347,18 @@ def _optimizer_step(setting: PlanSetting, trainable: int, stage: int) -> MemoryI
 
 
 def _teacher_states(setting: PlanSetting, teacher: ModelSize) -> list[MemoryItem]:
-    """A frozen ZeRO-3 teacher: 16-bit partitions, resident or offloaded to CPU/NVMe."""
+    """A frozen teacher: replicated (ZeRO stage 0), or ZeRO-3 16-bit partitions, resident
+    (with a second, node-local partition under hpZ) or offloaded to CPU/NVMe."""
     ds, p, ranks = setting.teacher_ds or {}, setting.bytes_per_value, setting.gpus_per_node
+    if _zero(ds).get("stage", 3) == 0:
+        full = teacher.num_params * p
+        return [MemoryItem("teacher weights", full, 0, "replicated on every GPU (stage 0)")]
     partition = teacher.num_params * p // setting.world_size
+    hpz = int(_zero(ds).get("zero_hpz_partition_size", 1) or 1)
+    extra = []
+    if hpz > 1:
+        secondary = teacher.num_params * p // hpz
+        extra = [MemoryItem("teacher node partition", secondary, 0, f"hpZ, /{hpz} within a node")]
     live = _live_params(teacher, ds, training=False) * p
     note = (
         "fully gathered (within reuse distance)"
@@ -334,7 +382,11 @@ def _teacher_states(setting: PlanSetting, teacher: ModelSize) -> list[MemoryItem
             MemoryItem("teacher NVMe buffers", 0, pinned * ranks, "pinned, per rank"),
             buffers,
         ]
-    return [MemoryItem("teacher weights", partition, 0, f"ZeRO-3, /{setting.world_size}"), buffers]
+    return [
+        MemoryItem("teacher weights", partition, 0, f"ZeRO-3, /{setting.world_size}"),
+        *extra,
+        buffers,
+    ]
 
 
 def layer_activation_bytes(size: ModelSize, batch: int, seq_len: int, bytes_per_value: int) -> int:

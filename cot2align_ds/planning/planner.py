@@ -5,28 +5,43 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 
 from transformers import PretrainedConfig
 
 from cot2align_ds.config import RunConfig, load_config
-from cot2align_ds.engine.ds_config import resolve_run_ds_configs
+from cot2align_ds.engine.ds_config import (
+    load_ds_config,
+    resolve_run_ds_configs,
+    resolve_teacher_ds_config,
+)
 from cot2align_ds.methods import get_method
 from cot2align_ds.planning.memory import (
     Accelerator,
     MemoryPlan,
     PlanSetting,
+    TeacherPlacement,
     build_plan,
     gib_text,
+    memory_items,
+    peak_bytes,
 )
 from cot2align_ds.planning.sizing import GIB, ModelSize, PlanError, model_size, spec_config
 
 
-def _resolve_ds(run: RunConfig, world_size: int, student: ModelSize, teacher: ModelSize | None):
+def _resolve_ds(
+    run: RunConfig,
+    world_size: int,
+    student: ModelSize,
+    teacher: ModelSize | None,
+    gpus_per_node: int | None = None,
+):
     resolved = resolve_run_ds_configs(
         run,
         world_size=world_size,
         student_hidden=student.hidden_size,
         teacher_hidden=teacher.hidden_size if teacher is not None else None,
+        gpus_per_node=gpus_per_node,
     )
     return resolved.student, resolved.teacher
 
@@ -55,7 +70,7 @@ def estimate_memory(
     teacher = None
     if run_config.teacher is not None and get_method(run_config.distill.method).needs_teacher:
         teacher = model_size(teacher_config or spec_config(run_config.teacher, "teacher"))
-    student_ds, teacher_ds = _resolve_ds(run_config, world_size, student, teacher)
+    student_ds, teacher_ds = _resolve_ds(run_config, world_size, student, teacher, gpus_per_node)
     setting = PlanSetting(
         run_config,
         world_size,
@@ -68,8 +83,86 @@ def estimate_memory(
     if gradient_checkpointing is None:
         gradient_checkpointing = run_config.train.gradient_checkpointing
     plan = build_plan(setting, student, teacher, gradient_checkpointing)
+    if teacher is not None and accelerator == "cuda":
+        plan.placements = teacher_placements(setting, student, teacher, gradient_checkpointing)
+        plan.recommended = recommend_placement(plan.placements, gpu_mem_gb, cpu_mem_gb)
     plan.warnings.extend(capacity_warnings(plan, gpu_mem_gb=gpu_mem_gb, cpu_mem_gb=cpu_mem_gb))
     return plan
+
+
+# Teacher placements, most to least GPU memory: a full copy per GPU moves nothing per forward;
+# partitions within a node (hpZ) gather over NVLink only; ZeRO-3 across all ranks gathers the
+# whole model over the network every forward; offload fetches it from host memory or NVMe.
+PLACEMENTS = (
+    ("replicated", "teacher_replicated.json"),
+    ("zero3_node", "teacher_zero3_hpz.json"),
+    ("zero3", "teacher_zero3_resident.json"),
+    ("offload_cpu", "teacher_zero3_offload_cpu.json"),
+    ("offload_nvme", "teacher_zero3_offload_nvme.json"),
+)
+# Headroom for fragmentation and what the estimate does not see.
+_USABLE_SHARE = 0.9
+
+
+def teacher_placements(
+    setting: PlanSetting, student: ModelSize, teacher: ModelSize, checkpointing: bool
+) -> list[TeacherPlacement]:
+    """The run's per-GPU and per-node peaks with each shipped teacher placement."""
+    out = []
+    weights = teacher.num_params * setting.bytes_per_value
+    nodes = max(setting.world_size // setting.gpus_per_node, 1)
+    for name, json_name in PLACEMENTS:
+        if name == "zero3_node" and nodes == 1:
+            continue  # the same as zero3 on one node
+        raw, path = load_ds_config(json_name)
+        teacher_ds = resolve_teacher_ds_config(
+            raw, path, micro_batch_size=setting.run.train.micro_batch_size,
+            world_size=setting.world_size, precision=setting.run.train.precision,
+            hidden_size=teacher.hidden_size, gpus_per_node=setting.gpus_per_node,
+        )  # fmt: skip
+        variant = replace(setting, teacher_ds=teacher_ds)
+        items = memory_items(
+            variant, student, teacher, checkpointing, setting.run.distill.chunk_size
+        )
+        out.append(
+            TeacherPlacement(
+                name,
+                json_name,
+                peak_bytes(items, lambda item: item.gpu_bytes),
+                peak_bytes(items, lambda item: item.cpu_bytes),
+                _traffic(name, weights, setting.world_size, setting.gpus_per_node, nodes),
+            )
+        )
+    return out
+
+
+def _traffic(name: str, weights: int, world: int, per_node: int, nodes: int) -> str:
+    if name == "replicated":
+        return "nothing"
+    if name == "zero3_node":
+        return f"{gib_text(weights * (per_node - 1) // per_node)} GiB within the node"
+    gathered = weights * (world - 1) // world
+    across = weights * (nodes - 1) // nodes
+    text = f"{gib_text(gathered)} GiB gathered ({gib_text(across)} GiB across nodes)"
+    if name == "offload_cpu":
+        return f"{text} + {gib_text(weights // world)} GiB host->GPU"
+    if name == "offload_nvme":
+        return f"{text} + {gib_text(weights // world)} GiB NVMe->GPU"
+    return text
+
+
+def recommend_placement(
+    placements: list[TeacherPlacement], gpu_mem_gb: float | None, cpu_mem_gb: float | None
+) -> str | None:
+    """The first placement (the least traffic) that fits the given capacities (80 GB GPUs
+    unless told), keeping a tenth of each free."""
+    gpu_capacity = (gpu_mem_gb or 80.0) * GIB * _USABLE_SHARE
+    cpu_capacity = None if cpu_mem_gb is None else cpu_mem_gb * GIB * _USABLE_SHARE
+    for placement in placements:
+        fits_cpu = cpu_capacity is None or placement.cpu_bytes <= cpu_capacity
+        if placement.gpu_bytes <= gpu_capacity and fits_cpu:
+            return placement.name
+    return None
 
 
 def _check_topology(world_size: int, gpus_per_node: int) -> None:

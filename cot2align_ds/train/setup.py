@@ -180,6 +180,7 @@ def load_models(config: RunConfig, ctx: dse.DistContext) -> Models:
         world_size=ctx.world_size,
         student_hidden=config_hidden_size(config.student, "student"),
         teacher_hidden=config_hidden_size(config.teacher, "teacher") if needs_teacher else None,
+        gpus_per_node=int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1),
     )
     if needs_teacher:
         with dse.zero3_loading(ds.teacher):

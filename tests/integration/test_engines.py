@@ -132,3 +132,29 @@ def test_mixed_dtype_module_is_one_line_error_naming_the_weight():
     require_run_dtype(module.to(torch.bfloat16), ds_config, "student")
     with pytest.raises(EngineDtypeError, match="the run is float32"):
         require_run_dtype(module, {"bf16": {"enabled": False}}, "teacher")
+
+
+@pytest.mark.parametrize("placement", ["teacher_replicated.json", "teacher_zero3_hpz.json"])
+def test_every_teacher_placement_trains_the_same_steps(workspace, tmp_path, placement):
+    """The placements ``cot2align plan`` compares change where the teacher's weights live, not
+    what it computes: DSKD-CMA + CoT2Align (teacher logits, hidden states, embeddings and head)
+    gives the default placement's per-step losses."""
+    from cot2align_ds.train.loop import run_train
+
+    def losses(name: str, teacher_config: str | None) -> list[float]:
+        config = tiny_run_config(
+            workspace,
+            tmp_path / name,
+            distill={"method": "dskd_cma", "kd_rate": 0.5, "temperature": 1.0},
+            cot2align={"enabled": True, "num_iters": 10},
+            data={**tiny_run_config(workspace, tmp_path)["data"], "cot_records": "all"},
+            train={"max_steps": 2, "micro_batch_size": 4, "lr": 5e-3, "log_every": 1},
+        )
+        if teacher_config:
+            config["deepspeed"]["teacher_config"] = teacher_config
+        run_train(validate_config(config))
+        rows = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(row)["loss/total"] for row in rows]
+
+    reference = losses("default", None)
+    torch.testing.assert_close(losses("placed", placement), reference, rtol=1e-5, atol=1e-6)

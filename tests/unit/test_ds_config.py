@@ -53,7 +53,9 @@ def test_teacher_configs_resolve(name, world_size):
     ds = resolve_teacher_ds_config(
         raw, path, micro_batch_size=4, world_size=world_size, precision="fp32", hidden_size=64
     )
-    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage"] == (0 if name == "teacher_replicated.json" else 3)
+    if "zero_hpz_partition_size" in raw["zero_optimization"]:
+        assert ds["zero_optimization"]["zero_hpz_partition_size"] == world_size  # 1 node here
     assert ds["train_batch_size"] == 4 * world_size
     assert "optimizer" not in ds
     assert _no_auto_left(ds)

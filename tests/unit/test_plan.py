@@ -392,3 +392,57 @@ def test_run_plan_reads_architecture_specs_and_prints(tmp_path, toy_student_toke
     as_json: list[str] = []
     run_plan(str(config), [], world_size=1, gpus_per_node=1, as_json=True, echo=as_json.append)
     assert json.loads(as_json[0])["world_size"] == 1
+
+
+# Qwen2.5-0.5B and Qwen2.5-7B-Instruct, from their published configs.
+QWEN_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+QWEN_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+               num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)  # fmt: skip
+TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                 num_attention_heads=32, num_key_value_heads=4)  # fmt: skip
+
+
+@pytest.mark.parametrize(("student_type", "student"), [("qwen2", QWEN_05B), ("llama", TINYLLAMA)],
+                         ids=["7B-to-0.5B", "7B-to-1.1B"])  # fmt: skip
+def test_plan_compares_teacher_placements_for_a_7b_teacher_on_2_nodes(student_type, student):
+    from transformers import AutoConfig
+
+    from cot2align_ds.config import load_config
+    from cot2align_ds.planning.planner import estimate_memory
+
+    run = load_config("paper_C", ["distill.method=dskd_cma"])
+    plan = estimate_memory(
+        run, world_size=16, gpus_per_node=8,
+        student_config=AutoConfig.for_model(student_type, **student),
+        teacher_config=AutoConfig.for_model("qwen2", **QWEN_7B), gpu_mem_gb=80,
+    )  # fmt: skip
+    by_name = {p.name: p for p in plan.placements}
+    assert list(by_name) == ["replicated", "zero3_node", "zero3", "offload_cpu", "offload_nvme"]
+    gib = 1 << 30
+    # A bf16 7.6B teacher: 14.2 GiB on every GPU replicated, /8 within a node, /16 partitioned.
+    weights = plan.teacher.num_params * 2
+    assert by_name["replicated"].gpu_bytes - by_name["zero3"].gpu_bytes > 0.8 * weights - gib
+    assert (
+        by_name["zero3"].gpu_bytes
+        < by_name["zero3_node"].gpu_bytes
+        < by_name["replicated"].gpu_bytes
+    )
+    # Offloaded: the node holds its 8 ranks' partitions, half the weights, in pinned memory.
+    assert by_name["offload_cpu"].cpu_bytes >= by_name["zero3"].cpu_bytes + weights // 2
+    # It fits 80 GB GPUs whole: no weights move per forward.
+    assert plan.recommended == "replicated" and by_name["replicated"].traffic == "nothing"
+    assert (
+        "across nodes" in by_name["zero3"].traffic
+        and "within the node" in by_name["zero3_node"].traffic
+    )
+    table = plan.to_table()
+    assert "replicated (recommended)" in table
+    assert "recommended: deepspeed.teacher_config=teacher_replicated.json" in table
+    # On 40 GB GPUs the full copy no longer fits: partitions within the node do.
+    small = estimate_memory(
+        run, world_size=16, gpus_per_node=8,
+        student_config=AutoConfig.for_model(student_type, **student),
+        teacher_config=AutoConfig.for_model("qwen2", **QWEN_7B), gpu_mem_gb=40,
+    )  # fmt: skip
+    assert small.recommended == "zero3_node"
