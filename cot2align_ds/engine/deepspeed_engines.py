@@ -204,6 +204,29 @@ def build_student_engine(
     return engine
 
 
+class NvmeOffloadError(UserError):
+    """NVMe offload is configured but DeepSpeed cannot do asynchronous I/O here."""
+
+
+def require_nvme_io(ds_config: dict[str, Any], role: str) -> None:
+    """An NVMe-offloading config needs DeepSpeed's ``async_io`` op (libaio): say so at start-up,
+    in one line, rather than as a build error after the models are loaded."""
+    zero = ds_config.get("zero_optimization") or {}
+    devices = [
+        (zero.get(key) or {}).get("device") for key in ("offload_param", "offload_optimizer")
+    ]
+    if "nvme" not in devices:
+        return
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        raise NvmeOffloadError(
+            f"deepspeed.{role}_config offloads to NVMe, but DeepSpeed's async_io op cannot be "
+            "built here (install libaio-dev, then reinstall deepspeed; `ds_report` shows the "
+            "op); or use an offload_cpu config"
+        )
+
+
 def build_teacher_engine(module: torch.nn.Module, ds_config: dict[str, Any]) -> Any:
     require_run_dtype(module, ds_config, "teacher")
     module.requires_grad_(False)

@@ -98,7 +98,9 @@ def _settle_precision(ds: dict[str, Any], precision: str, path: Path) -> None:
         _settle(block, "enabled", wanted, "train.precision", path)
 
 
-def _fill_buckets(zero: dict[str, Any], hidden_size: int) -> None:
+def _fill_buckets(
+    zero: dict[str, Any], hidden_size: int, world_size: int = 1, largest_param: int | None = None
+) -> None:
     square = hidden_size * hidden_size
     auto_values = {
         "reduce_bucket_size": square,
@@ -111,9 +113,20 @@ def _fill_buckets(zero: dict[str, Any], hidden_size: int) -> None:
             zero[key] = value
     offload = zero.get("offload_param") or {}
     if offload.get("buffer_size") == "auto":
-        # Each NVMe buffer must hold the largest parameter; an embedding of a 150k vocabulary
-        # at hidden 4096 is ~6e8 elements, so size from the hidden size with a safe floor.
-        offload["buffer_size"] = max(int(1e8), 40 * square)
+        offload["buffer_size"] = nvme_buffer_elements(hidden_size, world_size, largest_param)
+
+
+# Below this an NVMe read is dominated by per-request cost.
+_MIN_NVME_BUFFER = 1 << 20
+
+
+def nvme_buffer_elements(hidden_size: int, world_size: int, largest_param: int | None) -> int:
+    """Elements per NVMe swap buffer: each buffer holds one rank's partition of one parameter
+    (DeepSpeed swaps ``ds_tensor``, ``ceil(numel / world_size)`` elements), so it must fit the
+    largest parameter's partition, not the whole parameter. Without the model's sizes, the
+    embedding of a 152k vocabulary at ``hidden_size`` stands in for the largest parameter."""
+    largest = largest_param if largest_param is not None else 152_064 * hidden_size
+    return max(-(-largest // world_size), _MIN_NVME_BUFFER)
 
 
 def resolve_student_ds_config(
@@ -150,6 +163,7 @@ def resolve_teacher_ds_config(
     precision: str,
     hidden_size: int,
     gpus_per_node: int | None = None,
+    largest_param: int | None = None,
 ) -> dict[str, Any]:
     """Inference-only: no optimizer, accumulation 1. ZeRO stage 3 (partitioned, optionally
     offloaded, or partitioned within a node: ``zero_hpz_partition_size``, "auto" = the GPUs of
@@ -170,7 +184,7 @@ def resolve_teacher_ds_config(
     _settle(ds, "gradient_accumulation_steps", 1, "teacher accumulation (always 1)", path)
     ds["train_batch_size"] = micro_batch_size * world_size
     _settle_precision(ds, precision, path)
-    _fill_buckets(zero, hidden_size)
+    _fill_buckets(zero, hidden_size, world_size, largest_param)
     return ds
 
 
@@ -191,6 +205,7 @@ def resolve_run_ds_configs(
     student_hidden: int,
     teacher_hidden: int | None,
     gpus_per_node: int | None = None,
+    teacher_largest_param: int | None = None,
 ) -> RunDeepSpeedConfigs:
     """Resolve the run's student and (when ``teacher_hidden`` is given) teacher JSON."""
     train = run.train
@@ -216,5 +231,6 @@ def resolve_run_ds_configs(
         precision=train.precision,
         hidden_size=teacher_hidden,
         gpus_per_node=gpus_per_node,
+        largest_param=teacher_largest_param,
     )
     return RunDeepSpeedConfigs(student, student_path, teacher, teacher_path)

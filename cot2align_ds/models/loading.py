@@ -173,6 +173,17 @@ def config_hidden_size(spec: ModelSpec, role: str) -> int:
     return _hidden_size(model_config(spec, role))
 
 
+def config_largest_param(spec: ModelSpec, role: str) -> int:
+    """Elements of the model's largest weight from its config: the embedding (or LM head),
+    or the widest MLP projection."""
+    config = model_config(spec, role)
+    hidden = _hidden_size(config)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+    inner = int(inner or 4 * hidden)
+    return max(vocab * hidden, inner * hidden)
+
+
 def hidden_size_of(model: torch.nn.Module) -> int:
     return _hidden_size(model.config)
 

@@ -42,6 +42,7 @@ def _resolve_ds(
         student_hidden=student.hidden_size,
         teacher_hidden=teacher.hidden_size if teacher is not None else None,
         gpus_per_node=gpus_per_node,
+        teacher_largest_param=teacher.largest_module_params if teacher is not None else None,
     )
     return resolved.student, resolved.teacher
 
@@ -119,6 +120,7 @@ def teacher_placements(
             raw, path, micro_batch_size=setting.run.train.micro_batch_size,
             world_size=setting.world_size, precision=setting.run.train.precision,
             hidden_size=teacher.hidden_size, gpus_per_node=setting.gpus_per_node,
+            largest_param=teacher.largest_module_params,
         )  # fmt: skip
         variant = replace(setting, teacher_ds=teacher_ds)
         items = memory_items(

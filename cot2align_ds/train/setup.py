@@ -29,6 +29,7 @@ from cot2align_ds.engine.ds_config import resolve_run_ds_configs
 from cot2align_ds.models.loading import (
     check_vocab_fits,
     config_hidden_size,
+    config_largest_param,
     hidden_size_of,
     load_causal_lm,
     load_tokenizer,
@@ -181,8 +182,13 @@ def load_models(config: RunConfig, ctx: dse.DistContext) -> Models:
         student_hidden=config_hidden_size(config.student, "student"),
         teacher_hidden=config_hidden_size(config.teacher, "teacher") if needs_teacher else None,
         gpus_per_node=int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1),
+        teacher_largest_param=(
+            config_largest_param(config.teacher, "teacher") if needs_teacher else None
+        ),
     )
+    dse.require_nvme_io(ds.student, "student")
     if needs_teacher:
+        dse.require_nvme_io(ds.teacher, "teacher")
         with dse.zero3_loading(ds.teacher):
             teacher_model = load_causal_lm(config.teacher, "teacher", teacher_tokenizer, precision)
     with dse.zero3_loading(ds.student):

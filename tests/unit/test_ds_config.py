@@ -114,3 +114,30 @@ def test_missing_and_invalid_json(tmp_path):
     path.write_text("{")
     with pytest.raises(ConfigError, match="invalid JSON"):
         load_ds_config(str(path))
+
+
+@pytest.mark.parametrize(("world_size", "expected"), [(1, 544_997_376), (16, 34_062_336)])
+def test_nvme_buffers_hold_one_ranks_partition_of_the_largest_weight(world_size, expected):
+    """DeepSpeed swaps each rank's partition (``ds_tensor``) through the buffers: sized for the
+    largest weight's partition (Qwen2.5-7B's 152,064 x 3,584 embedding) at any world size."""
+    raw, path = load_ds_config("teacher_zero3_offload_nvme.json")
+    ds = resolve_teacher_ds_config(
+        raw, path, micro_batch_size=1, world_size=world_size, precision="bf16",
+        hidden_size=3584, largest_param=152_064 * 3584,
+    )  # fmt: skip
+    assert ds["zero_optimization"]["offload_param"]["buffer_size"] == expected
+
+
+def test_nvme_offload_without_async_io_is_one_line():
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    from cot2align_ds.engine.deepspeed_engines import NvmeOffloadError, require_nvme_io
+
+    raw, _ = load_ds_config("teacher_zero3_offload_nvme.json")
+    require_nvme_io(load_ds_config("teacher_zero3_offload_cpu.json")[0], "teacher")  # no NVMe
+    if AsyncIOBuilder().is_compatible(verbose=False):
+        require_nvme_io(raw, "teacher")  # builds here: nothing to say
+        return
+    with pytest.raises(NvmeOffloadError, match="async_io op cannot be built") as info:
+        require_nvme_io(raw, "teacher")
+    assert "deepspeed.teacher_config" in str(info.value) and "\n" not in str(info.value)
