@@ -95,6 +95,10 @@ class ModelAccess:
     teacher_embed: Callable[[torch.Tensor], torch.Tensor]
     student_head_weight: Callable[[], torch.Tensor]
     teacher_head_weight: Callable[[], torch.Tensor]
+    # The teacher's hidden_states[0] is its token embedding up to a constant factor (rotary
+    # models), so DSKD-CMA reads embeddings there instead of gathering the teacher's table:
+    # keys and values are divided by their std, which cancels the factor.
+    teacher_embeddings_in_hidden: bool = False
 
 
 class Objective:
@@ -216,9 +220,20 @@ class Objective:
                 embeds = {
                     "student_input_embeds_BSD": access.student_embed(s_side.input_ids),
                     "student_target_embeds_BSD": access.student_embed(_targets(s_side)),
-                    "teacher_input_embeds_BTH": access.teacher_embed(t_side.input_ids),
-                    "teacher_target_embeds_BTH": access.teacher_embed(_targets(t_side)),
                 }
+                # (The whole-tensor std of the reference mode would see the shifted zeros.)
+                if access.teacher_embeddings_in_hidden and cfg.dskd_std == "response":
+                    # The target at position t is the input at t + 1 (labels are the inputs
+                    # shifted); the last position has no target and is never a response one.
+                    inputs_BTH = teacher.hidden_states[0]
+                    targets_BTH = torch.cat(
+                        [inputs_BTH[:, 1:], torch.zeros_like(inputs_BTH[:, :1])], dim=1
+                    )
+                else:
+                    inputs_BTH = access.teacher_embed(t_side.input_ids)
+                    targets_BTH = access.teacher_embed(_targets(t_side))
+                embeds["teacher_input_embeds_BTH"] = inputs_BTH
+                embeds["teacher_target_embeds_BTH"] = targets_BTH
             losses = dskd_cma_loss(
                 student.logits,
                 student.hidden_states[-1],

@@ -346,4 +346,16 @@ def model_access(student_engine, teacher_engine) -> ModelAccess:
         teacher_embed=lambda ids: teacher.get_input_embeddings()(ids),
         student_head_weight=lambda: dse.gathered_copy(student.get_output_embeddings().weight),
         teacher_head_weight=lambda: dse.gathered_copy(teacher.get_output_embeddings().weight),
+        teacher_embeddings_in_hidden=embeddings_are_hidden_state_0(teacher.config),
     )
+
+
+def embeddings_are_hidden_state_0(config) -> bool:
+    """Whether ``hidden_states[0]`` is the token embedding (up to one constant factor, e.g.
+    Gemma's sqrt(hidden)): rotary models add no position embedding to it; GPT-2-style models
+    (absolute positions) do."""
+    absolute = getattr(config, "position_embedding_type", None) == "absolute"
+    rotary = any(
+        getattr(config, name, None) is not None for name in ("rope_parameters", "rope_theta")
+    )
+    return rotary and not absolute

@@ -360,3 +360,36 @@ def test_reference_dp_alignment_keeps_pairs_whose_input_ids_the_map_agrees_on(wo
             teacher_input = int(batch.teacher.input_ids[row, teacher_position])
             assert int(vocab_map[teacher_input]) == int(batch.student.input_ids[row, position])
     assert kept > 0
+
+
+def test_dskd_cma_reads_a_rotary_teachers_embeddings_from_hidden_state_0(workspace):
+    """A rotary teacher's hidden_states[0] is its token embedding times a constant (Gemma:
+    sqrt(hidden)); DSKD-CMA then takes embeddings from there instead of gathering the table,
+    with the same loss: keys and values are divided by their std, which cancels the factor."""
+    from dataclasses import replace as replace_field
+
+    case = _Case(workspace, "trained", _config("dskd_cma"))
+    _make_some_t2s_predictions_right(case)
+    teacher = case.outputs.teacher
+    embedded = case.tables["teacher"][case.batch.teacher.input_ids] * 3.0
+    case.outputs.teacher = ModelOutputs(teacher.logits, (embedded, *teacher.hidden_states[1:]))
+    table_total = case.optimized()
+    table_grads = torch.autograd.grad(table_total, case.leaves(), allow_unused=True)
+    case.access = replace_field(case.access, teacher_embeddings_in_hidden=True)
+    case.access.teacher_embed = None  # must not be called
+    hidden_total = case.optimized()
+    hidden_grads = torch.autograd.grad(hidden_total, case.leaves(), allow_unused=True)
+    torch.testing.assert_close(hidden_total, table_total, rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(hidden_grads, table_grads, strict=True):
+        if ours is not None and theirs is not None:
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_which_teachers_carry_their_embeddings_in_hidden_state_0():
+    from transformers import AutoConfig
+
+    from cot2align_ds.train.setup import embeddings_are_hidden_state_0
+
+    assert embeddings_are_hidden_state_0(AutoConfig.for_model("llama"))
+    assert embeddings_are_hidden_state_0(AutoConfig.for_model("qwen2"))
+    assert not embeddings_are_hidden_state_0(AutoConfig.for_model("gpt2"))  # + positions
