@@ -78,6 +78,14 @@ class ModelSpec(_Strict):
 class DataConfig(_Strict):
     train_file: Path | None = None
     dev_file: Path | None = None
+    hub_dataset: str | None = Field(
+        None,
+        description="a Hugging Face dataset (hub name, or a local folder datasets reads) "
+        "instead of train_file / dev_file; its rows in any record shape",
+    )
+    hub_config: str | None = Field(None, description="the hub dataset's configuration name")
+    train_split: str = "train"
+    dev_split: str | None = Field(None, description="e.g. validation; evaluated during training")
     template: Literal["alpaca", "compact", "chat"] = Field(
         "alpaca",
         description="alpaca (the paper's prompts), compact (tiny models), or chat: each "
@@ -98,6 +106,12 @@ class DataConfig(_Strict):
     prompt_special_tokens: bool = Field(
         True, description="tokenize prompts with the tokenizer's BOS (the reference adds none)"
     )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if self.hub_dataset is not None and (self.train_file or self.dev_file):
+            raise ValueError("set either hub_dataset or train_file / dev_file, not both")
+        return self
 
     @model_validator(mode="after")
     def _lengths(self) -> DataConfig:

@@ -60,6 +60,29 @@ def read_records(path: str | Path) -> list[Record]:
     return records
 
 
+def read_hub_records(name: str, config: str | None, split: str) -> list[Record]:
+    """Records of one split of a Hugging Face dataset (a hub name, or a local dataset folder or
+    file that ``datasets.load_dataset`` reads), in any of the three record shapes."""
+    import datasets
+
+    where = f"{name}[{split}]"
+    try:
+        rows = datasets.load_dataset(name, config, split=split)
+    except Exception as error:  # noqa: BLE001 - datasets raises many types; all end the run here
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RecordError(
+            f"data.hub_dataset: cannot load {where} ({message[:200]}); check the name, "
+            "data.hub_config and the split, or use data.train_file"
+        ) from None
+    records = []
+    for index, row in enumerate(rows, start=1):
+        payload = _normalise_shape(f"{where} row {index}", dict(row))
+        records.append(_validated(f"{where} row {index}", payload, f"{split}-{index}"))
+    if not records:
+        raise RecordError(f"data.hub_dataset: {where} has no rows")
+    return records
+
+
 def _parse_line(path: Path, line_number: int, raw: bytes) -> Record | None:
     where = f"{path}:{line_number}"
     try:
@@ -77,10 +100,16 @@ def _parse_line(path: Path, line_number: int, raw: bytes) -> Record | None:
     if not isinstance(payload, dict):
         raise RecordError(f"{where}: expected a JSON object per line")
     payload = _normalise_shape(where, payload)
+    return _validated(where, payload, f"{path.stem}-{line_number}")
+
+
+def _validated(where: str, payload: dict, default_id: str) -> Record:
+    """A ``Record`` from a payload in the Alpaca field names; one line naming ``where``."""
     if "output" not in payload:
         raise RecordError(f"{where}: field 'output' is missing; every record needs a gold answer")
-    if "id" not in payload:
-        payload["id"] = f"{path.stem}-{line_number}"
+    if payload.get("id") is None:
+        payload = {**payload, "id": default_id}
+    payload["id"] = str(payload["id"])
     try:
         record = Record.model_validate(payload)
     except ValidationError as error:

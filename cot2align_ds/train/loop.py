@@ -24,7 +24,6 @@ from cot2align_ds import run_dir as rundir
 from cot2align_ds.atomic import write_text_atomic
 from cot2align_ds.config import RunConfig, config_to_dict
 from cot2align_ds.data.batch import DistillBatch, TokenSide
-from cot2align_ds.data.records import read_records
 from cot2align_ds.engine import deepspeed_engines as dse
 from cot2align_ds.errors import Preempted, UserError
 from cot2align_ds.methods import NORMALISERS
@@ -41,6 +40,7 @@ from cot2align_ds.train.setup import (
     build_data,
     build_engines,
     check_output_dir,
+    dev_records,
     load_models,
     make_output_dir,
     seed_everything,
@@ -317,11 +317,14 @@ class Trainer:
 
     def _dev_evaluator(self) -> DevEvaluator | None:
         cfg = self.config
-        if cfg.data.dev_file is None or not (cfg.eval.every_steps or cfg.eval.every_epoch):
+        if not (cfg.eval.every_steps or cfg.eval.every_epoch):
+            return None
+        records = dev_records(cfg)
+        if records is None:
             return None
         return DevEvaluator(
             cfg.eval,
-            read_records(cfg.data.dev_file),
+            records,
             self.models.student_tokenizer,
             template=cfg.data.template,
             max_prompt_tokens=cfg.data.max_prompt_tokens,

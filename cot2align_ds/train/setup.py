@@ -23,7 +23,7 @@ from cot2align_ds.alignment.vocab_map import mined_vocab_map
 from cot2align_ds.config import ConfigError, RunConfig
 from cot2align_ds.data.collator import DistillCollator
 from cot2align_ds.data.examples import Example, make_examples
-from cot2align_ds.data.records import read_records
+from cot2align_ds.data.records import read_hub_records, read_records
 from cot2align_ds.engine import deepspeed_engines as dse
 from cot2align_ds.engine.ds_config import resolve_run_ds_configs
 from cot2align_ds.models.loading import (
@@ -264,9 +264,28 @@ class Data:
     total_steps: int
 
 
+def train_records(config: RunConfig) -> list:
+    """The training records: ``data.train_file``, or the train split of ``data.hub_dataset``."""
+    data = config.data
+    if data.hub_dataset is not None:
+        return read_hub_records(data.hub_dataset, data.hub_config, data.train_split)
+    return read_records(data.train_file)
+
+
+def dev_records(config: RunConfig) -> list | None:
+    """The dev records, if the run has any: ``data.dev_file`` or ``data.dev_split``."""
+    data = config.data
+    if data.hub_dataset is not None and data.dev_split is not None:
+        return read_hub_records(data.hub_dataset, data.hub_config, data.dev_split)
+    return read_records(data.dev_file) if data.dev_file is not None else None
+
+
 def build_data(config: RunConfig, models: Models, ctx: dse.DistContext) -> Data:
-    if config.data.train_file is None:
-        raise ConfigError("data.train_file is not set; point it at a JSONL file of records")
+    if config.data.train_file is None and config.data.hub_dataset is None:
+        raise ConfigError(
+            "data.train_file is not set; point it at a JSONL file of records (or set "
+            "data.hub_dataset)"
+        )
     objective = models.objective
     if objective.alignment == "offsets":
         # The collator aligns by character offsets: a slow tokenizer has none.
@@ -281,7 +300,7 @@ def build_data(config: RunConfig, models: Models, ctx: dse.DistContext) -> Data:
     if ctx.is_main:
         for warning in warnings:
             print(f"warning: data.template: {warning}", file=sys.stderr)
-    records = read_records(config.data.train_file)
+    records = train_records(config)
     examples = make_examples(
         records, template=config.data.template, cot_records=config.data.cot_records
     )

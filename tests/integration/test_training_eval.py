@@ -104,3 +104,26 @@ def test_sft_teacher_without_dev_eval_links_the_final_model(workspace, tmp_path)
     assert not is_best and teacher_dir.is_symlink()
     assert teacher_dir.resolve() == (run_dir / "student").resolve()
     assert (teacher_dir / "config.json").is_file()
+
+
+def test_training_reads_a_hugging_face_dataset_with_its_dev_split(workspace, tmp_path):
+    import shutil
+
+    from cot2align_ds.config import validate_config
+    from cot2align_ds.train.loop import run_train
+
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    shutil.copy(workspace["train"], folder / "train.jsonl")
+    lines = workspace["train"].read_text().splitlines(keepends=True)[:4]
+    (folder / "validation.jsonl").write_text("".join(lines))
+    config = tiny_run_config(workspace, tmp_path / "run", train={"max_steps": 2})
+    config["data"].pop("train_file")
+    config["data"].update(hub_dataset=str(folder), dev_split="validation", template="compact")
+    config["eval"] = {"every_steps": 2, "max_new_tokens": 8, "metric": "exact_match"}
+    run_train(validate_config(config))
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [row["step"] for row in rows if "loss/total" in row] == [1, 2]
+    assert any("eval/exact_match" in row for row in rows)  # the dev split was evaluated

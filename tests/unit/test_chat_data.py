@@ -145,3 +145,33 @@ def test_the_real_pair_renders_its_own_chat_templates():
     assert teacher_ids.count(teacher.bos_token_id) == 1  # the template's BOS, not a second one
     end_of_turn = teacher.convert_tokens_to_ids("<end_of_turn>")
     assert batch.teacher.labels[0][batch.teacher.labels[0] != -100].tolist()[-1] == end_of_turn
+
+
+def test_a_hugging_face_dataset_folder_is_read_split_by_split(tmp_path):
+    """``data.hub_dataset``: what ``datasets.load_dataset`` reads (a hub name, or here a local
+    folder with train and validation files), rows in any record shape."""
+    from cot2align_ds.data.records import read_hub_records
+
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    _write(folder, [{"messages": [{"role": "user", "content": "1 + 1?"},
+                                  {"role": "assistant", "content": "2"}]},
+                    {"messages": [{"role": "user", "content": "2 + 2?"},
+                                  {"role": "assistant", "content": "4"}]}])  # fmt: skip
+    (folder / "data.jsonl").rename(folder / "train.jsonl")
+    _write(folder, [{"messages": [{"role": "user", "content": "3 + 3?"},
+                                  {"role": "assistant", "content": "6"}]}])  # fmt: skip
+    (folder / "data.jsonl").rename(folder / "validation.jsonl")
+    train = read_hub_records(str(folder), None, "train")
+    assert [(r.instruction, r.output) for r in train] == [("1 + 1?", "2"), ("2 + 2?", "4")]
+    assert [r.id for r in train] == ["train-1", "train-2"]
+    [dev] = read_hub_records(str(folder), None, "validation")
+    assert (dev.instruction, dev.output) == ("3 + 3?", "6")
+    with pytest.raises(RecordError, match=r"data.hub_dataset: cannot load .*\[test\]"):
+        read_hub_records(str(folder), None, "test")
+    # Splits of different shapes: datasets refuses them, in one line here.
+    _write(folder, [{"prompt": "3 + 3?", "completion": "6"}])
+    (folder / "data.jsonl").replace(folder / "validation.jsonl")
+    with pytest.raises(RecordError, match="data.hub_dataset: cannot load") as info:
+        read_hub_records(str(folder), None, "validation")
+    assert "\n" not in str(info.value)
