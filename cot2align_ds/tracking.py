@@ -230,6 +230,17 @@ class Tracker:
             named = {dashboard_name(name): value for name, value in values.items()}
             self._wandb_run.log({STEP_METRIC: int(step), **named}, step=int(step))
 
+    def table(self, name: str, rows: Sequence[Mapping[str, Any]], step: int) -> None:
+        """A table (e.g. sample completions) on the W&B dashboard; metrics.jsonl keeps numbers
+        only (the predictions files hold every completion)."""
+        if not self.is_main_process or self._wandb_run is None or not rows:
+            return
+        import wandb
+
+        columns = list(rows[0])
+        table = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+        self._wandb_run.log({STEP_METRIC: int(step), name: table}, step=int(step))
+
     @contextmanager
     def progress(self, total: int) -> Iterator[_Progress]:
         """A progress bar (shown on the main process only) for ``total`` steps."""

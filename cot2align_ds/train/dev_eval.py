@@ -78,6 +78,9 @@ def shard_indices(num_records: int, rank: int, world_size: int) -> tuple[list[in
     return indices + [0] * padding, [1.0] * len(indices) + [0.0] * padding
 
 
+SAMPLES_PER_EVALUATION = 8
+
+
 class DevEvaluator:
     """Dev-set evaluation, best-K checkpoint bookkeeping and early stopping for one run."""
 
@@ -126,6 +129,7 @@ class DevEvaluator:
         self._scores: dict[int, float] = {}
         self._best_score: float | None = None
         self._evals_without_improvement = 0
+        self.samples: list[dict] = []  # the last evaluation's first completions (this rank)
         self._kept: list[KeptCheckpoint] = []
         self._to_delete: list[Path] = []
 
@@ -182,6 +186,16 @@ class DevEvaluator:
         means = (totals[:-1].view_as(sums) / totals[-1]).mean(dim=0)  # over records, then seeds
         named = zip(self.metric_names, means.tolist(), strict=True)
         metrics = {f"{METRIC_PREFIX}{name}": value for name, value in named}
+        # A few of this rank's completions, for a table on the dashboard.
+        self.samples = [
+            {
+                "prompt": self.prompts[row["index"]][-300:],
+                "reference": self.records[row["index"]].output,
+                "prediction": row["prediction"],
+                self.config.metric: row[self.config.metric],
+            }
+            for row in rows[:SAMPLES_PER_EVALUATION]
+        ]
         self._write_predictions(step, rows, world_size)
         self.observe(step, metrics)
         return metrics

@@ -341,6 +341,7 @@ class Trainer:
         metrics = self.dev.evaluate(self.student_engine.module.student, step)
         self.student_engine.train()
         self.tracker.log(metrics, step)
+        self.tracker.table("eval/completions", self.dev.samples, step)
         if self.dev.should_keep(metrics):
             # Best-K live apart from the resumable checkpoints so the two rotations never clash.
             root, tag = self.output_dir / "best_checkpoints", rundir.tag_for(step)

@@ -273,7 +273,7 @@ class Objective:
                 groups.append((s_hidden, t_hidden, student.mask, teacher.mask, pair.weight))
             if diagnostics is not None and name == "ot_main":
                 diagnostics.update(_plan_diagnostics(groups[-1], self.ot))
-            sums[name] = multi_pair_ot_loss(
+            result = multi_pair_ot_loss(
                 groups,
                 cost=self.ot.cost,
                 epsilon=self.ot.epsilon,
@@ -282,7 +282,13 @@ class Objective:
                 num_grad_iters=self.ot.num_grad_iters,
                 memory_budget_bytes=_budget(self.ot.memory_budget_mb),
                 **adaptive_budget(self.ot),
-            ).loss_sum
+            )
+            sums[name] = result.loss_sum
+            if diagnostics is not None:
+                # Each layer pair's transport cost per record (unweighted): which layers align.
+                per_record = result.group_sums_G / result.group_counts_G.clamp_min(1)
+                for pair, value in zip(self.ot.layer_pairs, per_record.unbind(), strict=True):
+                    diagnostics[f"ot/{name}/layers_{pair.student}_{pair.teacher}"] = value.detach()
         return sums
 
     def _ot_views(self, batch, outputs) -> dict[str, tuple[_Side, _Side]]:

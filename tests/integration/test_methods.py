@@ -94,6 +94,9 @@ def test_method_lowers_its_loss(workspace, tmp_path, name, precision):
         assert 0 <= rows[-1]["ot/marginal_error"] < 1e-2 and rows[-1]["ot/plan_entropy"] > 0
         # At epsilon 10 on a [0, 1] cost the plan is close to uniform (normalised entropy ~1).
         assert 0.95 < rows[-1]["ot/plan_entropy_normalised"] <= 1.0 + 1e-6
+        # Each layer pair's transport cost per record, for every view.
+        for view in ("ot_main", "ot_cross_std_cot", "ot_cross_cot_std"):
+            assert rows[-1][f"ot/{view}/layers_0_0"] > 0 and rows[-1][f"ot/{view}/layers_-1_-1"] > 0
     assert rows[-1]["mem/peak_host_rss_mb"] > 0
 
 

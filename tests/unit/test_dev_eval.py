@@ -195,9 +195,9 @@ def test_bad_inputs_are_one_clear_line(model_and_tokenizer, records, tmp_path):
     model, tokenizer = model_and_tokenizer
     with pytest.raises(EvalInputError, match="data.dev_file: no dev records"):
         _evaluator(tokenizer, [], tmp_path)
-    with pytest.raises(EvalInputError, match="unknown template 'chat'"):
+    with pytest.raises(EvalInputError, match="unknown template 'markdown'"):
         DevEvaluator(
-            EvalConfig(), records, tokenizer, template="chat", max_prompt_tokens=64,
+            EvalConfig(), records, tokenizer, template="markdown", max_prompt_tokens=64,
             output_dir=tmp_path, is_main=True, steps_per_epoch=1,
         )  # fmt: skip
     too_long = _evaluator(tokenizer, records, tmp_path, max_new_tokens=100)

@@ -93,7 +93,7 @@ def test_greedy_evaluation_runs_once(saved_model, data_files, tmp_path):
     ("options", "error", "message"),
     [
         ({"metrics": ["bleu"]}, UserError, "unknown metric 'bleu'"),
-        ({"template": "chat"}, UserError, "unknown template 'chat'"),
+        ({"template": "markdown"}, UserError, "unknown template 'markdown'"),
         ({"seeds": (1, 1)}, UserError, r"duplicate seeds \[1, 1\]"),
         ({"seeds": ()}, UserError, "needs at least one seed"),
         ({"batch_size": 0}, UserError, "batch_size must be >= 1"),

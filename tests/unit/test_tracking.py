@@ -184,3 +184,19 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch) -> No
     assert sum(f"-{ids[0]}" in name for name in runs) == 2 and len(runs) == 3
     run_log = next((output_dir / "wandb").glob(f"offline-run-*-{ids[0]}*/run-*.wandb"))
     assert b"train/loss" in run_log.read_bytes() and STEP_METRIC.encode() in run_log.read_bytes()
+
+
+def test_sample_completions_go_to_the_dashboard_as_a_table(tmp_path, monkeypatch) -> None:
+    for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(variable, str(tmp_path / "wandb_home"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    output_dir = tmp_path / "run"
+    rows = [{"prompt": "2 + 2?", "reference": "4", "prediction": "four", "exact_match": 0.0}]
+    with Tracker(output_dir, wandb_mode="offline") as tracker:
+        tracker.table("eval/completions", rows, step=3)
+        tracker.table("eval/completions", [], step=4)  # nothing to show: nothing logged
+    wandb.teardown()
+    run_log = next((output_dir / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    assert b"eval/completions" in run_log
+    # metrics.jsonl keeps numbers only.
+    assert (output_dir / METRICS_FILENAME).read_text() == ""
