@@ -72,7 +72,11 @@ def run_pair_check(
         student_embedding_rows=embedding_rows_from_config(specs["student"], "student"),
         template=template,
     )
-    Console().print(report.to_json() if as_json else report.to_text(), markup=False)
+    if as_json:
+        # Plain stdout: a console would wrap long lines inside the JSON strings.
+        print(report.to_json())
+    else:
+        Console().print(report.to_text(), markup=False)
     return report.ok
 
 

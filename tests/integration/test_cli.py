@@ -129,3 +129,17 @@ def test_pair_check_fails_when_embedding_rows_are_short(workspace, tmp_path):
     )
     assert result.exit_code == 1
     assert "PROBLEM" in result.output and "embedding rows" in result.output
+
+
+def test_pair_check_json_stays_json_with_long_warnings(workspace, tmp_path):
+    """The JSON report goes to stdout as is: a console would wrap long warning lines inside
+    its strings (an instruct-model warning is long)."""
+    from transformers import AutoTokenizer
+
+    student = AutoTokenizer.from_pretrained(workspace["student_tok"])
+    student.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    student.save_pretrained(tmp_path / "instruct_tok")
+    result = runner.invoke(app, ["pair-check", "--teacher", str(workspace["teacher_tok"]),
+                                 "--student", str(tmp_path / "instruct_tok"), "--json"])  # fmt: skip
+    report = json.loads(result.stdout)
+    assert any("chat template" in warning for warning in report["warnings"])
