@@ -22,7 +22,7 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
 PYTEST_ARGS ?= -q
 DEMO_ARGS ?=
 
-.PHONY: install demo demo-quick demo-real real-models test test-fast lint format bench clean
+.PHONY: install demo demo-quick demo-real real-models test gpu-check test-fast lint format bench clean
 
 install: $(STAMP)
 
@@ -55,6 +55,10 @@ demo-real: install
 
 test: install
 	$(OFFLINE) $(PY) -m pytest $(PYTEST_ARGS)
+
+# The checks that need a CUDA GPU (a few minutes on one GPU); skipped without one.
+gpu-check: install
+	$(OFFLINE) $(PY) -m pytest -m gpu tests/gpu -q -rs
 
 test-fast: install
 	$(OFFLINE) $(PY) -m pytest tests/unit $(PYTEST_ARGS)
