@@ -1,4 +1,4 @@
-"""Compare runs: curves as PNG and a side-by-side ``report.md``.
+"""Compare runs: one grid of curves, eval bars, and a side-by-side ``report.md``.
 
 Inputs per run directory: ``metrics.jsonl`` (written by ``Tracker``: one object per log call
 with ``step``, wall ``time`` and metric values) and, when present, ``eval_results.json``
@@ -12,13 +12,13 @@ from __future__ import annotations
 import io
 import json
 import math
-import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from cot2align_ds.atomic import write_bytes_atomic, write_text_atomic
 from cot2align_ds.errors import UserError
@@ -126,33 +126,83 @@ def _metric_keys(runs: Sequence[RunData]) -> list[str]:
     return list(keys)
 
 
-def _plot_metric(runs: Sequence[RunData], key: str, path: Path) -> None:
-    figure = Figure(figsize=(6.4, 4.0), layout="constrained")
-    axes = figure.add_subplot()
-    for run in runs:
-        steps, values = run.series(key)
-        if steps:
-            # A lone point (e.g. one eval) gets a marker, or the line would be invisible.
-            axes.plot(steps, values, label=run.name, marker="o" if len(steps) == 1 else None)
-    axes.set(xlabel="step", ylabel=key, title=key)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    write_bytes_atomic(path, buffer.getvalue())
+# Not worth a panel: bookkeeping that rises linearly with the step.
+_NOT_CURVES = ("epoch", "skipped_steps")
+CURVES_FIGURE = "curves.png"
+_COLUMNS = 3
 
 
-def _figure_names(keys: Sequence[str]) -> dict[str, str]:
-    """A distinct, filesystem-safe PNG name per metric ("loss/total" -> "loss_total.png")."""
-    names: dict[str, str] = {}
+def _unit(key: str) -> str:
+    """The y-axis label of a metric."""
+    if key.startswith(("loss/", "ot/")):
+        return "loss term (per token / record)"
+    if key.startswith("lr/"):
+        return "learning rate"
+    if key.startswith("eval/"):
+        return "score (x100)"
+    if key.startswith("mem/"):
+        return "MB"
+    return {"tokens_per_s": "tokens / s", "grad_norm": "L2 norm", "data_wait_share": "share"}.get(
+        key, key
+    )
+
+
+def plotted_keys(runs: Sequence[RunData], keys: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the metrics that get a panel, the constant ones left out): bookkeeping, constants and
+    curves identical to an earlier panel (e.g. two parameter groups' learning rates) have none."""
+    kept, constant, seen = [], [], set()
     for key in keys:
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", key).strip("_.") or "metric"
-        candidate, index = stem, 1
-        while f"{candidate}.png" in names.values():
-            index += 1
-            candidate = f"{stem}_{index}"
-        names[key] = f"{candidate}.png"
-    return names
+        if key in _NOT_CURVES:
+            continue
+        series = tuple((run.name, tuple(run.series(key)[1])) for run in runs)
+        values = {value for _, values in series for value in values}
+        if len(values) <= 1:
+            constant.append(key)
+            continue
+        if series in seen:
+            continue
+        seen.add(series)
+        kept.append(key)
+    return kept, constant
+
+
+def _is_teacher(run: RunData) -> bool:
+    return "teacher" in run.name.lower()
+
+
+def _plot_curves(runs: Sequence[RunData], keys: Sequence[str], path: Path) -> None:
+    """One grid: a panel per metric, every run a line (teacher runs dashed), one legend."""
+    rows = math.ceil(len(keys) / _COLUMNS)
+    columns = min(len(keys), _COLUMNS)
+    figure = Figure(figsize=(4.6 * columns, 3.1 * rows + 0.6), layout="constrained")
+    axes_grid = figure.subplots(rows, columns, squeeze=False)
+    handles: dict[str, object] = {}
+    for index, key in enumerate(keys):
+        axes = axes_grid[index // _COLUMNS][index % _COLUMNS]
+        for run_index, run in enumerate(runs):
+            steps, values = run.series(key)
+            if not steps:
+                continue
+            # The teacher's runs dashed, with square markers: the reference the students aim at.
+            teacher = _is_teacher(run)
+            style = {"linestyle": "--"} if teacher else {}
+            # Few points (quick runs, evaluations) get markers, or a line of one is invisible.
+            marker = ("s" if teacher else "o") if len(steps) <= 5 else None
+            color = f"C{run_index % 10}"  # the same run has the same colour in every panel
+            (line,) = axes.plot(steps, values, marker=marker, markersize=3, color=color, **style)
+            handles.setdefault(run.name, line)
+        axes.set_title(key, fontsize=9)
+        axes.set_ylabel(_unit(key), fontsize=8)
+        axes.set_xlabel("step", fontsize=8)
+        axes.tick_params(labelsize=7)
+        axes.grid(alpha=0.3)
+    for index in range(len(keys), rows * columns):
+        axes_grid[index // _COLUMNS][index % _COLUMNS].set_visible(False)
+    figure.legend(list(handles.values()), list(handles), loc="outside lower center",
+                  ncols=min(len(handles), 4), fontsize=8)  # fmt: skip
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def _fmt(value: float | None) -> str:
@@ -211,6 +261,10 @@ def _eval_section(runs: Sequence[RunData]) -> list[str]:
     return ["## Evaluation", "", *_table(header, rows), "", f"![evaluation]({EVAL_FIGURE})", ""]
 
 
+def _means(runs: Sequence[RunData], name: str) -> list[float]:
+    return [run.eval_results[name]["mean"] for run in runs if run.eval_results.get(name)]
+
+
 def _plot_eval(runs: Sequence[RunData], names: Sequence[str], path: Path) -> None:
     """Grouped bars: one group per run, one bar per eval metric, std over seeds as error bar."""
     figure = Figure(figsize=(max(6.4, 0.9 * len(runs)), 4.5), layout="constrained")
@@ -222,29 +276,37 @@ def _plot_eval(runs: Sequence[RunData], names: Sequence[str], path: Path) -> Non
         stds = [entry.get("std", 0.0) if entry else 0.0 for entry in stats]
         offset = (index - (len(names) - 1) / 2) * width
         positions = [run_index + offset for run_index in range(len(runs))]
-        axes.bar(positions, means, width, yerr=stds, capsize=3, label=name)
+        bars = axes.bar(positions, means, width, yerr=stds, capsize=3, label=name)
+        for bar, run in zip(bars, runs, strict=True):
+            if _is_teacher(run):
+                bar.set_hatch("//")  # the teacher: the reference the students aim at
     labels = [run.name for run in runs]
+    if all(not math.isnan(m) and m >= 0 for name in names for m in _means(runs, name)):
+        axes.set_ylim(bottom=0)  # scores are non-negative: no axis below zero, even all-zero
     axes.set_xticks(range(len(runs)), labels, rotation=40, ha="right", fontsize=7)
     axes.set(ylabel="mean ± std over seeds", title="evaluation")
     axes.grid(axis="y", alpha=0.3)
-    axes.legend(fontsize="small")
+    # Plain patches: the first bar of a group may be the teacher's hatched one.
+    patches = [Patch(facecolor=f"C{index}", label=name) for index, name in enumerate(names)]
+    axes.legend(handles=patches, fontsize="small")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def _curves_section(figures: dict[str, str]) -> list[str]:
-    if not figures:
+def _curves_section(keys: Sequence[str], constant: Sequence[str]) -> list[str]:
+    if not keys:
         return []
-    lines = ["## Curves", ""]
-    for key, file_name in figures.items():
-        lines += [f"### `{key}`", "", f"![{key}]({file_name})", ""]
+    lines = ["## Curves", "", f"![curves]({CURVES_FIGURE})", ""]
+    if constant:
+        listed = ", ".join(f"`{key}`" for key in constant)
+        lines += [f"Constant over the logged steps (not drawn): {listed}.", ""]
     return lines
 
 
 def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
-    """Plot every logged metric of ``run_dirs`` vs step, and their eval results as bars
-    (``eval.png``), and write ``report.md``; its path."""
+    """One grid of the logged metrics of ``run_dirs`` vs step (``curves.png``), their eval
+    results as bars (``eval.png``), and ``report.md``; its path."""
     run_dirs = [Path(run_dir) for run_dir in run_dirs]
     if not run_dirs:
         raise ReportError("no run directories given")
@@ -252,15 +314,15 @@ def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = _metric_keys(runs)
-    figures = _figure_names(keys)
-    for key, file_name in figures.items():
-        _plot_metric(runs, key, out_dir / file_name)
+    drawn, constant = plotted_keys(runs, keys)
+    if drawn:
+        _plot_curves(runs, drawn, out_dir / CURVES_FIGURE)
     eval_names = _eval_names(runs)
     if eval_names:
         _plot_eval(runs, eval_names, out_dir / EVAL_FIGURE)
     lines = ["# Run comparison", ""]
     lines += _runs_section(runs) + _eval_section(runs) + _final_section(runs, keys)
-    lines += _curves_section(figures)
+    lines += _curves_section(drawn, constant)
     report_path = out_dir / REPORT_FILENAME
     write_text_atomic(report_path, "\n".join(lines))
     return report_path

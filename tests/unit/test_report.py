@@ -41,15 +41,16 @@ def two_runs(tmp_path) -> list[Path]:
     ]
 
 
-def test_report_has_a_png_per_metric_and_a_side_by_side_table(two_runs, tmp_path) -> None:
+def test_report_has_one_grid_of_curves_and_a_side_by_side_table(two_runs, tmp_path) -> None:
     out_dir = tmp_path / "report"
     report = make_report(two_runs, out_dir)
     assert report == out_dir / "report.md"
-    expected = ["loss_total", "loss_ce", "tokens_per_s", "eval_rouge_l", "loss_ot", "eval"]
-    assert sorted(p.stem for p in out_dir.glob("*.png")) == sorted(expected)
-    for stem in expected:
-        image = imread(out_dir / f"{stem}.png")  # a real, decodable PNG
+    assert sorted(p.name for p in out_dir.glob("*.png")) == ["curves.png", "eval.png"]
+    for name in ("curves.png", "eval.png"):
+        image = imread(out_dir / name)  # a real, decodable PNG
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    # Five metrics -> two rows of three panels.
+    assert imread(out_dir / "curves.png").shape[0] >= 2 * 3.1 * 90  # inches x dpi
     text = report.read_text()
     # Final values side by side: loss/total is 3/4 for sft and 3/5 for cot2align.
     assert "| `loss/total` | 0.75 | 0.6 |" in text
@@ -58,8 +59,7 @@ def test_report_has_a_png_per_metric_and_a_side_by_side_table(two_runs, tmp_path
     assert "| rouge_l | 21.00 ± 1.41 (n=2) | – |" in text
     # Median tokens/s over the logs: [100..400] -> 250, [100..500] -> 300.
     assert "| sft | " in text and "| 250 |" in text and "| 300 |" in text
-    for stem in expected:
-        assert f"]({stem}.png)" in text
+    assert "![curves](curves.png)" in text
     assert "![evaluation](eval.png)" in text  # the eval bars (mean, std as error bar)
     assert not [p for p in out_dir.iterdir() if p.name.startswith(".")]  # no temp files left
 
@@ -97,3 +97,42 @@ def test_a_directory_without_logs_is_one_clear_error(tmp_path) -> None:
 
 def test_file_names_agree_with_the_writers() -> None:
     assert EVAL_RESULTS_FILENAME == evaluate.EVAL_RESULTS_FILENAME
+
+
+def test_constant_bookkeeping_and_duplicate_curves_get_no_panel(tmp_path) -> None:
+    from cot2align_ds.eval.report import load_run, plotted_keys
+
+    with Tracker(tmp_path / "run", wandb_mode="disabled") as tracker:
+        for step in range(1, 4):
+            tracker.log({"loss/total": 1.0 / step, "lr/student_decay": 0.1 / step,
+                         "lr/student_no_decay": 0.1 / step, "epoch": step / 3,
+                         "skipped_steps": 0.0, "mem/peak_host_rss_mb": 500.0}, step)  # fmt: skip
+    run = load_run(tmp_path / "run", "run")
+    keys = [key for key in run.rows[0] if key not in ("step", "time")]
+    drawn, constant = plotted_keys([run], keys)
+    assert drawn == ["loss/total", "lr/student_decay"]  # the second LR curve is the same
+    assert constant == ["mem/peak_host_rss_mb"]
+    text = make_report([tmp_path / "run"], tmp_path / "report").read_text()
+    assert "Constant over the logged steps (not drawn): `mem/peak_host_rss_mb`." in text
+
+
+def test_all_zero_scores_do_not_get_a_negative_axis(tmp_path) -> None:
+    from matplotlib.figure import Figure
+
+    from cot2align_ds.eval import report as report_module
+
+    path = _fake_run(tmp_path / "teacher_sft", num_steps=2, with_ot=False, eval_values=[0.0, 0.0])
+    limits = {}
+    original = Figure.savefig
+
+    def spy(figure, *args, **kwargs):
+        limits[len(limits)] = [axes.get_ylim() for axes in figure.axes]
+        return original(figure, *args, **kwargs)
+
+    Figure.savefig = spy
+    try:
+        report_module.make_report([path], tmp_path / "report")
+    finally:
+        Figure.savefig = original
+    eval_limits = limits[len(limits) - 1][0]
+    assert eval_limits[0] == 0.0 and eval_limits[1] > 0
