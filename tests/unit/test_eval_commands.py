@@ -131,6 +131,4 @@ def test_run_report_compares_runs(tmp_path):
     report = run_report([tmp_path / "a", tmp_path / "b"], tmp_path / "report")
     assert report == tmp_path / "report" / "report.md"
     text = report.read_text()
-    assert (
-        "| `loss/total` | 2 | 1.5 |" in text and (tmp_path / "report" / "loss_total.png").is_file()
-    )
+    assert "| `loss/total` | 2 | 1.5 |" in text and (tmp_path / "report" / "curves.png").is_file()
