@@ -138,15 +138,33 @@ def run_train_command(
 def run_demo_command(
     output_dir: Path, *, quick: bool, seed: int, methods: list[str], cot2align_base: str
 ) -> dict:
-    from cot2align_ds.experiments.demo import run_demo
-
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"--output-dir '{output_dir}' is a file; give a directory")
+    _quiet_libraries()
+    from cot2align_ds.experiments.demo import run_demo
+
     results = run_demo(
         output_dir, quick=quick, seed=seed, methods=tuple(methods), cot2align_base=cot2align_base
     )
     print_demo_table(results)
     return results
+
+
+def _quiet_libraries() -> None:
+    """The demo's output is its stages and its table: the libraries' deprecation notices and
+    per-file progress bars (weights loading and saving, a dozen times) are noise there."""
+    import os
+    import warnings
+
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    if not torch.cuda.is_available():
+        # Named, DeepSpeed does not warn that it is guessing the CPU accelerator.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    transformers_logging.disable_progress_bar()
 
 
 def run_real_models_command(names: list[str] | None, cache_dir: Path | None, *, install: bool):
@@ -183,6 +201,12 @@ def print_demo_table(results: dict) -> None:
     Console().print(table)
     meta = results.get("_meta", {})
     Console().print(f"wall time: {meta.get('wall_s', 0):.0f} s")
+    if meta.get("quick"):
+        Console().print(
+            f"quick mode: {meta.get('max_steps')} steps per model on "
+            f"{meta.get('train_problems')} problems, a smoke test of the pipeline: these numbers "
+            "say nothing about the methods (`make demo` trains them properly)"
+        )
 
 
 def run_launch_command(config: str, **options) -> int:

@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +62,16 @@ def make_data(out: Path, size: DemoSize, seed: int) -> dict[str, Path]:
 DIFFERENT_VOCAB_METHODS = tuple(
     m.name for m in METHODS.values() if m.needs_teacher and m.cross_tokenizer
 )
+
+
+@contextlib.contextmanager
+def _stage(title: str, timings: dict[str, float]):
+    """A header before a stage and its wall time after (stderr, beside the libraries' logs)."""
+    print(f"== demo {title}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    yield
+    timings[title] = time.perf_counter() - started
+    print(f"   {timings[title]:.1f} s", file=sys.stderr, flush=True)
 
 
 def run_demo(
@@ -121,12 +133,18 @@ def run_demo(
             train__epochs=size.student_epochs,
             **common,
         )
-    model_dirs = {name: run_stage(raw, f"demo stage {name}")[0] for name, raw in stages.items()}
+    timings: dict[str, float] = {}
+    total = len(stages) + 3  # + augmentation, CoT2Align, evaluation
+    model_dirs = {}
+    for index, (name, raw) in enumerate(stages.items(), start=1):
+        with _stage(f"[{index}/{total}] train {name}", timings):
+            model_dirs[name] = run_stage(raw, f"demo stage {name}")[0]
     # CoT augmentation: the fine-tuned teacher writes its own rationales; CoT2Align trains on
     # them (paired standard/CoT views, OT on main and Cross-CoT pairs) on top of the base.
-    cot_data = augment_stage(
-        model_dirs["teacher"], data["train"], output_dir / "augment", base, seed=seed
-    ).output_file
+    with _stage(f"[{len(stages) + 1}/{total}] the teacher writes rationales", timings):
+        cot_data = augment_stage(
+            model_dirs["teacher"], data["train"], output_dir / "augment", base, seed=seed
+        ).output_file
     name = f"student_{cot2align_base}_cot2align"
     cot2align_stage = stage_config(
         stages[f"student_{cot2align_base}"],
@@ -135,15 +153,23 @@ def run_demo(
         data__cot_records="all",
         cot2align__enabled=True,
     )
-    model_dirs[name] = run_stage(cot2align_stage, f"demo stage {name}")[0]
+    with _stage(f"[{len(stages) + 2}/{total}] train {name}", timings):
+        model_dirs[name] = run_stage(cot2align_stage, f"demo stage {name}")[0]
     test = read_records(data["test"])
     results = {}
-    for name, model_dir in model_dirs.items():
-        predictions = output_dir / name / "test_predictions.jsonl"
-        score = exact_match_stage(
-            model_dir, test, base, predictions, max_new_tokens=8, batch_size=32
-        )
-        results[name] = {"exact_match": score}
-    results["_meta"] = {"wall_s": time.perf_counter() - started, "quick": quick}
+    with _stage(f"[{total}/{total}] exact match on held-out problems", timings):
+        for name, model_dir in model_dirs.items():
+            predictions = output_dir / name / "test_predictions.jsonl"
+            score = exact_match_stage(
+                model_dir, test, base, predictions, max_new_tokens=8, batch_size=32
+            )
+            results[name] = {"exact_match": score}
+    results["_meta"] = {
+        "wall_s": time.perf_counter() - started,
+        "quick": quick,
+        "stage_s": timings,
+        "max_steps": size.max_steps,
+        "train_problems": size.num_train,
+    }
     write_text_atomic(output_dir / "demo_results.json", json.dumps(results, indent=2))
     return results

@@ -17,6 +17,10 @@ def test_quick_demo_prints_the_table_from_real_runs(tmp_path):
     labels = ("teacher", "trained alone (SFT)", "(ULD,", "(MinED,", "(ULD + CoT2Align)")
     for label in labels:
         assert label in result.output
+    # Stage headers with their times, and the caveat that quick numbers mean nothing.
+    assert "== demo [1/7] train teacher" in result.output
+    assert "== demo [7/7] exact match on held-out problems" in result.output
+    assert "quick mode: 6 steps per model" in " ".join(result.output.split())
     results = json.loads((tmp_path / "demo_results.json").read_text())
     stages = ("teacher", "student_sft", "student_uld", "student_mined", "student_uld_cot2align")
     for stage in stages:
@@ -30,6 +34,8 @@ def test_quick_demo_prints_the_table_from_real_runs(tmp_path):
     assert last["loss/kd_uld"] > 0
     assert json.loads((tmp_path / "student_uld" / "config.json").read_text())["teacher"]
     # CoT2Align trained on the teacher's own rationales, with its OT terms.
+    assert set(results["_meta"]["stage_s"]) == {line.removeprefix("== demo ")
+        for line in result.output.splitlines() if line.startswith("== demo ")}  # fmt: skip
     stats = json.loads((tmp_path / "augment" / "augment_stats.json").read_text())
     assert stats["total"] == 240
     last = json.loads(
