@@ -12,7 +12,7 @@ from cot2align_ds.config import ConfigError, RunConfig, config_to_dict, load_con
 from cot2align_ds.engine.ds_config import resolve_run_ds_configs
 from cot2align_ds.errors import UserError
 from cot2align_ds.methods import METHODS
-from cot2align_ds.models.loading import config_hidden_size
+from cot2align_ds.models.loading import config_hidden_size, config_largest_param
 
 
 def resolved_configs(config: str, overrides: list[str], world_size: int) -> dict[str, Any]:
@@ -23,6 +23,7 @@ def resolved_configs(config: str, overrides: list[str], world_size: int) -> dict
         world_size=world_size,
         student_hidden=_hidden_size_or_default(run, "student"),
         teacher_hidden=_hidden_size_or_default(run, "teacher") if has_teacher else None,
+        teacher_largest_param=_largest_param_or_none(run) if has_teacher else None,
     )
     resolved: dict[str, Any] = {"run": config_to_dict(run)}
     resolved["student_deepspeed_path"] = str(ds.student_path)
@@ -31,6 +32,15 @@ def resolved_configs(config: str, overrides: list[str], world_size: int) -> dict
         resolved["teacher_deepspeed_path"] = str(ds.teacher_path)
         resolved["teacher_deepspeed"] = ds.teacher
     return resolved
+
+
+def _largest_param_or_none(run: RunConfig) -> int | None:
+    """The teacher's largest weight, as ``train`` sizes NVMe buffers by it; None (the
+    resolver's stand-in) for a model not reachable offline."""
+    try:
+        return config_largest_param(run.teacher, "teacher")
+    except UserError:
+        return None
 
 
 def _hidden_size_or_default(run: RunConfig, role: str) -> int:

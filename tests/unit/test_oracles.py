@@ -122,11 +122,18 @@ class _Case:
             out += [view.logits, *view.hidden_states]
         return out + list(self.projectors.parameters())
 
-    def optimized(self) -> torch.Tensor:
+    def window(self) -> dict[str, torch.Tensor]:
+        """The counts of a window of this one micro-batch on one rank."""
         counts = batch_normalisers(self.batch).clamp_min(1).to(torch.float32)
-        window = dict(zip(NORMALISERS, counts.unbind(), strict=True))
-        loss = self.objective(self.batch, self.outputs, self.projectors, self.access, window)
-        return loss.total
+        return dict(zip(NORMALISERS, counts.unbind(), strict=True))
+
+    def terms(self, window: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        args = (self.batch, self.outputs, self.projectors, self.access, window or self.window())
+        return self.objective(*args).terms
+
+    def optimized(self) -> torch.Tensor:
+        args = (self.batch, self.outputs, self.projectors, self.access, self.window())
+        return self.objective(*args).total
 
 
 def _positions(side, row: int) -> torch.Tensor:
@@ -289,10 +296,7 @@ def _make_some_t2s_predictions_right(case: _Case) -> None:
     with torch.no_grad():
         case.projectors["t2s"].bias.copy_(3 * direction)
         case.heads["student"][label] += 10 * direction
-    counts = batch_normalisers(case.batch).clamp_min(1).to(torch.float32)
-    window = dict(zip(NORMALISERS, counts.unbind(), strict=True))
-    terms = case.objective(case.batch, case.outputs, case.projectors, case.access, window).terms
-    assert terms["kd_t2s_kd"] > 0  # the gated KD term is exercised
+    assert case.terms()["kd_t2s_kd"] > 0  # the gated KD term is exercised
 
 
 @pytest.mark.parametrize("switch", ["mined_first", "dskd_padded", "reference_compat"])
@@ -328,17 +332,10 @@ def test_cross_cot_pooling_per_micro_batch_is_the_references(workspace):
         )
         for pooling in ("window", "micro_batch")
     }
-    batch = cases["window"].batch
-    local = float(batch.is_cot_B.sum())
-    counts = batch_normalisers(batch).clamp_min(1).to(torch.float32)
-    window = dict(zip(NORMALISERS, counts.unbind(), strict=True))
+    local = float(cases["window"].batch.is_cot_B.sum())
+    window = cases["window"].window()
     window["cot_records"] = window["cot_records"] + 3  # other micro-batches of the window
-    terms = {
-        pooling: case.objective(
-            case.batch, case.outputs, case.projectors, case.access, window
-        ).terms
-        for pooling, case in cases.items()
-    }
+    terms = {pooling: case.terms(window) for pooling, case in cases.items()}
     for name in ("ot_cross_std_cot", "ot_cross_cot_std"):
         expected = terms["window"][name] * (local + 3) / local
         torch.testing.assert_close(terms["micro_batch"][name], expected)
