@@ -24,6 +24,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Plain click help: typer's rich panels print "<bool>" beside on/off flags.
+    rich_markup_mode=None,
 )
 
 ConfigOption = Annotated[
@@ -33,6 +35,21 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override one key: section.key=value (repeatable)."),
 ]
+
+
+# `plan` and `show-config` describe the job `launch --slurm` submits by default: one node of the
+# batch script's 8 GPUs. `--world-size` overrides the product for other shapes.
+NodesOption = Annotated[int, typer.Option(help="Nodes of the job described.")]
+GpusPerNodeOption = Annotated[int, typer.Option(help="GPUs (ranks) per node.")]
+WorldSizeOption = Annotated[
+    int | None, typer.Option(help="Total ranks (default: nodes x gpus-per-node).")
+]
+
+
+def _world_size(nodes: int, gpus_per_node: int, world_size: int | None) -> int:
+    if min(nodes, gpus_per_node, world_size or 1) < 1:
+        raise UserError("--nodes, --gpus-per-node and --world-size must be >= 1")
+    return world_size or nodes * gpus_per_node
 
 
 def _print_version(value: bool) -> None:
@@ -91,12 +108,14 @@ def _offline_defaults() -> None:
 def show_config(
     config: ConfigOption = "demo",
     set_: SetOption = None,
-    world_size: Annotated[int, typer.Option(help="World size to resolve DeepSpeed for.")] = 1,
+    nodes: NodesOption = 1,
+    gpus_per_node: GpusPerNodeOption = 8,
+    world_size: WorldSizeOption = None,
 ) -> None:
     """Print the resolved run config and the resolved DeepSpeed configs."""
     from cot2align_ds.runs import resolved_configs
 
-    resolved = resolved_configs(config, set_ or [], world_size)
+    resolved = resolved_configs(config, set_ or [], _world_size(nodes, gpus_per_node, world_size))
     typer.echo("# run config")
     typer.echo(yaml.safe_dump(resolved["run"], sort_keys=False).rstrip())
     for name in ("student_deepspeed", "teacher_deepspeed"):
@@ -445,8 +464,9 @@ def launch(
 def plan(
     config: ConfigOption,
     set_: SetOption = None,
-    world_size: Annotated[int, typer.Option(help="Total ranks (GPUs).")] = 8,
-    gpus_per_node: int = 8,
+    nodes: NodesOption = 1,
+    gpus_per_node: GpusPerNodeOption = 8,
+    world_size: WorldSizeOption = None,
     gpu_mem_gb: Annotated[float | None, typer.Option(help="Warn above this per GPU.")] = None,
     cpu_mem_gb: Annotated[float | None, typer.Option(help="Warn above this per node.")] = None,
     gradient_checkpointing: bool | None = None,
@@ -458,7 +478,7 @@ def plan(
     run_plan_command(
         config,
         set_ or [],
-        world_size=world_size,
+        world_size=_world_size(nodes, gpus_per_node, world_size),
         gpus_per_node=gpus_per_node,
         gpu_mem_gb=gpu_mem_gb,
         cpu_mem_gb=cpu_mem_gb,

@@ -43,6 +43,12 @@ def test_show_config_prints_run_and_deepspeed_configs():
     assert '"offload_param"' in result.output.split("# teacher_deepspeed")[1]
 
 
+def test_help_shows_flags_without_a_value_type():
+    text = runner.invoke(app, ["export", "--help"]).output
+    assert "--overwrite" in text and "<path>" in text
+    assert "<bool>" not in text
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [

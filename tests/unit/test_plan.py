@@ -9,7 +9,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
+from typer.testing import CliRunner
 
+from cot2align_ds.cli import app
 from cot2align_ds.config import validate_config
 from cot2align_ds.methods import projector_params
 from cot2align_ds.planning.memory import (
@@ -446,3 +448,28 @@ def test_plan_compares_teacher_placements_for_a_7b_teacher_on_2_nodes(student_ty
         teacher_config=AutoConfig.for_model("qwen2", **QWEN_7B), gpu_mem_gb=40,
     )  # fmt: skip
     assert small.recommended == "zero3_node"
+
+
+def test_plan_and_show_config_describe_the_same_job_by_default(tmp_path, toy_student_tokenizer):
+    toy_student_tokenizer.save_pretrained(tmp_path / "tok")
+    architecture = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2}
+    run = {
+        "student": {"architecture": architecture, "tokenizer": str(tmp_path / "tok")},
+        "distill": {"method": "sft"},
+        "train": {"precision": "fp32"},
+    }
+    (tmp_path / "run.yaml").write_text(json.dumps(run))
+    shown = CliRunner().invoke(app, ["show-config"])
+    planned = CliRunner().invoke(app, ["plan", "--config", str(tmp_path / "run.yaml"), "--json"])
+    assert shown.exit_code == 0 and planned.exit_code == 0, shown.output + planned.output
+    student_json = shown.output.split("# student_deepspeed")[1].split("\n", 1)[1]
+    student = json.loads(student_json.split("# teacher_deepspeed")[0])
+    per_rank = student["train_micro_batch_size_per_gpu"] * student["gradient_accumulation_steps"]
+    assert json.loads(planned.output)["world_size"] == 8
+    assert student["train_batch_size"] == 8 * per_rank
+    two_nodes = CliRunner().invoke(app, ["show-config", "--nodes", "2", "--gpus-per-node", "4"])
+    assert f'"train_batch_size": {8 * per_rank}' in two_nodes.output
+    one = CliRunner().invoke(app, ["show-config", "--world-size", "1"])
+    assert f'"train_batch_size": {per_rank}' in one.output
+    bad = CliRunner().invoke(app, ["plan", "--config", str(tmp_path / "run.yaml"), "--nodes", "0"])
+    assert bad.exit_code == 2 and "--nodes" in bad.stderr
