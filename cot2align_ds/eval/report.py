@@ -304,10 +304,31 @@ def _curves_section(keys: Sequence[str], constant: Sequence[str]) -> list[str]:
     return lines
 
 
+DEMO_RESULTS_FILENAME = "demo_results.json"  # written by experiments.demo
+
+
+def expand_demo_dirs(run_dirs: Sequence[Path]) -> list[Path]:
+    """A demo's output directory stands for its runs, in the demo's order (the teacher's
+    fine-tuning run first); other directories are kept as given."""
+    expanded: list[Path] = []
+    for path in run_dirs:
+        summary = path / DEMO_RESULTS_FILENAME
+        if (path / METRICS_FILENAME).is_file() or not summary.is_file():
+            expanded.append(path)
+            continue
+        try:
+            runs = json.loads(summary.read_text(encoding="utf-8"))["_meta"]["run_dirs"]
+            expanded += [path / runs[name] for name in runs]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ReportError(f"{summary}: no run list ({error}); rerun the demo") from None
+    return expanded
+
+
 def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     """One grid of the logged metrics of ``run_dirs`` vs step (``curves.png``), their eval
-    results as bars (``eval.png``), and ``report.md``; its path."""
-    run_dirs = [Path(run_dir) for run_dir in run_dirs]
+    results as bars (``eval.png``), and ``report.md``; its path. A demo's output directory
+    (it holds ``demo_results.json``) stands for all of its runs."""
+    run_dirs = expand_demo_dirs([Path(run_dir) for run_dir in run_dirs])
     if not run_dirs:
         raise ReportError("no run directories given")
     runs = [load_run(path, name) for path, name in zip(run_dirs, _run_names(run_dirs), strict=True)]

@@ -22,6 +22,9 @@ from cot2align_ds.atomic import write_text_atomic
 from cot2align_ds.config import ConfigError, load_config
 from cot2align_ds.data.records import read_records
 from cot2align_ds.data.synthetic import ArithmeticTaskSpec, make_split
+from cot2align_ds.eval.evaluate import EVAL_RESULTS_FILENAME
+from cot2align_ds.eval.export import export_model
+from cot2align_ds.eval.metrics import aggregate_seeds
 from cot2align_ds.experiments.pipeline import (
     TEACHER_ARCHITECTURE,
     augment_stage,
@@ -98,12 +101,15 @@ def run_demo(
         "train__max_steps": size.max_steps,
         "train__seed": seed,
     }
+    # The teacher's fine-tuning run lives in teacher_finetune/; the model it produced is
+    # exported to teacher/, which the students distil from (a run keeps its model in student/).
     teacher_dir = output_dir / "teacher"
+    run_dirs = {"teacher": output_dir / "teacher_finetune"}
     stages = {
         "teacher": teacher_sft_stage(
             base,
             {"architecture": TEACHER_ARCHITECTURE, "tokenizer": str(tokenizers["teacher"])},
-            output_dir=str(teacher_dir),
+            output_dir=str(run_dirs["teacher"]),
             data__cot_records="all",
             train__epochs=size.teacher_epochs,
             **common,
@@ -128,7 +134,7 @@ def run_demo(
             base,
             output_dir=str(output_dir / f"student_{method}"),
             student__tokenizer=str(tokenizers["student"]),
-            teacher={"name_or_path": str(teacher_dir / "student")},
+            teacher={"name_or_path": str(teacher_dir)},
             distill__method=method,
             train__epochs=size.student_epochs,
             **common,
@@ -139,6 +145,9 @@ def run_demo(
     for index, (name, raw) in enumerate(stages.items(), start=1):
         with _stage(f"[{index}/{total}] train {name}", timings):
             model_dirs[name] = run_stage(raw, f"demo stage {name}")[0]
+            if name == "teacher":
+                export_model(run_dirs[name], teacher_dir, last=True, overwrite=True)
+                model_dirs[name] = teacher_dir
     # CoT augmentation: the fine-tuned teacher writes its own rationales; CoT2Align trains on
     # them (paired standard/CoT views, OT on main and Cross-CoT pairs) on top of the base.
     with _stage(f"[{len(stages) + 1}/{total}] the teacher writes rationales", timings):
@@ -159,17 +168,23 @@ def run_demo(
     results = {}
     with _stage(f"[{total}/{total}] exact match on held-out problems", timings):
         for name, model_dir in model_dirs.items():
-            predictions = output_dir / name / "test_predictions.jsonl"
+            run_dir = run_dirs.get(name, output_dir / name)
             score = exact_match_stage(
-                model_dir, test, base, predictions, max_new_tokens=8, batch_size=32
-            )
+                model_dir, test, base, run_dir / "test_predictions.jsonl", max_new_tokens=8,
+                batch_size=32,
+            )  # fmt: skip
             results[name] = {"exact_match": score}
+            # In the layout `cot2align eval` writes, so `cot2align report` shows the scores.
+            summary = {"exact_match": aggregate_seeds([score]).to_dict()}
+            write_text_atomic(run_dir / EVAL_RESULTS_FILENAME, json.dumps(summary, indent=2))
     results["_meta"] = {
         "wall_s": time.perf_counter() - started,
         "quick": quick,
         "stage_s": timings,
         "max_steps": size.max_steps,
         "train_problems": size.num_train,
+        # Each row's run directory, relative to output_dir: `cot2align report` reads them.
+        "run_dirs": {name: run_dirs.get(name, output_dir / name).name for name in model_dirs},
     }
     write_text_atomic(output_dir / "demo_results.json", json.dumps(results, indent=2))
     return results

@@ -23,12 +23,29 @@ def test_quick_demo_prints_the_table_from_real_runs(tmp_path):
     assert "quick mode: 6 steps per model" in " ".join(result.output.split())
     results = json.loads((tmp_path / "demo_results.json").read_text())
     stages = ("teacher", "student_sft", "student_uld", "student_mined", "student_uld_cot2align")
+    run_dirs = results["_meta"]["run_dirs"]
+    assert run_dirs["teacher"] == "teacher_finetune" and list(run_dirs) == list(stages)
     for stage in stages:
         assert 0.0 <= results[stage]["exact_match"] <= 100.0
-        rows = (tmp_path / stage / "metrics.jsonl").read_text().splitlines()
+        run = tmp_path / run_dirs[stage]
+        rows = (run / "metrics.jsonl").read_text().splitlines()
         assert len(rows) >= 1 and "loss/ce" in json.loads(rows[-1])
-        predictions = (tmp_path / stage / "test_predictions.jsonl").read_text().splitlines()
+        predictions = (run / "test_predictions.jsonl").read_text().splitlines()
         assert len(predictions) == 24
+        scored = json.loads((run / "eval_results.json").read_text())["exact_match"]["mean"]
+        assert scored == results[stage]["exact_match"]
+    # The students distilled from the exported teacher model, not from a run directory.
+    assert (tmp_path / "teacher" / "model.safetensors").is_file()
+    assert not (tmp_path / "teacher" / "student").exists()
+    # `cot2align report` on the demo's directory shows every row and its score.
+    reported = CliRunner().invoke(
+        app, ["report", str(tmp_path), "--out", str(tmp_path / "r")]
+    )
+    assert reported.exit_code == 0, reported.output
+    report = (tmp_path / "r" / "report.md").read_text()
+    for stage in stages:
+        assert run_dirs[stage] in report
+    assert (tmp_path / "r" / "eval.png").is_file() and (tmp_path / "r" / "curves.png").is_file()
     # The distilled student really went through the teacher engine (a KD term was logged).
     last = json.loads((tmp_path / "student_uld" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["loss/kd_uld"] > 0
