@@ -89,8 +89,12 @@ def _answers(model_dir: Path, test: list[Record], out: Path) -> dict:
     import torch
 
     from cot2align_ds.data.answers import extract_answer
-    from cot2align_ds.eval.evaluate import evaluate_records, write_predictions
-    from cot2align_ds.eval.metrics import exact_match
+    from cot2align_ds.eval.evaluate import (
+        EVAL_RESULTS_FILENAME,
+        evaluate_records,
+        write_predictions,
+    )
+    from cot2align_ds.eval.metrics import aggregate_seeds, exact_match
     from cot2align_ds.inference.loading import load_model_for_eval
 
     model, tokenizer = load_model_for_eval(model_dir, dtype=torch.bfloat16)
@@ -109,8 +113,12 @@ def _answers(model_dir: Path, test: list[Record], out: Path) -> dict:
     lines = {p.id: first_line(p.prediction) for p in result.predictions}
     gold = {p.id: p.references for p in result.predictions}
     scores = [exact_match(lines[key], gold[key]) for key in lines]
+    score = sum(scores) / len(scores)
+    # The first-line score, in the layout `cot2align eval` writes, for `cot2align report`.
+    summary = {"exact_match": aggregate_seeds([score]).to_dict()}
+    write_text_atomic(out / EVAL_RESULTS_FILENAME, json.dumps(summary, indent=2))
     return {
-        "exact_match": sum(scores) / len(scores),
+        "exact_match": score,
         "answers": {key: extract_answer(line) for key, line in lines.items()},
     }
 
@@ -157,6 +165,13 @@ def run_real_demo(output_dir: Path, *, quick: bool = False, seed: int = 42) -> d
             "num_test": size.num_test,
             "steps": size.max_steps,
             "final_losses": trained.final_metrics,
+            # Relative to output_dir, for `cot2align report`: the scored models, then the run.
+            "run_dirs": {
+                "teacher": "teacher",
+                "student_before": "student_before",
+                "student_after": "student_after",
+                "distill": "distill",
+            },
         },
     }
     write_text_atomic(output_dir / "demo_results.json", json.dumps(results, indent=2))
