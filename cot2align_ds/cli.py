@@ -323,13 +323,36 @@ def export(
         str | None, typer.Option(help="fp32, bf16 or fp16 (default: the run's precision).")
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --output.")] = False,
+    push_to_hub: Annotated[
+        str | None,
+        typer.Option(
+            help="Then upload --output to this Hub repo (owner/name; token from HF_TOKEN or "
+            "`hf auth login`)."
+        ),
+    ] = None,
+    public: Annotated[
+        bool, typer.Option("--public", help="Create the Hub repo public (default private).")
+    ] = False,
+    hub_endpoint: Annotated[
+        str | None, typer.Option(help="Another Hub deployment (default: HF_ENDPOINT).")
+    ] = None,
 ) -> None:
     """Write a run's best (or last) student as a standalone Hugging Face model directory:
-    ZeRO shards consolidated, LoRA merged, tied weights stored once, safetensors."""
+    ZeRO shards consolidated, LoRA merged, tied weights stored once, safetensors; optionally
+    upload it to the Hub."""
     from cot2align_ds.runs import run_export_command
 
+    if push_to_hub:
+        from cot2align_ds.eval.export import require_hub_online
+
+        require_hub_online()
     source = run_export_command(run, output, last=last, dtype=dtype, overwrite=overwrite)
     typer.echo(f"exported {source} -> {output}")
+    if push_to_hub:
+        from cot2align_ds.eval.export import push_to_hub as push
+
+        url = push(output, push_to_hub, private=not public, endpoint=hub_endpoint)
+        typer.echo(f"pushed {output} -> {url}")
 
 
 @app.command()

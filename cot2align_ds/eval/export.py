@@ -18,7 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
-from cot2align_ds.errors import UserError
+from cot2align_ds.errors import UserError, first_line
 from cot2align_ds.inference.loading import load_model_for_eval
 from cot2align_ds.run_dir import (
     FINAL_MODEL_DIRNAME,
@@ -102,3 +102,38 @@ def export_model(
     _remove(output)
     os.replace(staging, output)
     return source
+
+
+def require_hub_online() -> None:
+    """Refuse a push under HF_HUB_OFFLINE before anything is exported."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no", "off"):
+        raise ExportError("--push-to-hub needs the network; unset HF_HUB_OFFLINE for this command")
+
+
+def push_to_hub(
+    folder: Path, repo_id: str, *, private: bool = True, endpoint: str | None = None,
+    commit_message: str = "Upload model exported by cot2align-ds",
+) -> str:  # fmt: skip
+    """Upload an exported model directory to the Hugging Face Hub (created if missing, private
+    unless asked otherwise); the commit's URL.
+
+    The token comes from huggingface_hub's own lookup (``HF_TOKEN`` or ``hf auth login``) and is
+    never read or printed here. ``endpoint``: another Hub deployment (default ``HF_ENDPOINT`` or
+    huggingface.co).
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    require_hub_online()
+    api = HfApi(endpoint=endpoint)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(
+            folder_path=folder, repo_id=repo_id, repo_type="model", commit_message=commit_message
+        )
+    except HfHubHTTPError as error:
+        # The model is already on disk; only the upload failed.
+        raise ExportError(
+            f"--push-to-hub {repo_id}: {first_line(error)}; the model is in {folder}"
+        ) from None
+    return str(getattr(commit, "commit_url", commit))

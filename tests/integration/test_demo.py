@@ -38,9 +38,7 @@ def test_quick_demo_prints_the_table_from_real_runs(tmp_path):
     assert (tmp_path / "teacher" / "model.safetensors").is_file()
     assert not (tmp_path / "teacher" / "student").exists()
     # `cot2align report` on the demo's directory shows every row and its score.
-    reported = CliRunner().invoke(
-        app, ["report", str(tmp_path), "--out", str(tmp_path / "r")]
-    )
+    reported = CliRunner().invoke(app, ["report", str(tmp_path), "--out", str(tmp_path / "r")])
     assert reported.exit_code == 0, reported.output
     report = (tmp_path / "r" / "report.md").read_text()
     for stage in stages:

@@ -5,17 +5,24 @@ run's own template and lengths."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors import safe_open
-from support import tiny_run_config
+from support import subprocess_env, tiny_run_config
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from cot2align_ds.cli import app
 
 runner = CliRunner()
+
+
+def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cot2align_ds.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +90,36 @@ def test_eval_run_uses_the_runs_template_and_lengths(trained_run, workspace, tmp
     assert used["model_path"] == str(trained_run / "student")
     both = runner.invoke(app, [*args[:1], "--model", str(trained_run / "student"), *args[1:]])
     assert both.exit_code == 2 and "exactly one of --model and --run" in both.stderr
+
+
+def test_export_pushes_the_model_to_a_hub(trained_run, tmp_path):
+    """The real huggingface_hub client uploads the exported directory to a local Hub server;
+    what arrives is byte for byte what was exported, in a private repo, and loads as a model."""
+    from hub_server import LocalHub
+
+    env = {**subprocess_env(), "HF_TOKEN": "hf_local_test_token", "HF_HUB_OFFLINE": "0"}
+    out = tmp_path / "exported"
+    with LocalHub(tmp_path / "hub") as hub:
+        args = ["export", "--run", str(trained_run), "--output", str(out)]
+        pushed = _cli([*args, "--push-to-hub", "me/tiny", "--hub-endpoint", hub.endpoint], env)
+        assert pushed.returncode == 0, pushed.stderr
+        assert f"-> {hub.endpoint}/me/tiny/commit/" in pushed.stdout
+        assert hub.created == [
+            {"name": "tiny", "organization": "me", "visibility": "private", "type": "model"}
+        ]
+        assert all(h.get("authorization") == "Bearer hf_local_test_token"
+                   for _, path, h in hub.requests if path.startswith("/api/"))  # fmt: skip
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        offline = _cli([*args, "--overwrite", "--push-to-hub", "me/tiny"],
+                       {**env, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert "hf_local_test_token" not in pushed.stdout + pushed.stderr
+    uploaded = tmp_path / "hub" / "me" / "tiny"
+    names = sorted(p.name for p in out.iterdir())
+    assert sorted(p.name for p in uploaded.iterdir()) == names and "model.safetensors" in names
+    for name in names:
+        assert (uploaded / name).read_bytes() == (out / name).read_bytes()
+    assert AutoModelForCausalLM.from_pretrained(uploaded).config.vocab_size > 0
+    # Offline, the push is refused in one line before anything is exported or touched.
+    assert offline.returncode == 2 and offline.stderr.count("\n") == 1
+    assert offline.stderr.startswith("error: --push-to-hub needs the network")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
