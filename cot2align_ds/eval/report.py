@@ -134,6 +134,13 @@ _COLUMNS = 3
 
 def _unit(key: str) -> str:
     """The y-axis label of a metric."""
+    ot_diagnostics = {
+        "ot/marginal_error": "L1 marginal error",
+        "ot/plan_entropy": "entropy (nats)",
+        "ot/plan_entropy_normalised": "entropy / uniform plan's",
+    }
+    if key in ot_diagnostics:
+        return ot_diagnostics[key]
     if key.startswith(("loss/", "ot/")):
         return "loss term (per token / record)"
     if key.startswith("lr/"):
@@ -148,15 +155,17 @@ def _unit(key: str) -> str:
 
 
 def plotted_keys(runs: Sequence[RunData], keys: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(the metrics that get a panel, the constant ones left out): bookkeeping, constants and
-    curves identical to an earlier panel (e.g. two parameter groups' learning rates) have none."""
+    """(the metrics that get a panel, the constant ones left out): bookkeeping, constants (one
+    value logged more than once) and curves identical to an earlier panel (e.g. two parameter
+    groups' learning rates) have none."""
     kept, constant, seen = [], [], set()
     for key in keys:
         if key in _NOT_CURVES:
             continue
         series = tuple((run.name, tuple(run.series(key)[1])) for run in runs)
         values = {value for _, values in series for value in values}
-        if len(values) <= 1:
+        # One value logged several times says nothing; a single point (one run, one log) does.
+        if len(values) <= 1 and sum(len(values) for _, values in series) > 1:
             constant.append(key)
             continue
         if series in seen:

@@ -116,6 +116,19 @@ def test_constant_bookkeeping_and_duplicate_curves_get_no_panel(tmp_path) -> Non
     assert "Constant over the logged steps (not drawn): `mem/peak_host_rss_mb`." in text
 
 
+def test_a_metric_logged_once_gets_a_panel(tmp_path) -> None:
+    """Quick runs log once: an OT term that only one run has is a point worth showing."""
+    from cot2align_ds.eval.report import load_run, plotted_keys
+
+    runs = []
+    for name, extra in (("sft", {}), ("cot2align", {"loss/ot_main": 1.4})):
+        with Tracker(tmp_path / name, wandb_mode="disabled") as tracker:
+            tracker.log({"loss/total": 2.0 + len(extra), "lr/student": 0.1, **extra}, 6)
+        runs.append(load_run(tmp_path / name, name))
+    drawn, constant = plotted_keys(runs, ["loss/total", "lr/student", "loss/ot_main"])
+    assert drawn == ["loss/total", "loss/ot_main"] and constant == ["lr/student"]
+
+
 def test_all_zero_scores_do_not_get_a_negative_axis(tmp_path) -> None:
     from matplotlib.figure import Figure
 
