@@ -221,6 +221,12 @@ class CoT2AlignConfig(_Strict):
         description="one teacher forward for the main and standard views (right-padded to the "
         "longer): the offloaded teacher's weights cross PCIe once per micro-batch, not twice",
     )
+    fuse_student_views: bool = Field(
+        True,
+        description="one student forward for the main and standard views: ZeRO-3 sees the same "
+        "module order every micro-batch, so its prefetch trace stays valid; costs the LM head "
+        "on the standard view's positions, which two calls skip",
+    )
 
 
 class EvalConfig(_Strict):

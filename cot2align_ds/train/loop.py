@@ -142,10 +142,12 @@ class Trainer:
                 yield batch
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
-    def _forward_student(self, side: TokenSide, only_hidden: bool = False) -> ModelOutputs:
+    def _forward_student(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, only_hidden: bool = False
+    ) -> ModelOutputs:
         output = self.student_engine(
-            input_ids=side.input_ids,
-            attention_mask=side.attention_mask,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
             output_hidden_states=self.objective.needs_hidden_states,
             **_head_positions(only_hidden),
         )
@@ -193,10 +195,19 @@ class Trainer:
             sides = [batch.teacher] + ([standard.teacher] if standard is not None else [])
             teacher, *rest = self._forward_teacher_views(sides)
             teacher_standard = rest[0] if rest else None
-        student = self._forward_student(batch.student)
         student_standard = None
-        if standard is not None:
-            student_standard = self._forward_student(standard.student, only_hidden=True)
+        # One call when there are two views: a second call before the backward would change
+        # the module order ZeRO-3 traced, and it drops its prefetch plan at every mismatch.
+        if standard is not None and self.config.cot2align.fuse_student_views:
+            sides = [batch.student, standard.student]
+            fused = self._forward_student(*stack_views(sides))
+            student, student_standard = split_outputs(fused, sides)
+        else:
+            student = self._forward_student(batch.student.input_ids, batch.student.attention_mask)
+            if standard is not None:
+                student_standard = self._forward_student(
+                    standard.student.input_ids, standard.student.attention_mask, only_hidden=True
+                )
         return StepOutputs(student, teacher, student_standard, teacher_standard)
 
     def train_step(

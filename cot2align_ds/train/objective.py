@@ -99,6 +99,10 @@ class ModelAccess:
     # models), so DSKD-CMA reads embeddings there instead of gathering the teacher's table:
     # keys and values are divided by their std, which cancels the factor.
     teacher_embeddings_in_hidden: bool = False
+    # The student's hidden_states[0] equals its token embedding exactly (rotary model, plain
+    # embedding table): reading it there keeps the table out of a second, untraced module call,
+    # which would invalidate ZeRO-3's prefetch trace every micro-batch.
+    student_embeddings_in_hidden: bool = False
 
 
 class Objective:
@@ -217,18 +221,24 @@ class Objective:
             )
         else:
             with torch.no_grad():
-                embeds = {
-                    "student_input_embeds_BSD": access.student_embed(s_side.input_ids),
-                    "student_target_embeds_BSD": access.student_embed(_targets(s_side)),
-                }
+                if access.student_embeddings_in_hidden:
+                    # Positions without a target (prompt, padding, the last) are masked out.
+                    inputs_BSD = student.hidden_states[0].detach()
+                    embeds = {
+                        "student_input_embeds_BSD": inputs_BSD,
+                        "student_target_embeds_BSD": _next_position(inputs_BSD),
+                    }
+                else:
+                    embeds = {
+                        "student_input_embeds_BSD": access.student_embed(s_side.input_ids),
+                        "student_target_embeds_BSD": access.student_embed(_targets(s_side)),
+                    }
                 # (The whole-tensor std of the reference mode would see the shifted zeros.)
                 if access.teacher_embeddings_in_hidden and cfg.dskd_std == "response":
                     # The target at position t is the input at t + 1 (labels are the inputs
                     # shifted); the last position has no target and is never a response one.
                     inputs_BTH = teacher.hidden_states[0]
-                    targets_BTH = torch.cat(
-                        [inputs_BTH[:, 1:], torch.zeros_like(inputs_BTH[:, :1])], dim=1
-                    )
+                    targets_BTH = _next_position(inputs_BTH)
                 else:
                     inputs_BTH = access.teacher_embed(t_side.input_ids)
                     targets_BTH = access.teacher_embed(_targets(t_side))
@@ -346,6 +356,12 @@ class Objective:
             # expects the same parameters to take part in every backward).
             total = total + 0.0 * outputs.student_standard.logits.float().sum()
         return StepLoss(total, values, plan_diagnostics)
+
+
+def _next_position(embeds_BLD: torch.Tensor) -> torch.Tensor:
+    """The embedding of each position's target, the next input (labels are the inputs shifted
+    by one); the last position has none and gets zeros."""
+    return torch.cat([embeds_BLD[:, 1:], torch.zeros_like(embeds_BLD[:, :1])], dim=1)
 
 
 def _targets(side: TokenSide) -> torch.Tensor:

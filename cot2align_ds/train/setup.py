@@ -366,6 +366,8 @@ def model_access(student_engine, teacher_engine) -> ModelAccess:
         student_head_weight=lambda: dse.gathered_copy(student.get_output_embeddings().weight),
         teacher_head_weight=lambda: dse.gathered_copy(teacher.get_output_embeddings().weight),
         teacher_embeddings_in_hidden=embeddings_are_hidden_state_0(teacher.config),
+        student_embeddings_in_hidden=embeddings_are_hidden_state_0(student.config)
+        and type(student.get_input_embeddings()) is torch.nn.Embedding,
     )
 
 

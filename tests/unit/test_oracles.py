@@ -382,6 +382,30 @@ def test_dskd_cma_reads_a_rotary_teachers_embeddings_from_hidden_state_0(workspa
             torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
 
 
+def test_dskd_cma_reads_a_rotary_students_embeddings_from_hidden_state_0(workspace):
+    """A rotary student with a plain embedding table has hidden_states[0] equal to its token
+    embeddings; the query then comes from there (no second embedding call, which would break
+    ZeRO-3's module trace), with the same loss and gradients."""
+    from dataclasses import replace as replace_field
+
+    case = _Case(workspace, "trained", _config("dskd_cma"))
+    _make_some_t2s_predictions_right(case)
+    student = case.outputs.student
+    # A leaf like the other outputs; the query is built without gradient either way.
+    embedded = case.tables["student"][case.batch.student.input_ids].requires_grad_()
+    case.outputs.student = ModelOutputs(student.logits, (embedded, *student.hidden_states[1:]))
+    table_total = case.optimized()
+    table_grads = torch.autograd.grad(table_total, case.leaves(), allow_unused=True)
+    case.access = replace_field(case.access, student_embeddings_in_hidden=True)
+    case.access.student_embed = None  # must not be called
+    hidden_total = case.optimized()
+    hidden_grads = torch.autograd.grad(hidden_total, case.leaves(), allow_unused=True)
+    torch.testing.assert_close(hidden_total, table_total, rtol=1e-6, atol=1e-7)
+    for ours, theirs in zip(hidden_grads, table_grads, strict=True):
+        if ours is not None and theirs is not None:
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+
+
 def test_which_teachers_carry_their_embeddings_in_hidden_state_0():
     from transformers import AutoConfig
 
