@@ -118,6 +118,8 @@ def show_config(
     resolved = resolved_configs(config, set_ or [], _world_size(nodes, gpus_per_node, world_size))
     typer.echo("# run config")
     typer.echo(yaml.safe_dump(resolved["run"], sort_keys=False).rstrip())
+    if "student_config_auto" in resolved:
+        typer.echo(f"# deepspeed.student_config auto -> {resolved['student_config_auto']}")
     for name in ("student_deepspeed", "teacher_deepspeed"):
         if name in resolved:
             typer.echo(f"# {name} ({resolved[name + '_path']})")

@@ -314,7 +314,11 @@ class TeacherSFTConfig(_Strict):
 
 
 class DeepSpeedSection(_Strict):
-    student_config: str = "student_zero3.json"
+    student_config: str = Field(
+        "auto",
+        description="the student engine's DeepSpeed JSON; auto: student_zero2.json when its "
+        "per-GPU estimate fits the GPU, else student_zero3.json (see cot2align plan)",
+    )
     teacher_config: str = "teacher_zero3_offload_cpu.json"
     dist_timeout_s: int = Field(1800, ge=10, description="process-group timeout")
 

@@ -158,7 +158,8 @@ def truncate_jsonl_steps(path: Path, max_step: int) -> int:
 
 # What must match between a checkpoint and the run resuming it: the data position counts
 # micro-batches of this size on this many ranks.
-_RESUME_INVARIANTS = ("world_size", "micro_batch_size", "grad_accum")
+# The student's DeepSpeed JSON too: ZeRO-2 and ZeRO-3 checkpoints do not load into each other.
+_RESUME_INVARIANTS = ("world_size", "micro_batch_size", "grad_accum", "student_config")
 
 
 def check_resumable(output_dir: Path, tag: str, current: dict[str, Any]) -> dict[str, Any]:
@@ -166,7 +167,7 @@ def check_resumable(output_dir: Path, tag: str, current: dict[str, Any]) -> dict
     differs from ``current``'s (the keys it has). Runs before the run writes anything."""
     state = read_marker(checkpoint_root(output_dir), tag)
     for key in _RESUME_INVARIANTS:
-        if key in current and state[key] != current[key]:
+        if key in current and key in state and state[key] != current[key]:
             raise ResumeError(
                 f"checkpoint {tag} was written with {key}={state[key]}, this run has "
                 f"{current[key]}; resume with the same setting"

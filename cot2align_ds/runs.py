@@ -18,6 +18,9 @@ from cot2align_ds.models.loading import config_hidden_size, config_largest_param
 def resolved_configs(config: str, overrides: list[str], world_size: int) -> dict[str, Any]:
     run = load_config(config, overrides)
     has_teacher = run.teacher is not None and run.distill.method != "sft"
+    auto_note = None
+    if run.deepspeed.student_config == "auto":
+        run, auto_note = _resolve_auto_student(run, world_size)
     ds = resolve_run_ds_configs(
         run,
         world_size=world_size,
@@ -26,12 +29,30 @@ def resolved_configs(config: str, overrides: list[str], world_size: int) -> dict
         teacher_largest_param=_largest_param_or_none(run) if has_teacher else None,
     )
     resolved: dict[str, Any] = {"run": config_to_dict(run)}
+    if auto_note:
+        resolved["student_config_auto"] = auto_note
     resolved["student_deepspeed_path"] = str(ds.student_path)
     resolved["student_deepspeed"] = ds.student
     if ds.teacher is not None:
         resolved["teacher_deepspeed_path"] = str(ds.teacher_path)
         resolved["teacher_deepspeed"] = ds.teacher
     return resolved
+
+
+def _resolve_auto_student(run: RunConfig, world_size: int) -> tuple[RunConfig, str]:
+    """``student_config: auto`` as ``train`` would pick it on 80 GB GPUs, 8 per node (the
+    planner's rule; ``cot2align plan --gpu-mem-gb`` for other GPUs)."""
+    from cot2align_ds.planning.planner import STUDENT_CONFIGS, estimate_memory, with_student_config
+
+    try:
+        plan = estimate_memory(run, world_size=world_size, gpus_per_node=min(world_size, 8))
+    except UserError as error:
+        # Models not reachable offline cannot be sized: the partitioned engine is the safe one.
+        choice = STUDENT_CONFIGS[-1]
+        return with_student_config(run, choice), f"{choice} (cannot size the models: {error})"
+    return with_student_config(run, plan.student_choice), (
+        f"{plan.student_choice} on 80 GB GPUs (cot2align plan --gpu-mem-gb for others)"
+    )
 
 
 def _largest_param_or_none(run: RunConfig) -> int | None:

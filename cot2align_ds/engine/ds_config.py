@@ -209,6 +209,8 @@ def resolve_run_ds_configs(
 ) -> RunDeepSpeedConfigs:
     """Resolve the run's student and (when ``teacher_hidden`` is given) teacher JSON."""
     train = run.train
+    if run.deepspeed.student_config == "auto":
+        raise ValueError("deepspeed.student_config 'auto' is resolved by the planner first")
     raw, student_path = load_ds_config(run.deepspeed.student_config)
     student = resolve_student_ds_config(
         raw,

@@ -106,6 +106,9 @@ class MemoryPlan:
     warnings: list[str] = field(default_factory=list)
     placements: list[TeacherPlacement] = field(default_factory=list)  # teacher options compared
     recommended: str | None = None  # the placement name the planner advises
+    # ``deepspeed.student_config: auto``: each student JSON's per-GPU peak and the one chosen.
+    student_stages: dict[str, int] = field(default_factory=dict)
+    student_choice: str | None = None
 
     @property
     def gpu_bytes(self) -> int:
@@ -135,6 +138,8 @@ class MemoryPlan:
             "cpu_bytes": self.cpu_bytes,
             "host_bytes": self.host_bytes,
             "alternatives": dict(self.alternatives),
+            "student_stages": dict(self.student_stages),
+            "student_choice": self.student_choice,
             "warnings": list(self.warnings),
             "teacher_placements": [asdict(placement) for placement in self.placements],
             "recommended_teacher_placement": self.recommended,
@@ -164,9 +169,16 @@ class MemoryPlan:
         lines += [
             f"if {name}: {gib_text(value)} GiB per GPU" for name, value in self.alternatives.items()
         ]
+        lines += self._student_stage_lines()
         lines += self._placement_lines()
         lines += [f"warning: {warning}" for warning in self.warnings]
         return "\n".join(lines)
+
+    def _student_stage_lines(self) -> list[str]:
+        if not self.student_stages:
+            return []
+        stages = ", ".join(f"{name} {gib_text(b)} GiB" for name, b in self.student_stages.items())
+        return [f"student_config auto: {self.student_choice} (per-GPU peak with {stages})"]
 
     def _placement_lines(self) -> list[str]:
         if not self.placements:

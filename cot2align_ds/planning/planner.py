@@ -67,10 +67,29 @@ def estimate_memory(
     GiB turn into warnings when the estimate exceeds them.
     """
     _check_topology(world_size, gpus_per_node)
-    student = model_size(student_config or spec_config(run_config.student, "student"))
+    student_config = student_config or spec_config(run_config.student, "student")
+    student = model_size(student_config)
     teacher = None
     if run_config.teacher is not None and get_method(run_config.distill.method).needs_teacher:
-        teacher = model_size(teacher_config or spec_config(run_config.teacher, "teacher"))
+        teacher_config = teacher_config or spec_config(run_config.teacher, "teacher")
+        teacher = model_size(teacher_config)
+    if run_config.deepspeed.student_config == AUTO_STUDENT_CONFIG:
+        options = dict(
+            world_size=world_size, gpus_per_node=gpus_per_node, student_config=student_config,
+            teacher_config=teacher_config, gradient_checkpointing=gradient_checkpointing,
+            accelerator=accelerator,
+        )  # fmt: skip
+        peaks = {
+            name: estimate_memory(with_student_config(run_config, name), **options).gpu_bytes
+            for name in STUDENT_CONFIGS
+        }
+        choice = choose_student_config(peaks, accelerator, gpu_mem_gb)
+        plan = estimate_memory(
+            with_student_config(run_config, choice), **options, gpu_mem_gb=gpu_mem_gb,
+            cpu_mem_gb=cpu_mem_gb,
+        )  # fmt: skip
+        plan.student_stages, plan.student_choice = peaks, choice
+        return plan
     student_ds, teacher_ds = _resolve_ds(run_config, world_size, student, teacher, gpus_per_node)
     setting = PlanSetting(
         run_config,
@@ -89,6 +108,32 @@ def estimate_memory(
         plan.recommended = recommend_placement(plan.placements, gpu_mem_gb, cpu_mem_gb)
     plan.warnings.extend(capacity_warnings(plan, gpu_mem_gb=gpu_mem_gb, cpu_mem_gb=cpu_mem_gb))
     return plan
+
+
+AUTO_STUDENT_CONFIG = "auto"
+# Student engines, least to most communication: ZeRO-2 keeps full weights on every GPU and
+# partitions gradients and optimizer states; ZeRO-3 partitions the weights too and gathers each
+# layer at every forward and backward.
+STUDENT_CONFIGS = ("student_zero2.json", "student_zero3.json")
+
+
+def with_student_config(run: RunConfig, name: str) -> RunConfig:
+    return run.model_copy(
+        update={"deepspeed": run.deepspeed.model_copy(update={"student_config": name})}
+    )
+
+
+def choose_student_config(
+    peaks: dict[str, int], accelerator: Accelerator, gpu_mem_gb: float | None
+) -> str:
+    """``deepspeed.student_config: auto``: ZeRO-2 when its per-GPU peak fits in nine tenths of
+    the GPU (80 GB unless told), else ZeRO-3. Without GPUs, ZeRO-3: every rank of a node then
+    shares the host's memory, so each replicated copy ZeRO-2 keeps is paid once per rank."""
+    zero2, zero3 = STUDENT_CONFIGS
+    if accelerator != "cuda":
+        return zero3
+    capacity = (gpu_mem_gb or 80.0) * GIB * _USABLE_SHARE
+    return zero2 if peaks[zero2] <= capacity else zero3
 
 
 # Teacher placements, most to least GPU memory: a full copy per GPU moves nothing per forward;

@@ -37,6 +37,7 @@ from cot2align_ds.train.objective import (
     batch_normalisers,
 )
 from cot2align_ds.train.setup import (
+    auto_student_config,
     build_data,
     build_engines,
     check_output_dir,
@@ -388,6 +389,7 @@ class Trainer:
             "world_size": self.ctx.world_size,
             "micro_batch_size": self.config.train.micro_batch_size,
             "grad_accum": self.config.train.grad_accum,
+            "student_config": self.config.deepspeed.student_config,
             "dev_eval": self.dev.state_dict() if self.dev is not None else None,
         }
 
@@ -453,11 +455,20 @@ def run_train(
     if resume is None:
         check_output_dir(config, overwrite)
     elif tag is not None:
+        # A checkpoint's ZeRO stage decides how it loads: "auto" keeps the one it was written
+        # with; an explicit JSON must match it (checked with the layout below).
+        saved = rundir.read_marker(rundir.checkpoint_root(output_dir), tag)
+        if config.deepspeed.student_config == "auto" and "student_config" in saved:
+            config.deepspeed.student_config = saved["student_config"]
+    if config.deepspeed.student_config == "auto":
+        config.deepspeed.student_config = auto_student_config(config, ctx)
+    if tag is not None:
         # Refused before anything is written: the directory keeps describing its checkpoint.
         layout = {
             "world_size": ctx.world_size,
             "micro_batch_size": config.train.micro_batch_size,
             "grad_accum": config.train.grad_accum,
+            "student_config": config.deepspeed.student_config,
         }
         step = rundir.check_resumable(output_dir, tag, layout)["step"]
     dse.barrier()  # every rank has checked before rank 0 writes anything

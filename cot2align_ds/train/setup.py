@@ -166,6 +166,25 @@ class Models:
     teacher_ds: dict | None
 
 
+def _local_size() -> int:
+    return int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+
+
+def auto_student_config(config: RunConfig, ctx: dse.DistContext) -> str:
+    """``deepspeed.student_config: auto`` on this machine: the planner's choice for this GPU's
+    memory (``planner.choose_student_config``); ZeRO-3 without GPUs. Every rank decides alike."""
+    from cot2align_ds.planning.planner import STUDENT_CONFIGS, estimate_memory
+    from cot2align_ds.planning.sizing import GIB
+
+    if ctx.device.type != "cuda":
+        return STUDENT_CONFIGS[-1]
+    capacity = torch.cuda.get_device_properties(ctx.device).total_memory / GIB
+    plan = estimate_memory(
+        config, world_size=ctx.world_size, gpus_per_node=_local_size(), gpu_mem_gb=capacity
+    )
+    return plan.student_choice
+
+
 def load_models(config: RunConfig, ctx: dse.DistContext) -> Models:
     precision = config.train.precision
     student_tokenizer = load_tokenizer(config.student, "student")
@@ -173,6 +192,8 @@ def load_models(config: RunConfig, ctx: dse.DistContext) -> Models:
     if config.distill.method != "sft":
         assert config.teacher is not None
         teacher_tokenizer = load_tokenizer(config.teacher, "teacher")
+    if config.deepspeed.student_config == "auto":  # run_train resolved it already
+        config.deepspeed.student_config = auto_student_config(config, ctx)
     vocab_map = _vocab_map(config, ctx, teacher_tokenizer, student_tokenizer)
     objective = Objective(config.distill, config.cot2align, teacher_to_student_vocab_W=vocab_map)
     needs_teacher = objective.needs_teacher
@@ -181,7 +202,7 @@ def load_models(config: RunConfig, ctx: dse.DistContext) -> Models:
         world_size=ctx.world_size,
         student_hidden=config_hidden_size(config.student, "student"),
         teacher_hidden=config_hidden_size(config.teacher, "teacher") if needs_teacher else None,
-        gpus_per_node=int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1),
+        gpus_per_node=_local_size(),
         teacher_largest_param=(
             config_largest_param(config.teacher, "teacher") if needs_teacher else None
         ),

@@ -187,6 +187,8 @@ def _run(**sections):
         "teacher": {"name_or_path": "teacher-placeholder"},
         "distill": {"method": "uld"},
         "train": {"micro_batch_size": 4, "precision": "bf16"},
+        # The memory terms under test are ZeRO-3's unless a test asks otherwise.
+        "deepspeed": {"student_config": "student_zero3.json"},
     }
     for section, values in sections.items():
         data[section] = {**data.get(section, {}), **values}
@@ -448,6 +450,34 @@ def test_plan_compares_teacher_placements_for_a_7b_teacher_on_2_nodes(student_ty
         teacher_config=AutoConfig.for_model("qwen2", **QWEN_7B), gpu_mem_gb=40,
     )  # fmt: skip
     assert small.recommended == "zero3_node"
+    # The paper's students fit 80 GB GPUs with full weights: `auto` trains them with ZeRO-2.
+    zero2, zero3 = (
+        plan.student_stages["student_zero2.json"],
+        plan.student_stages["student_zero3.json"],
+    )
+    assert plan.student_choice == "student_zero2.json" and zero2 < 0.9 * 80 * GIB
+    # ZeRO-3 keeps up to 1e9 live elements gathered (stage3_max_live_parameters): a 0.5-1.1B
+    # student is held whole anyway, so partitioning its weights saves little here.
+    assert zero3 > 0.9 * zero2
+    assert "student_config auto: student_zero2.json (per-GPU peak with student_zero2.json" in table
+
+
+def test_auto_student_config_takes_zero3_where_zero2_does_not_fit():
+    from cot2align_ds.planning.planner import choose_student_config
+
+    run = _run(deepspeed={"student_config": "auto"})
+    plan = _plan(run, world_size=16, gpus_per_node=8)
+    zero2 = plan.student_stages["student_zero2.json"]
+    fits = zero2 / GIB / 0.9 + 0.01
+    assert _plan(run, world_size=16, gpus_per_node=8, gpu_mem_gb=fits).student_choice == (
+        "student_zero2.json"
+    )
+    tight = _plan(run, world_size=16, gpus_per_node=8, gpu_mem_gb=fits - 0.05)
+    assert tight.student_choice == "student_zero3.json"
+    # The chosen plan is the one reported: its peak is ZeRO-3's.
+    assert tight.gpu_bytes == tight.student_stages["student_zero3.json"]
+    # Without GPUs, every rank shares the host: the partitioned engine.
+    assert choose_student_config({"student_zero2.json": 1}, "cpu", None) == "student_zero3.json"
 
 
 def test_plan_and_show_config_describe_the_same_job_by_default(tmp_path, toy_student_tokenizer):
