@@ -12,7 +12,11 @@ from cot2align_ds.config import ConfigError, RunConfig, config_to_dict, load_con
 from cot2align_ds.engine.ds_config import resolve_run_ds_configs
 from cot2align_ds.errors import UserError
 from cot2align_ds.methods import METHODS
-from cot2align_ds.models.loading import config_hidden_size, config_largest_param
+from cot2align_ds.models.loading import (
+    config_block_params,
+    config_hidden_size,
+    config_largest_param,
+)
 
 
 def resolved_configs(config: str, overrides: list[str], world_size: int) -> dict[str, Any]:
@@ -27,6 +31,8 @@ def resolved_configs(config: str, overrides: list[str], world_size: int) -> dict
         student_hidden=_hidden_size_or_default(run, "student"),
         teacher_hidden=_hidden_size_or_default(run, "teacher") if has_teacher else None,
         teacher_largest_param=_largest_param_or_none(run) if has_teacher else None,
+        student_block_params=_block_params_or_none(run, "student"),
+        teacher_block_params=_block_params_or_none(run, "teacher") if has_teacher else None,
     )
     resolved: dict[str, Any] = {"run": config_to_dict(run)}
     if auto_note:
@@ -60,6 +66,15 @@ def _largest_param_or_none(run: RunConfig) -> int | None:
     resolver's stand-in) for a model not reachable offline."""
     try:
         return config_largest_param(run.teacher, "teacher")
+    except UserError:
+        return None
+
+
+def _block_params_or_none(run: RunConfig, role: str) -> int | None:
+    """One block's weights as ``train`` sizes the prefetch bucket; None (the hidden-size rule)
+    for a model not reachable offline."""
+    try:
+        return config_block_params(getattr(run, role), role)
     except UserError:
         return None
 

@@ -4,7 +4,8 @@ Ownership is split on purpose: the JSON (``ds_configs/``) owns ZeRO stage, offlo
 sizes; the run config owns micro-batch, accumulation, precision, clipping and the optimizer.
 A key owned by the run config may be absent or ``"auto"`` in the JSON; any other value that
 disagrees is a ``ConfigError``, never a silent override. Bucket sizes left ``"auto"`` are
-derived from the model's hidden size (the rule transformers' DeepSpeed integration uses).
+derived from the model's hidden size (the rule transformers' DeepSpeed integration uses), except
+the ZeRO-3 prefetch bucket, which holds one transformer block when the model's sizes are known.
 """
 
 from __future__ import annotations
@@ -99,13 +100,19 @@ def _settle_precision(ds: dict[str, Any], precision: str, path: Path) -> None:
 
 
 def _fill_buckets(
-    zero: dict[str, Any], hidden_size: int, world_size: int = 1, largest_param: int | None = None
+    zero: dict[str, Any],
+    hidden_size: int,
+    world_size: int = 1,
+    largest_param: int | None = None,
+    block_params: int | None = None,
 ) -> None:
     square = hidden_size * hidden_size
     auto_values = {
         "reduce_bucket_size": square,
         "allgather_bucket_size": square,
-        "stage3_prefetch_bucket_size": int(0.9 * square),
+        # One transformer block ahead: the next layer's gather overlaps this layer's compute.
+        # The hidden-size rule (0.9 h^2) prefetches a few percent of a block for a 7B model.
+        "stage3_prefetch_bucket_size": block_params or int(0.9 * square),
         "stage3_param_persistence_threshold": 10 * hidden_size,
     }
     for key, value in auto_values.items():
@@ -139,6 +146,7 @@ def resolve_student_ds_config(
     precision: str,
     grad_clip: float,
     hidden_size: int,
+    block_params: int | None = None,
 ) -> dict[str, Any]:
     ds = copy.deepcopy(raw)
     for key in _RUN_CONFIG_OWNED:
@@ -150,7 +158,7 @@ def resolve_student_ds_config(
     _settle(ds, "train_batch_size", global_batch, "micro_batch*grad_accum*world_size", path)
     _settle(ds, "gradient_clipping", grad_clip, "train.grad_clip", path)
     _settle_precision(ds, precision, path)
-    _fill_buckets(ds.setdefault("zero_optimization", {}), hidden_size)
+    _fill_buckets(ds.setdefault("zero_optimization", {}), hidden_size, block_params=block_params)
     return ds
 
 
@@ -164,6 +172,7 @@ def resolve_teacher_ds_config(
     hidden_size: int,
     gpus_per_node: int | None = None,
     largest_param: int | None = None,
+    block_params: int | None = None,
 ) -> dict[str, Any]:
     """Inference-only: no optimizer, accumulation 1. ZeRO stage 3 (partitioned, optionally
     offloaded, or partitioned within a node: ``zero_hpz_partition_size``, "auto" = the GPUs of
@@ -184,7 +193,7 @@ def resolve_teacher_ds_config(
     _settle(ds, "gradient_accumulation_steps", 1, "teacher accumulation (always 1)", path)
     ds["train_batch_size"] = micro_batch_size * world_size
     _settle_precision(ds, precision, path)
-    _fill_buckets(zero, hidden_size, world_size, largest_param)
+    _fill_buckets(zero, hidden_size, world_size, largest_param, block_params)
     return ds
 
 
@@ -206,6 +215,8 @@ def resolve_run_ds_configs(
     teacher_hidden: int | None,
     gpus_per_node: int | None = None,
     teacher_largest_param: int | None = None,
+    student_block_params: int | None = None,
+    teacher_block_params: int | None = None,
 ) -> RunDeepSpeedConfigs:
     """Resolve the run's student and (when ``teacher_hidden`` is given) teacher JSON."""
     train = run.train
@@ -221,6 +232,7 @@ def resolve_run_ds_configs(
         precision=train.precision,
         grad_clip=train.grad_clip,
         hidden_size=student_hidden,
+        block_params=student_block_params,
     )
     if teacher_hidden is None:
         return RunDeepSpeedConfigs(student, student_path)
@@ -234,5 +246,6 @@ def resolve_run_ds_configs(
         hidden_size=teacher_hidden,
         gpus_per_node=gpus_per_node,
         largest_param=teacher_largest_param,
+        block_params=teacher_block_params,
     )
     return RunDeepSpeedConfigs(student, student_path, teacher, teacher_path)

@@ -184,6 +184,13 @@ def config_largest_param(spec: ModelSpec, role: str) -> int:
     return max(vocab * hidden, inner * hidden)
 
 
+def config_block_params(spec: ModelSpec, role: str) -> int:
+    """Weights of one transformer block, from the config (ZeRO-3 prefetch bucket size)."""
+    from cot2align_ds.planning.sizing import model_size, spec_config
+
+    return model_size(spec_config(spec, role)).block_params
+
+
 def hidden_size_of(model: torch.nn.Module) -> int:
     return _hidden_size(model.config)
 

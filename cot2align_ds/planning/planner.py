@@ -43,6 +43,8 @@ def _resolve_ds(
         teacher_hidden=teacher.hidden_size if teacher is not None else None,
         gpus_per_node=gpus_per_node,
         teacher_largest_param=teacher.largest_module_params if teacher is not None else None,
+        student_block_params=student.block_params,
+        teacher_block_params=teacher.block_params if teacher is not None else None,
     )
     return resolved.student, resolved.teacher
 
@@ -165,7 +167,7 @@ def teacher_placements(
             raw, path, micro_batch_size=setting.run.train.micro_batch_size,
             world_size=setting.world_size, precision=setting.run.train.precision,
             hidden_size=teacher.hidden_size, gpus_per_node=setting.gpus_per_node,
-            largest_param=teacher.largest_module_params,
+            largest_param=teacher.largest_module_params, block_params=teacher.block_params,
         )  # fmt: skip
         variant = replace(setting, teacher_ds=teacher_ds)
         items = memory_items(

@@ -49,6 +49,15 @@ class ModelSize:
     linears: tuple[LinearShape, ...] = ()  # transformer-block linears (LoRA targets)
     source: str = "config fields"
 
+    @property
+    def block_params(self) -> int:
+        """Weights of one transformer block: what ZeRO-3 gathers for each layer."""
+        linears = sum(linear.d_in * linear.d_out * linear.count for linear in self.linears)
+        layers = max(self.num_layers, 1)
+        if linears:
+            return linears // layers
+        return max((self.num_params - self.vocab_size * self.hidden_size) // layers, 1)
+
     def lora_params(self, rank: int, target_modules: Sequence[str] | str | None) -> int:
         """LoRA adapter parameters: r * (d_in + d_out) per targeted linear layer (None: peft's
         default modules for this architecture)."""

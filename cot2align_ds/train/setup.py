@@ -28,6 +28,7 @@ from cot2align_ds.engine import deepspeed_engines as dse
 from cot2align_ds.engine.ds_config import resolve_run_ds_configs
 from cot2align_ds.models.loading import (
     check_vocab_fits,
+    config_block_params,
     config_hidden_size,
     config_largest_param,
     hidden_size_of,
@@ -206,6 +207,10 @@ def load_models(config: RunConfig, ctx: dse.DistContext) -> Models:
         teacher_largest_param=(
             config_largest_param(config.teacher, "teacher") if needs_teacher else None
         ),
+        student_block_params=config_block_params(config.student, "student"),
+        teacher_block_params=config_block_params(config.teacher, "teacher")
+        if needs_teacher
+        else None,
     )
     dse.require_nvme_io(ds.student, "student")
     if needs_teacher:

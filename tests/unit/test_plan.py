@@ -231,8 +231,9 @@ def test_zero3_keeps_parameters_gathered_within_the_reuse_distance():
     assert student_buffers == plan.student.num_params * 2 + reduce_bucket  # all of GPT-2 stays
     capped = _plan(student=TEACHER)  # 1.84B > 1e9: at most 1e9 elements stay gathered
     assert _item(capped, "student ZeRO buffers").gpu_bytes == int(1e9) * 2 + 2048 * 2048 * 2
-    # A forward-only teacher larger than the reuse distance keeps one module + the prefetch.
-    prefetch = int(0.9 * 2048 * 2048)
+    # A forward-only teacher larger than the reuse distance keeps one module + the prefetch
+    # bucket, one transformer block.
+    prefetch = plan.teacher.block_params
     assert _item(plan, "teacher ZeRO buffers").gpu_bytes == (151936 * 2048 + prefetch) * 2
     small_teacher = _plan(teacher=BIG_STUDENT)
     assert _item(small_teacher, "teacher ZeRO buffers").gpu_bytes == BIG_STUDENT_PARAMS * 2
@@ -503,3 +504,24 @@ def test_plan_and_show_config_describe_the_same_job_by_default(tmp_path, toy_stu
     assert f'"train_batch_size": {per_rank}' in one.output
     bad = CliRunner().invoke(app, ["plan", "--config", str(tmp_path / "run.yaml"), "--nodes", "0"])
     assert bad.exit_code == 2 and "--nodes" in bad.stderr
+
+
+def test_zero3_prefetch_bucket_holds_one_transformer_block():
+    """The "auto" prefetch bucket is one block of the model, not 0.9 h^2 (a few percent of a
+    7B block), so the next layer's gather overlaps the current layer's compute."""
+    from transformers import AutoConfig
+
+    from cot2align_ds.config import load_config
+    from cot2align_ds.engine.ds_config import load_ds_config, resolve_teacher_ds_config
+    from cot2align_ds.planning.sizing import model_size
+
+    size = model_size(AutoConfig.for_model("qwen2", **QWEN_7B))
+    h, kv, inner = 3584, 4 * 128, 18944
+    assert size.block_params == 2 * h * h + 2 * h * kv + 3 * h * inner  # attention + gated MLP
+    raw, path = load_ds_config("teacher_zero3_resident.json")
+    run = load_config("paper_C")
+    common = dict(micro_batch_size=4, world_size=16, precision=run.train.precision, hidden_size=h)
+    resolved = resolve_teacher_ds_config(raw, path, block_params=size.block_params, **common)
+    assert resolved["zero_optimization"]["stage3_prefetch_bucket_size"] == size.block_params
+    unsized = resolve_teacher_ds_config(raw, path, **common)
+    assert unsized["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * h * h)
