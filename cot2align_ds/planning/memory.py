@@ -366,6 +366,14 @@ def _teacher_states(setting: PlanSetting, teacher: ModelSize) -> list[MemoryItem
         full = teacher.num_params * p
         return [MemoryItem("teacher weights", full, 0, "replicated on every GPU (stage 0)")]
     partition = teacher.num_params * p // setting.world_size
+    threshold = float(_zero(ds).get("stage3_param_persistence_threshold", 0) or 0)
+    if threshold >= teacher.largest_module_params and _offload(ds, "offload_param") == "none":
+        # Every weight is persistent: gathered at the first traced forward and never released.
+        return [
+            MemoryItem("teacher weights", partition, 0, f"ZeRO-3, /{setting.world_size}"),
+            MemoryItem("teacher persistent copy", teacher.num_params * p, 0,
+                       "gathered once, kept (persistence threshold)"),
+        ]  # fmt: skip
     hpz = int(_zero(ds).get("zero_hpz_partition_size", 1) or 1)
     extra = []
     if hpz > 1:

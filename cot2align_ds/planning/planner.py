@@ -138,11 +138,15 @@ def choose_student_config(
     return zero2 if peaks[zero2] <= capacity else zero3
 
 
-# Teacher placements, most to least GPU memory: a full copy per GPU moves nothing per forward;
-# partitions within a node (hpZ) gather over NVLink only; ZeRO-3 across all ranks gathers the
-# whole model over the network every forward; offload fetches it from host memory or NVMe.
+# Teacher placements, in order of preference (the first that fits is recommended): a full copy
+# per GPU moves nothing per forward; ZeRO-3 with every weight persistent is loaded partitioned
+# (through zero.Init, as large checkpoints are), gathers once at the first forward and then moves
+# nothing, for one extra partition per GPU; partitions within a node (hpZ) gather over NVLink
+# only; ZeRO-3 across all ranks gathers the whole model over the network every forward; offload
+# fetches it from host memory or NVMe as well.
 PLACEMENTS = (
     ("replicated", "teacher_replicated.json"),
+    ("zero3_persistent", "teacher_zero3_persistent.json"),
     ("zero3_node", "teacher_zero3_hpz.json"),
     ("zero3", "teacher_zero3_resident.json"),
     ("offload_cpu", "teacher_zero3_offload_cpu.json"),
@@ -188,6 +192,9 @@ def teacher_placements(
 def _traffic(name: str, weights: int, world: int, per_node: int, nodes: int) -> str:
     if name == "replicated":
         return "nothing"
+    if name == "zero3_persistent":
+        gathered = weights * (world - 1) // world
+        return f"nothing after the first forward ({gib_text(gathered)} GiB gathered once)"
     if name == "zero3_node":
         return f"{gib_text(weights * (per_node - 1) // per_node)} GiB within the node"
     gathered = weights * (world - 1) // world

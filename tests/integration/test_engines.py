@@ -134,7 +134,10 @@ def test_mixed_dtype_module_is_one_line_error_naming_the_weight():
         require_run_dtype(module, {"bf16": {"enabled": False}}, "teacher")
 
 
-@pytest.mark.parametrize("placement", ["teacher_replicated.json", "teacher_zero3_hpz.json"])
+PLACED = ["teacher_replicated.json", "teacher_zero3_persistent.json", "teacher_zero3_hpz.json"]
+
+
+@pytest.mark.parametrize("placement", PLACED)
 def test_every_teacher_placement_trains_the_same_steps(workspace, tmp_path, placement):
     """The placements ``cot2align plan`` compares change where the teacher's weights live, not
     what it computes: DSKD-CMA + CoT2Align (teacher logits, hidden states, embeddings and head)
@@ -158,3 +161,36 @@ def test_every_teacher_placement_trains_the_same_steps(workspace, tmp_path, plac
 
     reference = losses("default", None)
     torch.testing.assert_close(losses("placed", placement), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_a_persistent_zero3_teacher_is_gathered_once_and_kept(workspace):
+    """``teacher_zero3_persistent.json``: loaded partitioned, gathered by the first traced
+    forward, then kept whole (no gathers afterwards); the resident placement releases all but
+    its small weights after every forward."""
+    dse.init_distributed(60)
+    spec = ModelSpec(name_or_path=str(workspace["teacher"]))
+    tokenizer = load_tokenizer(spec, "teacher")
+    ids = torch.tensor(tokenizer(["3 + 4 = 7", "2 * 5 = 10"], padding=True)["input_ids"])
+    partitioned = {}
+    for name in ("teacher_zero3_persistent.json", "teacher_zero3_resident.json"):
+        raw, path = load_ds_config(name)
+        ds = resolve_teacher_ds_config(
+            raw, path, micro_batch_size=2, world_size=1, precision="fp32", hidden_size=64
+        )
+        with dse.zero3_loading(ds):
+            model = load_causal_lm(spec, "teacher", tokenizer, "fp32")
+        assert all(is_partitioned(p) for p in model.parameters())  # loaded partitioned
+        engine = dse.build_teacher_engine(model, ds)
+        counts = []
+        with torch.no_grad():
+            for _ in range(3):
+                engine(input_ids=ids, use_cache=False)
+                counts.append(sum(is_partitioned(p) for p in engine.module.parameters()))
+        partitioned[name] = counts
+    total = sum(1 for _ in model.parameters())
+    # The first forward records the module trace and releases; from the second on, kept.
+    assert partitioned["teacher_zero3_persistent.json"] == [total, 0, 0]
+    # Resident ZeRO-3 keeps only weights under its persistence threshold (norms) gathered.
+    small = sum(p.ds_numel <= 10 * 64 for p in model.parameters())
+    assert 0 < small < total
+    assert partitioned["teacher_zero3_resident.json"] == [total, total - small, total - small]

@@ -423,7 +423,9 @@ def test_plan_compares_teacher_placements_for_a_7b_teacher_on_2_nodes(student_ty
         teacher_config=AutoConfig.for_model("qwen2", **QWEN_7B), gpu_mem_gb=80,
     )  # fmt: skip
     by_name = {p.name: p for p in plan.placements}
-    assert list(by_name) == ["replicated", "zero3_node", "zero3", "offload_cpu", "offload_nvme"]
+    assert list(by_name) == [
+        "replicated", "zero3_persistent", "zero3_node", "zero3", "offload_cpu", "offload_nvme"
+    ]  # fmt: skip
     gib = 1 << 30
     # A bf16 7.6B teacher: 14.2 GiB on every GPU replicated, /8 within a node, /16 partitioned.
     weights = plan.teacher.num_params * 2
@@ -437,6 +439,10 @@ def test_plan_compares_teacher_placements_for_a_7b_teacher_on_2_nodes(student_ty
     assert by_name["offload_cpu"].cpu_bytes >= by_name["zero3"].cpu_bytes + weights // 2
     # It fits 80 GB GPUs whole: no weights move per forward.
     assert plan.recommended == "replicated" and by_name["replicated"].traffic == "nothing"
+    # Persistent ZeRO-3: the full copy plus this rank's partition; gathered once.
+    persistent = by_name["zero3_persistent"]
+    assert persistent.gpu_bytes == by_name["replicated"].gpu_bytes + weights // 16
+    assert persistent.traffic.startswith("nothing after the first forward")
     assert (
         "across nodes" in by_name["zero3"].traffic
         and "within the node" in by_name["zero3_node"].traffic
