@@ -103,6 +103,17 @@ def _offline_defaults() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@app.command("cache-teacher")
+@user_errors
+def cache_teacher(config: ConfigOption, set_: SetOption = None) -> None:
+    """Run the teacher once over every training view and store what the run's losses read
+    (teacher_cache.path); `train` then reads it instead of running the teacher. Resumable;
+    launch it like `train` to use every GPU."""
+    from cot2align_ds.runs import run_cache_teacher_command
+
+    run_cache_teacher_command(config, set_ or [])
+
+
 @app.command("show-config")
 @user_errors
 def show_config(

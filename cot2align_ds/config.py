@@ -323,6 +323,19 @@ class DeepSpeedSection(_Strict):
     dist_timeout_s: int = Field(1800, ge=10, description="process-group timeout")
 
 
+class TeacherCacheConfig(_Strict):
+    """Run the teacher once (``cot2align cache-teacher``) and train from its stored states."""
+
+    path: Path | None = Field(
+        None,
+        description="a teacher cache directory: train reads the teacher's hidden states from "
+        "it instead of running the teacher (no teacher engine; only its output head and input "
+        "embedding are loaded); cache-teacher writes it",
+    )
+    batch_size: int = Field(8, ge=1, description="teacher rows per forward while building")
+    shard_views: int = Field(256, ge=1, description="views per shard file (the resume unit)")
+
+
 class TrackingConfig(_Strict):
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = "disabled"
     project: str = "cot2align-ds"
@@ -373,6 +386,7 @@ class RunConfig(_Strict):
     teacher_sft: TeacherSFTConfig = Field(default_factory=TeacherSFTConfig)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    teacher_cache: TeacherCacheConfig = Field(default_factory=TeacherCacheConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -261,6 +261,12 @@ def run_launch_command(config: str, **options) -> int:
     return run_launch(config, **options)
 
 
+def run_cache_teacher_command(config: str, overrides: list[str]) -> dict:
+    from cot2align_ds.teacher_cache.build import build_teacher_cache
+
+    return build_teacher_cache(load_config(config, overrides))
+
+
 def run_plan_command(config: str, overrides: list[str], **options) -> None:
     from cot2align_ds.planning.planner import run_plan
 

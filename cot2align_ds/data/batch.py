@@ -29,6 +29,11 @@ class TokenSide:
     labels: torch.Tensor  # (B, L) long, shifted targets or IGNORE_INDEX
     response_index: torch.Tensor  # (B, K) long
     response_mask: torch.Tensor  # (B, K) bool
+    # A cached teacher's hidden states (``teacher_cache``): {layer: (B, L, H)}, its span filled.
+    cached_hidden: dict[int, torch.Tensor] | None = None
+
+    def with_cached_hidden(self, hidden: dict[int, torch.Tensor]) -> TokenSide:
+        return replace(self, cached_hidden=hidden)
 
     @property
     def num_rows(self) -> int:
@@ -94,5 +99,7 @@ class DistillBatch:
         )
 
 
-def _move(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+def _move(tensor, device: torch.device):
+    if isinstance(tensor, dict):
+        return {key: _move(value, device) for key, value in tensor.items()}
     return None if tensor is None else tensor.to(device, non_blocking=True)

@@ -192,7 +192,12 @@ class Trainer:
         """The same forward calls on every rank, whatever the batch holds (ZeRO-3 lockstep)."""
         standard = batch.standard if self.objective.needs_cross_views else None
         teacher = teacher_standard = None
-        if self.teacher_engine is not None:
+        cached = self.models.teacher_cache
+        if cached is not None:
+            teacher = cached.outputs(batch.teacher)
+            if standard is not None:
+                teacher_standard = cached.outputs(standard.teacher)
+        elif self.teacher_engine is not None:
             sides = [batch.teacher] + ([standard.teacher] if standard is not None else [])
             teacher, *rest = self._forward_teacher_views(sides)
             teacher_standard = rest[0] if rest else None

@@ -387,7 +387,7 @@ class _Side:
         return cls(outputs, side.response_index, mask)
 
     def rows(self, rows: torch.Tensor, valid: torch.Tensor) -> _Side:
-        hidden = tuple(h[rows] for h in self.outputs.hidden_states)
+        hidden = tuple(None if h is None else h[rows] for h in self.outputs.hidden_states)
         return _Side(
             ModelOutputs(self.outputs.logits[rows], hidden),
             self.index[rows],

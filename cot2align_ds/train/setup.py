@@ -165,6 +165,8 @@ class Models:
     objective: Objective
     student_ds: dict
     teacher_ds: dict | None
+    # ``teacher_cache.path``: the teacher's states come from the cache; no teacher model.
+    teacher_cache: object | None = None
 
 
 def _local_size() -> int:
@@ -197,7 +199,12 @@ def load_models(config: RunConfig, ctx: dse.DistContext) -> Models:
         config.deepspeed.student_config = auto_student_config(config, ctx)
     vocab_map = _vocab_map(config, ctx, teacher_tokenizer, student_tokenizer)
     objective = Objective(config.distill, config.cot2align, teacher_to_student_vocab_W=vocab_map)
-    needs_teacher = objective.needs_teacher
+    cached = None
+    if objective.needs_teacher and config.teacher_cache.path is not None:
+        from cot2align_ds.teacher_cache.build import CachedTeacher
+
+        cached = CachedTeacher(config)
+    needs_teacher = objective.needs_teacher and cached is None
     ds = resolve_run_ds_configs(
         config,
         world_size=ctx.world_size,
@@ -237,7 +244,11 @@ def load_models(config: RunConfig, ctx: dse.DistContext) -> Models:
         student = apply_lora(student, config.student.lora, dtype=dtype)
     if config.cot2align.enabled and teacher_model is not None:
         check_layer_pairs(config, {"student": student, "teacher": teacher_model})
+    if config.cot2align.enabled and cached is not None:
+        check_layer_pairs(config, {"student": student})  # the teacher's: run_layout
     teacher_hidden = hidden_size_of(teacher_model) if teacher_model is not None else 0
+    if cached is not None:
+        teacher_hidden = cached.hidden_size
     projectors = objective.build_projectors(hidden_size_of(student), teacher_hidden)
     projectors.to(dtype)
     return Models(
@@ -248,6 +259,7 @@ def load_models(config: RunConfig, ctx: dse.DistContext) -> Models:
         objective,
         ds.student,
         ds.teacher,
+        cached,
     )
 
 
@@ -348,6 +360,8 @@ def build_data(config: RunConfig, models: Models, ctx: dse.DistContext) -> Data:
         alignment=objective.alignment,
         vocab_map=objective.teacher_to_student_W if objective.alignment == "dp_reference" else None,
     )
+    if models.teacher_cache is not None:
+        collator = models.teacher_cache.collator(collator)
     loader, sampler = build_loader(config, examples, collator, ctx)
     steps_per_epoch = len(loader) // config.train.grad_accum
     total_steps = config.train.max_steps or steps_per_epoch * config.train.epochs
@@ -380,6 +394,8 @@ def build_engines(config: RunConfig, models: Models, total_steps: int) -> Engine
     if models.teacher_model is not None:
         teacher = dse.build_teacher_engine(models.teacher_model, models.teacher_ds)
     access = model_access(student, teacher) if teacher is not None else None
+    if models.teacher_cache is not None:
+        access = cached_model_access(student, models.teacher_cache, dse.engine_device(student))
     return Engines(student, teacher, dse.engine_device(student), access, group_names)
 
 
@@ -392,6 +408,22 @@ def model_access(student_engine, teacher_engine) -> ModelAccess:
         student_head_weight=lambda: dse.gathered_copy(student.get_output_embeddings().weight),
         teacher_head_weight=lambda: dse.gathered_copy(teacher.get_output_embeddings().weight),
         teacher_embeddings_in_hidden=embeddings_are_hidden_state_0(teacher.config),
+        student_embeddings_in_hidden=embeddings_are_hidden_state_0(student.config)
+        and type(student.get_input_embeddings()) is torch.nn.Embedding,
+    )
+
+
+def cached_model_access(student_engine, cached, device: torch.device) -> ModelAccess:
+    """``model_access`` for a run reading the teacher from its cache: its loaded head and
+    embedding on this rank's device."""
+    student = student_engine.module.student
+    heads = cached.heads.to(device)
+    return ModelAccess(
+        student_embed=lambda ids: student.get_input_embeddings()(ids),
+        teacher_embed=lambda ids: heads.embed(ids),
+        student_head_weight=lambda: dse.gathered_copy(student.get_output_embeddings().weight),
+        teacher_head_weight=lambda: heads.head.weight,
+        teacher_embeddings_in_hidden=cached.embeddings_in_hidden,
         student_embeddings_in_hidden=embeddings_are_hidden_state_0(student.config)
         and type(student.get_input_embeddings()) is torch.nn.Embedding,
     )
