@@ -339,17 +339,26 @@ def build_teacher_cache(config: RunConfig, *, log=print) -> dict[str, Any]:
     return index
 
 
+def check_run_cache(config: RunConfig) -> CacheLayout:
+    """Refuse (one line) a missing, incomplete or mismatched cache for this run."""
+    from cot2align_ds.train.setup import train_records
+
+    root = Path(config.teacher_cache.path)
+    layout = run_layout(config, train_records(config))
+    check_compatible(read_index(root), layout, root)
+    return layout
+
+
 class CachedTeacher:
     """What a run reads instead of running the teacher: the cache reader (in the DataLoader
     workers), the loaded output head and input embedding, and which layers come from where."""
 
     def __init__(self, config: RunConfig) -> None:
         from cot2align_ds.teacher_cache.store import CacheReader
-        from cot2align_ds.train.setup import embeddings_are_hidden_state_0, train_records
+        from cot2align_ds.train.setup import embeddings_are_hidden_state_0
 
         root = Path(config.teacher_cache.path)
-        self.layout = run_layout(config, train_records(config))
-        check_compatible(read_index(root), self.layout, root)
+        self.layout = check_run_cache(config)
         teacher_config = model_config(config.teacher, "teacher")
         self.config = teacher_config
         self.hidden_size = int(teacher_config.get_text_config().hidden_size)

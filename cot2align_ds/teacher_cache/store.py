@@ -26,6 +26,7 @@ the same view gets the same key in any batch, epoch, rank or run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -79,13 +80,22 @@ def view_key(side: TokenSide, row: int, start: int) -> str:
 
 
 def file_digest(paths: list[Path]) -> str:
-    """blake2b over the files' bytes, in the given order."""
+    """blake2b over the files' bytes, in the given order (each file read once per process)."""
     digest = hashlib.blake2b(digest_size=16)
     for path in paths:
-        with path.open("rb") as handle:
-            while chunk := handle.read(1 << 24):
-                digest.update(chunk)
+        stat = Path(path).stat()
+        digest.update(_one_file_digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns))
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=256)
+def _one_file_digest(path: str, size: int, mtime_ns: int) -> bytes:
+    # Keyed by size and modification time too: a file rewritten in place is read again.
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.digest()
 
 
 @dataclass(frozen=True)

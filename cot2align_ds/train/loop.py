@@ -26,7 +26,7 @@ from cot2align_ds.config import RunConfig, config_to_dict
 from cot2align_ds.data.batch import DistillBatch, TokenSide
 from cot2align_ds.engine import deepspeed_engines as dse
 from cot2align_ds.errors import Preempted, UserError
-from cot2align_ds.methods import NORMALISERS
+from cot2align_ds.methods import NORMALISERS, get_method
 from cot2align_ds.tracking import Tracker
 from cot2align_ds.train import checkpointing as ckpt
 from cot2align_ds.train.dev_eval import DevEvaluator
@@ -467,6 +467,10 @@ def run_train(
             config.deepspeed.student_config = saved["student_config"]
     if config.deepspeed.student_config == "auto":
         config.deepspeed.student_config = auto_student_config(config, ctx)
+    if config.teacher_cache.path is not None and get_method(config.distill.method).needs_teacher:
+        from cot2align_ds.teacher_cache.build import check_run_cache
+
+        check_run_cache(config)  # refused before anything is written
     if tag is not None:
         # Refused before anything is written: the directory keeps describing its checkpoint.
         layout = {
