@@ -145,3 +145,36 @@ def test_cot2align_finishes_when_a_rank_has_no_cot_record(workspace, tmp_path):
     # Across the steps some windows hold the CoT example and some do not.
     cross = [row["loss/ot_cross_std_cot"] for row in rows]
     assert all(torch.isfinite(torch.tensor(cross))) and max(cross) > 0 and min(cross) == 0
+
+
+def test_teacher_cache_built_and_read_by_two_ranks_trains_the_live_steps(workspace, tmp_path):
+    """``cache-teacher`` on two ranks (each its share of the views, partitioned teacher) and a
+    two-rank DSKD-CMA + CoT2Align run from that cache give the live two-rank run's losses."""
+    from cot2align_ds.teacher_cache.store import completed_shards
+
+    def config(name: str, cache: Path | None) -> Path:
+        raw = tiny_run_config(
+            workspace,
+            tmp_path / name,
+            student={"architecture": NO_DROPOUT, "tokenizer": str(workspace["student_tok"])},
+            distill={"method": "dskd_cma", "kd_rate": 0.5, "temperature": 1.0},
+            train={"max_steps": 3, "micro_batch_size": 4, "lr": 5e-3},
+        )
+        raw["cot2align"] = {"enabled": True, "num_iters": 20}
+        raw["data"]["cot_records"] = "all"
+        if cache is not None:
+            raw["teacher_cache"] = {"path": str(cache), "shard_views": 16}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    cache = tmp_path / "cache"
+    cached = config("cached", cache)
+    _torchrun(["-m", "cot2align_ds.cli", "cache-teacher", "--config", str(cached)])
+    ranks = {shard["file"].split("-")[1] for shard in completed_shards(cache)}
+    assert ranks == {"r0", "r1"}  # each rank wrote its share
+    _torchrun(["-m", "cot2align_ds.cli", "train", "--config", str(cached)])
+    _torchrun(["-m", "cot2align_ds.cli", "train", "--config", str(config("live", None))])
+    live, from_cache = _losses(tmp_path / "live"), _losses(tmp_path / "cached")
+    assert len(live) == len(from_cache) == 3
+    torch.testing.assert_close(torch.tensor(from_cache), torch.tensor(live), rtol=1e-5, atol=1e-7)
