@@ -234,6 +234,27 @@ def test_augment_with_a_real_teacher_stops_at_its_end_token_and_resumes(
     assert [json.loads(line) for line in (out / "train_cot.jsonl").open()] == records
 
 
+def _paper_args(setting: str, out: Path, real_models, real_data) -> list[str]:
+    """`--config paper_X` with only models, data, length and duration overridden."""
+    overrides = [
+        f"output_dir={out}",
+        f"student.name_or_path={real_models[SMOLLM2]}",
+        f"teacher.name_or_path={real_models[GEMMA]}",
+        f"data.train_file={real_data['one']}",
+        f"data.dev_file={real_data['one']}",
+        "data.cot_records=all",
+        "data.max_prompt_tokens=48",
+        "data.max_total_tokens=72",
+        "data.num_workers=0",
+        "train.max_steps=4",
+        "train.micro_batch_size=2",
+        "train.log_every=1",
+        "eval.max_new_tokens=4",
+        "tracking.wandb_mode=disabled",
+    ]
+    return ["--config", f"paper_{setting}", *(arg for o in overrides for arg in ("--set", o))]
+
+
 @pytest.fixture(scope="module")
 def paper_runs(real_models, real_data, tmp_path_factory) -> dict[str, Path]:
     """The shipped paper recipes as a user runs them (`cot2align train --config paper_X`), on the
@@ -243,39 +264,7 @@ def paper_runs(real_models, real_data, tmp_path_factory) -> dict[str, Path]:
     runs = {}
     for setting in ("A", "B"):
         out = root / setting
-        result = _cli(
-            "train",
-            "--config",
-            f"paper_{setting}",
-            "--set",
-            f"output_dir={out}",
-            "--set",
-            f"student.name_or_path={real_models[SMOLLM2]}",
-            "--set",
-            f"teacher.name_or_path={real_models[GEMMA]}",
-            "--set",
-            f"data.train_file={real_data['one']}",
-            "--set",
-            f"data.dev_file={real_data['one']}",
-            "--set",
-            "data.cot_records=all",
-            "--set",
-            "data.max_prompt_tokens=48",
-            "--set",
-            "data.max_total_tokens=72",
-            "--set",
-            "data.num_workers=0",
-            "--set",
-            "train.max_steps=4",
-            "--set",
-            "train.micro_batch_size=2",
-            "--set",
-            "train.log_every=1",
-            "--set",
-            "eval.max_new_tokens=4",
-            "--set",
-            "tracking.wandb_mode=disabled",
-        )
+        result = _cli("train", *_paper_args(setting, out, real_models, real_data))
         runs[setting] = (out, result)
     return runs
 
@@ -359,3 +348,24 @@ def test_chat_data_trains_the_real_pair_with_both_models_own_templates(
     _check_learns(_rows(out), "uld", cot2align=True)
     saved = json.loads((out / "config.json").read_text())
     assert saved["data"]["template"] == "chat"
+
+
+def test_the_real_pair_trains_from_a_teacher_cache(real_models, real_data, paper_runs, tmp_path):
+    """Gemma-3 270M as a cached teacher in paper recipe A (DSKD-CMA + CoT2Align, bf16): its
+    embedding keeps its scale in a buffer, so layer 0 is stored rather than recomputed; the
+    per-step losses equal the live teacher's run of the same recipe within bf16 rounding."""
+    live, _ = paper_runs["A"]
+    args = _paper_args("A", tmp_path / "cached", real_models, real_data)
+    args += ["--set", f"teacher_cache.path={tmp_path / 'cache'}"]
+    built = _cli("cache-teacher", *args)
+    assert built.returncode == 0, built.stderr[-3000:]
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    assert index["layers"] == [0, 18] and not index["fingerprint"]["recomputed_layer_0"]
+    trained = _cli("train", *args)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    rows = _rows(tmp_path / "cached")
+    assert len(rows) == 4
+    for want, got in zip(_rows(live), rows, strict=True):
+        for key, value in want.items():
+            if key.startswith("loss/"):
+                assert got[key] == pytest.approx(value, rel=0.01, abs=1e-3), key
