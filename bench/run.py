@@ -33,6 +33,7 @@ SUITES = {
     "breakdown": "bench.bench_breakdown",
     "ot_calls": "bench.bench_ot_calls",
     "teacher": "bench.bench_teacher",
+    "teacher_cache": "bench.bench_teacher_cache",
     "real": "bench.bench_real",
 }
 
