@@ -109,6 +109,8 @@ class MemoryPlan:
     # ``deepspeed.student_config: auto``: each student JSON's per-GPU peak and the one chosen.
     student_stages: dict[str, int] = field(default_factory=dict)
     student_choice: str | None = None
+    # What a teacher cache (``teacher_cache``) would store and free; empty without a teacher.
+    teacher_cache: dict[str, Any] = field(default_factory=dict)
 
     @property
     def gpu_bytes(self) -> int:
@@ -140,6 +142,7 @@ class MemoryPlan:
             "alternatives": dict(self.alternatives),
             "student_stages": dict(self.student_stages),
             "student_choice": self.student_choice,
+            "teacher_cache": dict(self.teacher_cache),
             "warnings": list(self.warnings),
             "teacher_placements": [asdict(placement) for placement in self.placements],
             "recommended_teacher_placement": self.recommended,
@@ -170,9 +173,25 @@ class MemoryPlan:
             f"if {name}: {gib_text(value)} GiB per GPU" for name, value in self.alternatives.items()
         ]
         lines += self._student_stage_lines()
+        lines += self._teacher_cache_lines()
         lines += self._placement_lines()
         lines += [f"warning: {warning}" for warning in self.warnings]
         return "\n".join(lines)
+
+    def _teacher_cache_lines(self) -> list[str]:
+        cache = self.teacher_cache
+        if not cache:
+            return []
+        disk = cache.get("disk_bytes_at_most")
+        size = f", at most {gib_text(disk)} GiB for {cache['views']} views" if disk else ""
+        return [
+            f"teacher cache: {cache['bytes_per_position']} bytes per cached position "
+            f"({cache['layers']} layers){size}; training from it needs "
+            f"{gib_text(cache['gpu_bytes'])} GiB per GPU (frees "
+            f"{gib_text(self.gpu_bytes - cache['gpu_bytes'])}) and "
+            f"{gib_text(cache['cpu_bytes'])} GiB per node CPU (frees "
+            f"{gib_text(self.cpu_bytes - cache['cpu_bytes'])})"
+        ]
 
     def _student_stage_lines(self) -> list[str]:
         if not self.student_stages:

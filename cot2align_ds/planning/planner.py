@@ -105,6 +105,8 @@ def estimate_memory(
     if gradient_checkpointing is None:
         gradient_checkpointing = run_config.train.gradient_checkpointing
     plan = build_plan(setting, student, teacher, gradient_checkpointing)
+    if teacher is not None:
+        plan.teacher_cache = teacher_cache_estimate(run_config, plan, teacher, teacher_config)
     if teacher is not None and accelerator == "cuda":
         plan.placements = teacher_placements(setting, student, teacher, gradient_checkpointing)
         plan.recommended = recommend_placement(plan.placements, gpu_mem_gb, cpu_mem_gb)
@@ -187,6 +189,54 @@ def teacher_placements(
             )
         )
     return out
+
+
+def teacher_cache_estimate(
+    run: RunConfig, plan: MemoryPlan, teacher: ModelSize, teacher_config: PretrainedConfig
+) -> dict:
+    """What ``cot2align cache-teacher`` would store (bytes per cached position; at most
+    views x data.max_total_tokens of them when the training file is readable) and the run's
+    peaks when it trains from the cache: every teacher term replaced by its output head and
+    input embedding (``teacher_cache.heads``)."""
+    from cot2align_ds.planning.memory import MemoryItem
+    from cot2align_ds.teacher_cache.build import needed_layers
+
+    value = 2 if run.train.precision in ("bf16", "fp16") else 4
+    hidden_states = int(teacher_config.get_text_config().num_hidden_layers) + 1
+    layers = needed_layers(run, hidden_states)
+    per_position = len(layers) * teacher.hidden_size * value
+    heads = 2 * teacher.vocab_size * teacher.hidden_size * value
+    items = [item for item in plan.items if not item.name.startswith("teacher ")]
+    items.append(MemoryItem("teacher head + embedding", heads, 0, "loaded alone"))
+    estimate = {
+        "bytes_per_position": per_position,
+        "layers": len(layers),
+        "gpu_bytes": peak_bytes(items, lambda item: item.gpu_bytes),
+        "cpu_bytes": peak_bytes(items, lambda item: item.cpu_bytes),
+    }
+    views = _training_views(run)
+    if views:
+        estimate["views"] = views
+        estimate["disk_bytes_at_most"] = views * run.data.max_total_tokens * per_position
+    return estimate
+
+
+def _training_views(run: RunConfig) -> int | None:
+    """Teacher views of the training file (each record's main view, and its CoT and standard
+    views where CoT2Align trains on them); None when the file cannot be read."""
+    from cot2align_ds.data.examples import make_examples
+    from cot2align_ds.data.records import read_records
+    from cot2align_ds.errors import UserError
+
+    if run.data.train_file is None or not run.data.train_file.is_file():
+        return None
+    try:
+        records = read_records(run.data.train_file)
+    except UserError:
+        return None
+    examples = make_examples(records, template=run.data.template, cot_records=run.data.cot_records)
+    cross = run.cot2align.enabled and run.cot2align.cross_cot
+    return len(examples) + (sum(e.is_cot for e in examples) if cross else 0)
 
 
 def _traffic(name: str, weights: int, world: int, per_node: int, nodes: int) -> str:
