@@ -21,7 +21,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from cot2align_ds.atomic import write_text_atomic
-from cot2align_ds.config import ConfigError, load_config
+from cot2align_ds.config import ConfigError, load_config, validate_config
 from cot2align_ds.data.records import read_records
 from cot2align_ds.data.synthetic import ArithmeticTaskSpec, make_split
 from cot2align_ds.eval.metrics import aggregate_seeds
@@ -261,12 +261,36 @@ def _summarise(per_seed: list[dict[str, float]]) -> dict[str, dict]:
     return {key: aggregate_seeds([run[key] for run in per_seed]).to_dict() for key in keys}
 
 
+def with_teacher_cache(raw: dict[str, Any], root: Path, timings: dict[str, float]) -> dict:
+    """``raw`` reading the teacher from a cache under ``root``: one cache per distinct teacher
+    layout (training file, views, layers; ``teacher_cache.build.layout_digest``), built on first
+    use and shared by every cell and seed that reads the same states. SFT cells are unchanged."""
+    from cot2align_ds.teacher_cache.build import build_teacher_cache, layout_digest
+    from cot2align_ds.teacher_cache.store import INDEX_FILENAME
+
+    if raw.get("teacher") is None:
+        return raw
+    path = root / layout_digest(validate_config(raw, "reasoning-bench cache"))
+    raw = {**raw, "teacher_cache": {**raw.get("teacher_cache", {}), "path": str(path)}}
+    if not (path / INDEX_FILENAME).is_file():
+        started = time.perf_counter()
+        build_teacher_cache(validate_config(raw, "reasoning-bench cache"), log=lambda _: None)
+        timings["teacher_cache_s"] = timings.get("teacher_cache_s", 0.0) + (
+            time.perf_counter() - started
+        )
+    return raw
+
+
 def run_cell(shared: Shared, cell: Cell, seeds: Sequence[int], cell_dir: Path) -> dict:
-    """Train + evaluate one cell for every seed; per-seed and aggregated eval_results.json."""
+    """Train + evaluate one cell for every seed; per-seed and aggregated eval_results.json. The
+    teacher's states come from a cache shared across cells and seeds (``with_teacher_cache``)."""
     per_seed, train_s = [], []
+    cache_root = cell_dir.parent.parent / "teacher_cache"
     for seed in seeds:
         run_dir = cell_dir / f"seed{seed}"
-        raw = cell_config(shared, cell, seed, run_dir)
+        raw = with_teacher_cache(
+            cell_config(shared, cell, seed, run_dir), cache_root, shared.timings
+        )
         model_dir, seconds = run_stage(raw, f"reasoning-bench {cell.name} seed {seed}")
         scores = evaluate_model(model_dir, shared, run_dir)
         _write_json(run_dir / "eval_results.json", _summarise([scores]))

@@ -207,6 +207,14 @@ class ShardWriter:
         self.tensors, self.views, self.tokens = {}, {}, 0
 
 
+def layout_digest(config: RunConfig) -> str:
+    """One name per distinct cache: runs with the same digest can share one (the reasoning
+    benchmark keys its caches by it across cells and seeds)."""
+    from cot2align_ds.train.setup import train_records
+
+    return _fingerprint_digest(run_layout(config, train_records(config)))
+
+
 def _fingerprint_digest(layout: CacheLayout) -> str:
     public = {k: v for k, v in layout.fingerprint.items() if not k.startswith("_")}
     text = json.dumps([public, list(layout.layers)], sort_keys=True)

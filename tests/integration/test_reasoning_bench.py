@@ -112,6 +112,27 @@ def test_results_files_aggregate_every_cell(bench):
     assert stats["total"] == on_disk["size"]["num_train"] and stats["with_rationale"] > 0
 
 
+def test_cells_and_seeds_share_one_teacher_cache_per_layout(bench):
+    out, results = bench
+    caches = sorted((out / "teacher_cache").iterdir())
+    used = {}
+    for cell in CELLS:
+        for seed in QUICK_SEEDS:
+            config = json.loads(
+                (out / "cells" / cell.name / f"seed{seed}" / "config.json").read_text()
+            )
+            path = config["teacher_cache"]["path"]
+            assert (path is None) == (cell.method == "sft"), cell.name
+            if path is not None:
+                used.setdefault(path, set()).add(cell.name)
+    # Fewer caches than teacher cells: cells with the same views and layers share one, and
+    # every seed of a cell reads the same cache; each was built once and completely.
+    assert sorted(Path(p) for p in used) == caches
+    assert len(caches) < sum(cell.method != "sft" for cell in CELLS)
+    assert all((cache / "index.json").is_file() for cache in caches)
+    assert results["timings"]["teacher_cache_s"] > 0
+
+
 def test_probes_reuse_the_shared_pipeline_and_apply_their_changes(bench):
     from cot2align_ds.experiments.reasoning_bench import PROBES_BY_NAME, run_probes
 
