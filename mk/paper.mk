@@ -30,6 +30,11 @@
 #   PAPER_SFT                  teacher fine-tuning launcher, followed by the recipe name. Default:
 #                              the deepspeed launcher; one process:
 #                              PAPER_SFT='$(PY) -m cot2align_ds.cli sft-teacher --config'
+#   PAPER_CACHE                teacher-cache launcher, followed by the recipe name (default: the
+#                              deepspeed launcher over every local GPU). Every student that
+#                              needs the teacher reads it from a cache (docs/teacher_cache.md):
+#                              one per setting and dataset for the plain runs, one for the
+#                              CoT2Align runs, each built once and shared by every method.
 #   PAPER_ENV                  environment for every command. Downloads are allowed by default
 #                              (models and datasets come from the hub); on offline nodes with a
 #                              warm cache use PAPER_ENV='$(OFFLINE)'.
@@ -58,6 +63,7 @@ PAPER_DEEPSPEED ?= $(dir $(PY))deepspeed
 PAPER_CLI ?= $(PAPER_ENV) $(PY) -m cot2align_ds.cli
 PAPER_TRAIN ?= $(PAPER_ENV) DEEPSPEED=$(PAPER_DEEPSPEED) launchers/local.sh
 PAPER_SFT ?= $(PAPER_ENV) $(PAPER_DEEPSPEED) --module cot2align_ds.cli sft-teacher --config
+PAPER_CACHE ?= $(PAPER_ENV) $(PAPER_DEEPSPEED) --module cot2align_ds.cli cache-teacher --config
 PAPER_BEST_MODEL ?= $(PY) -m cot2align_ds.experiments.paper_table --best-model
 PAPER_EVAL_SEEDS := 10,20,30,40,50
 
@@ -72,6 +78,8 @@ paper_dir = $(PAPER_ROOT)/$(1)/$(2)/$(3)
 paper_teacher = $(call paper_dir,$(1),$(2),teacher_sft)/teacher
 paper_cot_file = $(call paper_dir,$(1),$(2),cot)/train_cot.jsonl
 paper_data_done = $(PAPER_DATA)/$(1)/prepare_stats.json
+# The teacher cache a run reads: one for the plain runs, one for the CoT2Align runs.
+paper_cache = $(call paper_dir,$(1),$(2),teacher_cache_$(if $(call paper_is_cot,$(3)),cot,plain))
 
 # Without CoT2Align a run trains on the plain records and no CoT view; with it, on the teacher's
 # rationales with the recipe's CoT records.
@@ -83,11 +91,16 @@ paper_train_args = $(strip \
   --set data.dev_file=$(PAPER_DATA)/$(2)/dev.jsonl \
   $(if $(call paper_is_cot,$(3)),,--set data.cot_records=none) \
   $(if $(call paper_is_sft,$(3)),,--set teacher.name_or_path=$(call paper_teacher,$(1),$(2))) \
+  $(if $(call paper_is_sft,$(3)),,--set teacher_cache.path=$(call paper_cache,$(1),$(2),$(3))) \
   --set tracking.run_name=paper_$(1)_$(2)_$(3))
+
+# A cache serves every method: it is built with DSKD-CMA, whose layers include every other's.
+paper_cache_args = $(subst --set@,--set ,$(filter-out --set@tracking.run_name=% --set@output_dir=%,$(subst --set ,--set@,$(call paper_train_args,$(1),$(2),$(3)))))
 
 paper_train_deps = $(call paper_data_done,$(2)) \
   $(if $(call paper_is_sft,$(3)),,$(call paper_dir,$(1),$(2),teacher_sft)/.done) \
-  $(if $(call paper_is_cot,$(3)),$(call paper_cot_file,$(1),$(2)))
+  $(if $(call paper_is_cot,$(3)),$(call paper_cot_file,$(1),$(2))) \
+  $(if $(call paper_is_sft,$(3)),,$(call paper_cache,$(1),$(2),$(3))/index.json)
 
 paper_evals = $(foreach d,$(PAPER_DATASETS),$(foreach r,teacher_sft $(call paper_runs,$(PAPER_METHODS_$(1))),$(call paper_dir,$(1),$(d),$(r))/eval/eval_results.json))
 
@@ -105,6 +118,14 @@ $(call paper_dir,$(1),$(2),teacher_sft)/.done: $(call paper_data_done,$(2)) | in
 $(call paper_cot_file,$(1),$(2)): $(call paper_dir,$(1),$(2),teacher_sft)/.done | install
 	$(PAPER_CLI) augment --teacher $(call paper_teacher,$(1),$(2)) \
 	  --data $(PAPER_DATA)/$(2)/train.jsonl --output-dir $$(@D)
+
+# The teacher caches: the views, lengths and precision of the plain and of the CoT2Align runs
+# (represented by the DSKD-CMA runs), resumable like training.
+$(call paper_cache,$(1),$(2),plain)/index.json: $(call paper_dir,$(1),$(2),teacher_sft)/.done | install
+	$(PAPER_CACHE) paper_$(1) $(call paper_cache_args,$(1),$(2),dskd_cma)
+
+$(call paper_cache,$(1),$(2),x+cot2align)/index.json: $(call paper_dir,$(1),$(2),teacher_sft)/.done $(call paper_cot_file,$(1),$(2)) | install
+	$(PAPER_CACHE) paper_$(1) $(call paper_cache_args,$(1),$(2),dskd_cma+cot2align)
 endef
 
 # $(1) setting, $(2) dataset, $(3) run: one student. `.done` is written only when training

@@ -42,7 +42,8 @@ def _dry_run(tmp_path: Path, target: str, **variables: str) -> list[str]:
 
 
 def _kind(command: str) -> str:
-    for kind in ("data prepare", "sft-teacher", " augment ", " eval ", "launchers/local.sh"):
+    kinds = ("data prepare", "sft-teacher", "cache-teacher", " augment ", " eval ")
+    for kind in (*kinds, "launchers/local.sh"):
         if kind in command:
             return kind.strip()
     return command.split()[0]
@@ -67,8 +68,9 @@ def test_setting_a_renders_the_paper_sequence(tmp_path):
         "sft-teacher",
         ev,  # the fine-tuned teacher's own row
         *(train, ev),  # sft
-        *(train, ev),  # uld
-        *("augment", train, ev),  # uld+cot2align: rationales once, before the first CoT run
+        *("cache-teacher", train, ev),  # uld: the plain runs' teacher cache, built once
+        # uld+cot2align: rationales once, then the CoT2Align runs' cache, before the first
+        *("augment", "cache-teacher", train, ev),
         *(train, ev),  # mined
         *(train, ev),  # mined+cot2align
         *(train, ev),  # dskd_cma
@@ -97,6 +99,24 @@ def test_setting_a_renders_the_paper_sequence(tmp_path):
     assert all(
         c.split("launchers/local.sh ")[1].startswith("paper_A --resume auto") for c in trains
     )
+    # Every run with a teacher reads one of two caches, each built with the views of its runs.
+    caches = {m["distill.method"] + m["cot2align.enabled"]: m.get("teacher_cache.path")
+              for m in methods}  # fmt: skip
+    assert caches["sftfalse"] is None
+    assert {caches[k] for k in ("uldfalse", "minedfalse", "dskd_cmafalse")} == {
+        str(runs / "teacher_cache_plain")
+    }
+    assert {caches[k] for k in ("uldtrue", "minedtrue", "dskd_cmatrue")} == {
+        str(runs / "teacher_cache_cot")
+    }
+    builds = [dict(s.split("=", 1) for s in _sets(c)) for c in commands if "cache-teacher" in c]
+    assert [
+        (b["teacher_cache.path"], b["data.train_file"], b["cot2align.enabled"]) for b in builds
+    ] == [
+        (str(runs / "teacher_cache_plain"), str(data / "train.jsonl"), "false"),
+        (str(runs / "teacher_cache_cot"), str(runs / "cot" / "train_cot.jsonl"), "true"),
+    ]
+    assert all(b["distill.method"] == "dskd_cma" and "output_dir" not in b for b in builds)
 
 
 def test_prepare_augment_and_eval_commands(tmp_path):
@@ -130,6 +150,11 @@ def test_every_override_validates_against_the_recipe(tmp_path):
         recipe = _option(command, "--config")
         run = sft_teacher_config(recipe, _sets(command), Path(_option(command, "--output-dir")))
         assert run.distill.method == "sft" and run.data.cot_records == "none"
+    caches = [c for c in commands if "cache-teacher" in c]
+    assert len(caches) == 2 * 2 * 5  # datasets x (plain, CoT2Align) x settings
+    for command in caches:
+        run = load_config(_option(command, "--config"), _sets(command))
+        assert run.teacher_cache.path is not None and run.distill.method == "dskd_cma"
     assert commands[-1].endswith(f"cot2align_ds.experiments.paper_table {tmp_path / 'runs'}")
 
 
@@ -150,6 +175,7 @@ def test_a_rerun_only_redoes_what_is_missing(tmp_path):
         runs / "teacher_sft" / ".done",
         runs / "teacher_sft" / "eval" / "eval_results.json",
         runs / "cot" / "train_cot.jsonl",
+        runs / "teacher_cache_plain" / "index.json",
         runs / "uld" / ".done",
     ]
     for age, path in enumerate(reversed(finished)):  # each file newer than what it depends on
@@ -159,6 +185,7 @@ def test_a_rerun_only_redoes_what_is_missing(tmp_path):
     commands = _dry_run(tmp_path, "paper-A", PAPER_DATASETS="dolly")
     kinds = [_kind(c) for c in commands if not c.startswith("touch")]
     assert "data prepare" not in kinds and "sft-teacher" not in kinds and "augment" not in kinds
+    assert kinds.count("cache-teacher") == 1  # the CoT2Align runs' cache is still missing
     assert kinds.count("launchers/local.sh") == 6  # every run but uld trains
     assert kinds.count("eval") == 7  # uld is evaluated, the teacher is not again
 
@@ -195,6 +222,7 @@ def test_no_hyperparameters_in_the_make_file():
         "data.dev_file",
         "data.cot_records",
         "teacher.name_or_path",
+        "teacher_cache.path",
         "tracking.run_name",
     }
     assert not re.search(r"kd_rate|\blr\b|epochs|temperature|batch", text)
