@@ -355,16 +355,12 @@ def export(
     upload it to the Hub."""
     from cot2align_ds.runs import run_export_command
 
-    if push_to_hub:
-        from cot2align_ds.eval.export import require_hub_online
-
-        require_hub_online()
-    source = run_export_command(run, output, last=last, dtype=dtype, overwrite=overwrite)
+    source, url = run_export_command(
+        run, output, last=last, dtype=dtype, overwrite=overwrite, push_to_hub=push_to_hub,
+        private=not public, endpoint=hub_endpoint,
+    )  # fmt: skip
     typer.echo(f"exported {source} -> {output}")
-    if push_to_hub:
-        from cot2align_ds.eval.export import push_to_hub as push
-
-        url = push(output, push_to_hub, private=not public, endpoint=hub_endpoint)
+    if url:
         typer.echo(f"pushed {output} -> {url}")
 
 

@@ -13,10 +13,10 @@ from cot2align_ds.engine.ds_config import resolve_run_ds_configs
 from cot2align_ds.errors import UserError
 from cot2align_ds.methods import METHODS
 from cot2align_ds.models.loading import (
-    config_block_params,
     config_hidden_size,
     config_largest_param,
 )
+from cot2align_ds.planning.sizing import config_block_params
 
 
 def resolved_configs(config: str, overrides: list[str], world_size: int) -> dict[str, Any]:
@@ -288,10 +288,20 @@ def run_eval_command(
     return run_eval(model_path, data_files, **options)
 
 
-def run_export_command(run_dir: Path, output: Path, **options) -> Path:
-    from cot2align_ds.eval.export import export_model
+def run_export_command(
+    run_dir: Path, output: Path, *, push_to_hub: str | None = None, private: bool = True,
+    endpoint: str | None = None, **options,
+) -> tuple[Path, str | None]:  # fmt: skip
+    """Export the run's model; then, with ``push_to_hub``, upload it (refused offline before
+    anything is written). The source model and the commit URL (None without a push)."""
+    from cot2align_ds.eval.export import export_model, require_hub_online
+    from cot2align_ds.eval.export import push_to_hub as push
 
-    return export_model(run_dir, output, **options)
+    if push_to_hub:
+        require_hub_online()
+    source = export_model(run_dir, output, **options)
+    url = push(output, push_to_hub, private=private, endpoint=endpoint) if push_to_hub else None
+    return source, url
 
 
 def run_report_command(run_dirs: list[Path], out_dir: Path) -> Path:

@@ -151,3 +151,19 @@ def _normalise_shape(where: str, payload: dict) -> dict:
 
 def write_records(path: str | Path, records: Iterable[Record]) -> None:
     write_jsonl_atomic(path, (record.model_dump(exclude_none=True) for record in records))
+
+
+def train_records(config) -> list[Record]:
+    """The training records: ``data.train_file``, or the train split of ``data.hub_dataset``."""
+    data = config.data
+    if data.hub_dataset is not None:
+        return read_hub_records(data.hub_dataset, data.hub_config, data.train_split)
+    return read_records(data.train_file)
+
+
+def dev_records(config) -> list[Record] | None:
+    """The dev records, if the run has any: ``data.dev_file`` or ``data.dev_split``."""
+    data = config.data
+    if data.hub_dataset is not None and data.dev_split is not None:
+        return read_hub_records(data.hub_dataset, data.hub_config, data.dev_split)
+    return read_records(data.dev_file) if data.dev_file is not None else None

@@ -184,13 +184,6 @@ def config_largest_param(spec: ModelSpec, role: str) -> int:
     return max(vocab * hidden, inner * hidden)
 
 
-def config_block_params(spec: ModelSpec, role: str) -> int:
-    """Weights of one transformer block, from the config (ZeRO-3 prefetch bucket size)."""
-    from cot2align_ds.planning.sizing import model_size, spec_config
-
-    return model_size(spec_config(spec, role)).block_params
-
-
 def hidden_size_of(model: torch.nn.Module) -> int:
     return _hidden_size(model.config)
 
@@ -217,3 +210,14 @@ def check_vocab_fits(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
             f"{role}: the model has {rows} embedding rows but its tokenizer has {len(tokenizer)} "
             "tokens; use the tokenizer the model was trained with (or resize its embeddings)"
         )
+
+
+def embeddings_are_hidden_state_0(config) -> bool:
+    """Whether ``hidden_states[0]`` is the token embedding (up to one constant factor, e.g.
+    Gemma's sqrt(hidden)): rotary models add no position embedding to it; GPT-2-style models
+    (absolute positions) do."""
+    absolute = getattr(config, "position_embedding_type", None) == "absolute"
+    rotary = any(
+        getattr(config, name, None) is not None for name in ("rope_parameters", "rope_theta")
+    )
+    return rotary and not absolute

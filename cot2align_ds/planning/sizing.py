@@ -235,3 +235,8 @@ def spec_config(spec: ModelSpec, role: str) -> PretrainedConfig:
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             kwargs.setdefault(name, getattr(tokenizer, name))
     return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+
+
+def config_block_params(spec: ModelSpec, role: str) -> int:
+    """Weights of one transformer block, from the config (ZeRO-3 prefetch bucket size)."""
+    return model_size(spec_config(spec, role)).block_params

@@ -24,9 +24,15 @@ from cot2align_ds.config import RunConfig
 from cot2align_ds.data.batch import TokenSide
 from cot2align_ds.data.collator import DistillCollator
 from cot2align_ds.data.examples import make_examples
+from cot2align_ds.data.records import train_records
 from cot2align_ds.engine import deepspeed_engines as dse
 from cot2align_ds.methods import get_method
-from cot2align_ds.models.loading import load_tokenizer, model_config, torch_dtype
+from cot2align_ds.models.loading import (
+    embeddings_are_hidden_state_0,
+    load_tokenizer,
+    model_config,
+    torch_dtype,
+)
 from cot2align_ds.teacher_cache.heads import (
     embeddings_rebuildable,
     load_teacher_heads,
@@ -88,8 +94,6 @@ def needed_layers(config: RunConfig, num_hidden_states: int) -> set[int]:
 
 def run_layout(config: RunConfig, records) -> CacheLayout:
     """The fingerprint of everything that determines the cached values, and the layers stored."""
-    from cot2align_ds.train.setup import embeddings_are_hidden_state_0
-
     if config.teacher is None or not get_method(config.distill.method).needs_teacher:
         raise TeacherCacheError("teacher_cache: this run has no teacher to cache")
     if config.distill.method == "dskd_cma" and config.distill.dskd_std != "response":
@@ -210,8 +214,6 @@ class ShardWriter:
 def layout_digest(config: RunConfig) -> str:
     """One name per distinct cache: runs with the same digest can share one (the reasoning
     benchmark keys its caches by it across cells and seeds)."""
-    from cot2align_ds.train.setup import train_records
-
     return _fingerprint_digest(run_layout(config, train_records(config)))
 
 
@@ -260,13 +262,10 @@ def _check_head(heads, hidden_BTH, logits_BTW, mask_BT, precision: str, name: st
 
 def build_teacher_cache(config: RunConfig, *, log=print) -> dict[str, Any]:
     """Write (or finish) the cache at ``teacher_cache.path``; its index."""
-    from cot2align_ds.train.setup import seed_everything, train_records
-
     if config.teacher_cache.path is None:
         raise TeacherCacheError("teacher_cache.path is not set; name the cache directory")
     root = Path(config.teacher_cache.path)
     ctx = dse.init_distributed(config.deepspeed.dist_timeout_s)
-    seed_everything(config.train.seed)
     records = train_records(config)
     layout = run_layout(config, records)
     if (root / INDEX_FILENAME).is_file():
@@ -349,8 +348,6 @@ def build_teacher_cache(config: RunConfig, *, log=print) -> dict[str, Any]:
 
 def check_run_cache(config: RunConfig) -> CacheLayout:
     """Refuse (one line) a missing, incomplete or mismatched cache for this run."""
-    from cot2align_ds.train.setup import train_records
-
     root = Path(config.teacher_cache.path)
     layout = run_layout(config, train_records(config))
     check_compatible(read_index(root), layout, root)
@@ -363,7 +360,6 @@ class CachedTeacher:
 
     def __init__(self, config: RunConfig) -> None:
         from cot2align_ds.teacher_cache.store import CacheReader
-        from cot2align_ds.train.setup import embeddings_are_hidden_state_0
 
         root = Path(config.teacher_cache.path)
         self.layout = check_run_cache(config)
@@ -382,16 +378,15 @@ class CachedTeacher:
         return CachedCollator(collator, self.reader, self.hidden_size)
 
     @torch.no_grad()
-    def outputs(self, side: TokenSide):
-        """The teacher's ``ModelOutputs`` on one side, from its cached hidden states."""
-        from cot2align_ds.train.objective import ModelOutputs
-
+    def outputs(self, side: TokenSide) -> tuple[torch.Tensor, tuple]:
+        """The teacher's (logits, hidden_states) on one side, from its cached hidden states
+        (layers the run does not read are None)."""
         hidden: list[torch.Tensor | None] = [None] * self.layout.num_hidden_states
         for layer, states in (side.cached_hidden or {}).items():
             hidden[layer] = states
         if self.recompute_0:
             hidden[0] = self.heads.embed(side.input_ids)
-        return ModelOutputs(self.heads.logits(hidden[-1]), tuple(hidden))
+        return self.heads.logits(hidden[-1]), tuple(hidden)
 
 
 class CachedCollator:

@@ -194,9 +194,9 @@ class Trainer:
         teacher = teacher_standard = None
         cached = self.models.teacher_cache
         if cached is not None:
-            teacher = cached.outputs(batch.teacher)
+            teacher = ModelOutputs(*cached.outputs(batch.teacher))
             if standard is not None:
-                teacher_standard = cached.outputs(standard.teacher)
+                teacher_standard = ModelOutputs(*cached.outputs(standard.teacher))
         elif self.teacher_engine is not None:
             sides = [batch.teacher] + ([standard.teacher] if standard is not None else [])
             teacher, *rest = self._forward_teacher_views(sides)

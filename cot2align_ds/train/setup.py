@@ -23,14 +23,14 @@ from cot2align_ds.alignment.vocab_map import mined_vocab_map
 from cot2align_ds.config import ConfigError, RunConfig
 from cot2align_ds.data.collator import DistillCollator
 from cot2align_ds.data.examples import Example, make_examples
-from cot2align_ds.data.records import read_hub_records, read_records
+from cot2align_ds.data.records import dev_records, train_records  # noqa: F401 (re-exported)
 from cot2align_ds.engine import deepspeed_engines as dse
 from cot2align_ds.engine.ds_config import resolve_run_ds_configs
 from cot2align_ds.models.loading import (
     check_vocab_fits,
-    config_block_params,
     config_hidden_size,
     config_largest_param,
+    embeddings_are_hidden_state_0,
     hidden_size_of,
     load_causal_lm,
     load_tokenizer,
@@ -38,6 +38,7 @@ from cot2align_ds.models.loading import (
 )
 from cot2align_ds.models.lora import apply_lora
 from cot2align_ds.models.student_module import StudentWithProjectors, param_groups
+from cot2align_ds.planning.sizing import config_block_params
 from cot2align_ds.train.objective import ModelAccess, Objective
 from cot2align_ds.train.schedule import cosine_with_floor
 
@@ -302,22 +303,6 @@ class Data:
     total_steps: int
 
 
-def train_records(config: RunConfig) -> list:
-    """The training records: ``data.train_file``, or the train split of ``data.hub_dataset``."""
-    data = config.data
-    if data.hub_dataset is not None:
-        return read_hub_records(data.hub_dataset, data.hub_config, data.train_split)
-    return read_records(data.train_file)
-
-
-def dev_records(config: RunConfig) -> list | None:
-    """The dev records, if the run has any: ``data.dev_file`` or ``data.dev_split``."""
-    data = config.data
-    if data.hub_dataset is not None and data.dev_split is not None:
-        return read_hub_records(data.hub_dataset, data.hub_config, data.dev_split)
-    return read_records(data.dev_file) if data.dev_file is not None else None
-
-
 def build_data(config: RunConfig, models: Models, ctx: dse.DistContext) -> Data:
     if config.data.train_file is None and config.data.hub_dataset is None:
         raise ConfigError(
@@ -427,14 +412,3 @@ def cached_model_access(student_engine, cached, device: torch.device) -> ModelAc
         student_embeddings_in_hidden=embeddings_are_hidden_state_0(student.config)
         and type(student.get_input_embeddings()) is torch.nn.Embedding,
     )
-
-
-def embeddings_are_hidden_state_0(config) -> bool:
-    """Whether ``hidden_states[0]`` is the token embedding (up to one constant factor, e.g.
-    Gemma's sqrt(hidden)): rotary models add no position embedding to it; GPT-2-style models
-    (absolute positions) do."""
-    absolute = getattr(config, "position_embedding_type", None) == "absolute"
-    rotary = any(
-        getattr(config, name, None) is not None for name in ("rope_parameters", "rope_theta")
-    )
-    return rotary and not absolute

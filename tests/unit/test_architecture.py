@@ -30,7 +30,9 @@ def _in(path: Path, folder: str) -> bool:
 # Bottom to top. A unit (a folder of the package, or a module at its root) imports only from
 # units of strictly lower layers, or from itself. So: ``errors`` imports nothing; ``data``
 # nothing from ``eval`` or ``train``; ``eval`` nothing from ``train``; nothing below
-# ``experiments`` imports the demos or benchmarks; only ``cli`` imports ``runs``.
+# ``experiments`` imports the demos or benchmarks; only ``cli`` imports ``runs``. The planner
+# sits below ``train`` (a run picks its student engine from its estimate) and above the teacher
+# cache (it reports what one would store).
 LAYERS = (
     ("errors", "atomic"),
     ("methods", "run_dir", "tracking"),
@@ -40,8 +42,10 @@ LAYERS = (
     ("inference",),
     ("data",),
     ("eval",),
+    ("teacher_cache",),
+    ("planning",),
     ("train",),
-    ("planning", "launch"),
+    ("launch",),
     ("experiments",),
     ("runs",),
     ("cli",),
