@@ -310,6 +310,7 @@ def build_teacher_cache(config: RunConfig, *, log=print) -> dict[str, Any]:
         stand_in = round_ >= len(pending)
         batch = collator(pending[round_] if not stand_in else batches[0][:1])
         for side in _teacher_sides(batch) if not stand_in else [batch.teacher]:
+            keys = _keys(side)  # on the host: keys hash the token ids' bytes
             side = side.to(ctx.device)
             with torch.no_grad():
                 output = engine(
@@ -322,7 +323,7 @@ def build_teacher_cache(config: RunConfig, *, log=print) -> dict[str, Any]:
                 _check_head(heads, output.hidden_states[-1], output.logits, side.attention_mask,
                             config.train.precision, config.teacher.name_or_path)  # fmt: skip
                 checked = True
-            for row, key, start, end in _keys(side):
+            for row, key, start, end in keys:
                 if key not in done:
                     states = {layer: output.hidden_states[layer][row, start:end]
                               for layer in layout.layers}  # fmt: skip
