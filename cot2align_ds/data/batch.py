@@ -83,6 +83,9 @@ class DistillBatch:
     # one-to-one aligned answer token, -1 elsewhere.
     aligned_teacher_pos_BS: torch.Tensor | None = None
     standard: StandardViews | None = None
+    # CoT2Align's diagnostic: (B, K_s, K_t) bool, the main view's response positions whose answer
+    # tokens cover overlapping characters (``losses/ot/alignment_mass.py``).
+    char_aligned_BKJ: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -96,6 +99,7 @@ class DistillBatch:
             teacher=self.teacher.to(device) if self.teacher is not None else None,
             aligned_teacher_pos_BS=_move(self.aligned_teacher_pos_BS, device),
             standard=self.standard.to(device) if self.standard is not None else None,
+            char_aligned_BKJ=_move(self.char_aligned_BKJ, device),
         )
 
 

@@ -29,6 +29,7 @@ from cot2align_ds.data.batch import IGNORE_INDEX, DistillBatch, StandardViews, T
 from cot2align_ds.data.examples import Example
 from cot2align_ds.data.templates import require_chat_template
 from cot2align_ds.inference.generation import chat_end_text, truncate_prompt
+from cot2align_ds.losses.ot.alignment_mass import char_overlap
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,17 @@ def answer_alignment(
     return positions
 
 
+def _char_aligned(pairs: dict, sides: dict) -> torch.Tensor:
+    """(B, K_s, K_t): response position k answers token k on each side (``pad_side``)."""
+    k_s = sides["student"].response_index.shape[1]
+    k_t = sides["teacher"].response_index.shape[1]
+    out = torch.zeros(len(pairs["student"]), k_s, k_t, dtype=torch.bool)
+    for row, (student, teacher) in enumerate(zip(pairs["student"], pairs["teacher"], strict=True)):
+        overlap = char_overlap(student.answer_spans, teacher.answer_spans)
+        out[row, : overlap.shape[0], : overlap.shape[1]] = torch.from_numpy(overlap)
+    return out
+
+
 def pad_positions(rows: list[np.ndarray], length: int) -> torch.Tensor:
     out = torch.full((len(rows), length), -1, dtype=torch.long)
     for index, row in enumerate(rows):
@@ -171,6 +183,7 @@ class DistillCollator:
         cot_views: bool = False,
         alignment: str | None = None,
         vocab_map=None,
+        char_alignment: bool = False,
     ) -> None:
         self.tokenizers = {"student": student_tokenizer}
         if teacher_tokenizer is not None:
@@ -185,6 +198,12 @@ class DistillCollator:
         self.cot_views = cot_views
         self._end_ids: dict[str, list[int]] = {}
         self.alignment = alignment if teacher_tokenizer is not None else None
+        # Character offsets need fast tokenizers on both sides; without them, no diagnostic.
+        self.char_alignment = (
+            char_alignment
+            and teacher_tokenizer is not None
+            and all(getattr(t, "is_fast", False) for t in self.tokenizers.values())
+        )
         if self.alignment == "dp_reference" and vocab_map is None:
             raise ValueError("the dp_reference alignment needs the teacher->student vocabulary map")
         # A NumPy array: the collator is pickled into the DataLoader workers.
@@ -193,7 +212,7 @@ class DistillCollator:
     def _tokenize(
         self, role: str, examples: Sequence[Example], *, standard_view: bool = False
     ) -> list[TokenizedPair]:
-        offsets = self.alignment == "offsets" and not standard_view
+        offsets = (self.alignment == "offsets" or self.char_alignment) and not standard_view
         tokenizer = self.tokenizers[role]
         pairs = []
         for example in examples:
@@ -239,6 +258,9 @@ class DistillCollator:
                 for s, t in zip(pairs["student"], pairs["teacher"], strict=True)
             ]
             aligned = pad_positions(rows, sides["student"].labels.shape[1])
+        char_aligned = None
+        if self.char_alignment:
+            char_aligned = _char_aligned(pairs, sides)
         return DistillBatch(
             ids=[example.id for example in examples],
             is_cot_B=torch.tensor([e.is_cot for e in examples], dtype=torch.bool),
@@ -246,6 +268,7 @@ class DistillCollator:
             teacher=sides.get("teacher"),
             aligned_teacher_pos_BS=aligned,
             standard=self._standard_views(examples) if self.cot_views else None,
+            char_aligned_BKJ=char_aligned,
         )
 
     def _standard_views(self, examples: Sequence[Example]) -> StandardViews:

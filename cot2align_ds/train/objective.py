@@ -27,6 +27,7 @@ from cot2align_ds.losses.cross_entropy import cross_entropy_loss
 from cot2align_ds.losses.divergences import kd_divergence
 from cot2align_ds.losses.dskd import dskd_cma_loss, dskd_loss
 from cot2align_ds.losses.mined import mined_loss
+from cot2align_ds.losses.ot.alignment_mass import aligned_mass
 from cot2align_ds.losses.ot.loss import cost_matrix, multi_pair_ot_loss
 from cot2align_ds.losses.ot.sinkhorn import sinkhorn_log
 from cot2align_ds.losses.uld import uld_loss
@@ -283,6 +284,10 @@ class Objective:
                 groups.append((s_hidden, t_hidden, student.mask, teacher.mask, pair.weight))
             if diagnostics is not None and name == "ot_main":
                 diagnostics.update(_plan_diagnostics(groups[-1], self.ot))
+                if batch.char_aligned_BKJ is not None:
+                    diagnostics.update(
+                        _aligned_mass_diagnostics(groups, self.ot, batch.char_aligned_BKJ)
+                    )
             result = multi_pair_ot_loss(
                 groups,
                 cost=self.ot.cost,
@@ -422,6 +427,31 @@ def _plan_diagnostics(group: tuple, ot: CoT2AlignConfig) -> dict[str, torch.Tens
         "ot/plan_entropy": (diagnostics.entropy_B * solved).sum() / count,
         "ot/plan_entropy_normalised": (normalised_B * solved).sum() / count,
     }
+
+
+@torch.no_grad()
+def _aligned_mass_diagnostics(
+    groups: list[tuple], ot: CoT2AlignConfig, char_aligned_BKJ: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Per layer pair, the main-view plan's mass on character-aligned position pairs, and the
+    uniform plan's (``losses/ot/alignment_mass.py``); one extra solve per pair, at log steps."""
+    out = {}
+    for pair, (student, teacher, student_mask, teacher_mask, _) in zip(
+        ot.layer_pairs, groups, strict=True
+    ):
+        cost = cost_matrix(student, teacher, ot.cost, teacher_mask_BT=teacher_mask)
+        plan = sinkhorn_log(
+            cost, student_mask, teacher_mask, epsilon=ot.epsilon, num_iters=ot.num_iters,
+            grad_mode="envelope", **adaptive_budget(ot),
+        )  # fmt: skip
+        mass_B, uniform_B = aligned_mass(plan, char_aligned_BKJ, student_mask, teacher_mask)
+        solved = student_mask.any(1) & teacher_mask.any(1)
+        count = solved.sum().clamp_min(1)
+        out[f"ot/aligned_mass/layers_{pair.student}_{pair.teacher}"] = (
+            mass_B * solved
+        ).sum() / count
+        out["ot/aligned_mass_uniform"] = (uniform_B * solved).sum() / count
+    return out
 
 
 def first_teacher_id_only(teacher_to_student_vocab_W: torch.Tensor) -> torch.Tensor:

@@ -343,6 +343,7 @@ def build_data(config: RunConfig, models: Models, ctx: dse.DistContext) -> Data:
         prompt_special_tokens=config.data.prompt_special_tokens,
         cot_views=objective.needs_cross_views,
         alignment=objective.alignment,
+        char_alignment=config.cot2align.enabled,
         vocab_map=objective.teacher_to_student_W if objective.alignment == "dp_reference" else None,
     )
     if models.teacher_cache is not None:
