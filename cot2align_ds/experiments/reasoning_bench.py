@@ -40,7 +40,7 @@ from cot2align_ds.experiments.pipeline import (
 RECIPE = "reasoning_bench"
 DATA_SEED = 1234  # data and teacher are fixed across student seeds (see module docstring)
 TEACHER_SEED = 7
-FULL_SEEDS = (11, 22, 33)
+FULL_SEEDS = (11, 22, 33, 44, 55)
 QUICK_SEEDS = (11, 22)
 ID_TASK = ArithmeticTaskSpec(num_steps=2, max_start=9, max_operand=5)
 OOD_TASK = ArithmeticTaskSpec(num_steps=3, max_start=9, max_operand=5)
@@ -102,6 +102,39 @@ CELLS: tuple[Cell, ...] = (
         {"enabled": True, "reference_compat": True},
         "DSKD-CMA + CoT2Align (reference-compat)",
     ),
+    # The epsilon sweep: the reference's 10 (the cell above) down to sharp plans.
+    Cell(
+        "dskd_cma+cot2align_eps1",
+        "dskd_cma",
+        True,
+        {"enabled": True, "epsilon": 1.0},
+        "DSKD-CMA + CoT2Align, epsilon 1",
+    ),
+    Cell(
+        "dskd_cma+cot2align_eps0.1",
+        "dskd_cma",
+        True,
+        {"enabled": True, "epsilon": 0.1},
+        "DSKD-CMA + CoT2Align, epsilon 0.1",
+    ),
+)
+# (cell, its peer): each "+ CoT2Align" against its base, each ablation and epsilon against the
+# full DSKD-CMA + CoT2Align cell (epsilon 10).
+COMPARISONS = (
+    ("uld+cot2align", "uld"),
+    ("mined+cot2align", "mined"),
+    ("dskd_cma+cot2align", "dskd_cma"),
+    ("dskd_cma+cot_no_ot", "dskd_cma+cot2align"),
+    ("dskd_cma+ot_no_cot", "dskd_cma"),
+    ("dskd_cma+cot2align_no_cross", "dskd_cma+cot2align"),
+    ("dskd_cma+cot2align_refcompat", "dskd_cma+cot2align"),
+    ("dskd_cma+cot2align_eps1", "dskd_cma+cot2align"),
+    ("dskd_cma+cot2align_eps0.1", "dskd_cma+cot2align"),
+)
+MECHANISM_KEYS = (
+    "ot/aligned_mass/layers_0_0",
+    "ot/aligned_mass/layers_-1_-1",
+    "ot/aligned_mass_uniform",
 )
 CELLS_BY_NAME = {cell.name: cell for cell in CELLS}
 
@@ -301,6 +334,82 @@ def run_cell(shared: Shared, cell: Cell, seeds: Sequence[int], cell_dir: Path) -
     return {**summary, "label": cell.label, "seeds": list(seeds), "train_s_per_seed": train_s}
 
 
+def grid_statistics(output_dir: Path, cells: Sequence[Cell], seeds: Sequence[int]) -> dict:
+    """Per cell, the 95% intervals of ID and OOD exact match (bootstrap over problems and
+    seeds); per comparison (``COMPARISONS``), the paired difference, its interval and the
+    smallest difference the design detects; per OT cell, the plans' mass on character-aligned
+    pairs at the last logged step (mean over seeds) against the uniform plan's share."""
+    from cot2align_ds.experiments.bench_stats import (
+        bootstrap_interval,
+        detectable_difference,
+        paired_difference,
+        score_matrix,
+    )
+
+    root = Path(output_dir) / "cells"
+    matrices = {
+        (cell.name, split): score_matrix(
+            [root / cell.name / f"seed{seed}" / f"predictions_{split}.jsonl" for seed in seeds]
+        )
+        for cell in cells
+        for split in ("id", "ood")
+    }
+    stats: dict[str, Any] = {"cells": {}, "comparisons": [], "mechanism": {}}
+    for cell in cells:
+        stats["cells"][cell.name] = {
+            split: bootstrap_interval(matrices[cell.name, split]).to_dict()
+            for split in ("id", "ood")
+        }
+        rows = [_last_row(root / cell.name / f"seed{seed}") for seed in seeds]
+        if all(MECHANISM_KEYS[-1] in row for row in rows):
+            stats["mechanism"][cell.name] = {
+                key: sum(row[key] for row in rows) / len(rows)
+                for key in MECHANISM_KEYS
+                if all(key in row for row in rows)
+            }
+    names = {cell.name for cell in cells}
+    for name, peer in COMPARISONS:
+        if name in names and peer in names:
+            entry = {"cell": name, "peer": peer}
+            for split in ("id", "ood"):
+                diff = paired_difference(matrices[name, split], matrices[peer, split])
+                entry[split] = {**diff.to_dict(), "detectable": detectable_difference(diff)}
+            stats["comparisons"].append(entry)
+    return stats
+
+
+def _last_row(run_dir: Path) -> dict[str, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines if line.strip()]
+    return next((row for row in reversed(rows) if "loss/total" in row), {})
+
+
+def statistics_tables(stats: dict) -> str:
+    """Markdown: intervals per cell, paired differences, the mechanism diagnostic."""
+
+    def interval(entry: dict) -> str:
+        return f"{entry['mean']:.1f} [{entry['low']:.1f}, {entry['high']:.1f}]"
+
+    lines = ["| cell | ID, mean [95% CI] | OOD, mean [95% CI] |", "|---|---|---|"]
+    for name, cell in stats["cells"].items():
+        lines.append(f"| `{name}` | {interval(cell['id'])} | {interval(cell['ood'])} |")
+    lines += ["", "| comparison (cell - peer) | ID difference [95% CI] | detectable | "
+              "OOD difference [95% CI] | detectable |", "|---|---|---|---|---|"]  # fmt: skip
+    for entry in stats["comparisons"]:
+        lines.append(
+            f"| `{entry['cell']}` - `{entry['peer']}` | {interval(entry['id'])} | "
+            f"{entry['id']['detectable']:.1f} | {interval(entry['ood'])} | "
+            f"{entry['ood']['detectable']:.1f} |"
+        )
+    if stats["mechanism"]:
+        lines += ["", "| OT cell | plan mass on aligned pairs, layers 0/0 | layers -1/-1 | "
+                  "uniform plan's share |", "|---|---|---|---|"]  # fmt: skip
+        for name, values in stats["mechanism"].items():
+            cells = [f"{values[key]:.3f}" if key in values else "-" for key in MECHANISM_KEYS]
+            lines.append(f"| `{name}` | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(stats: dict) -> str:
     return f"{stats['mean']:.1f} ± {stats['std']:.1f}"
 
@@ -382,12 +491,14 @@ def run_reasoning_bench(
     for cell in chosen:
         cell_dir = output_dir / "cells" / cell.name
         results["cells"][cell.name] = run_cell(shared, cell, seeds, cell_dir)
+    results["stats"] = grid_statistics(output_dir, chosen, seeds)
     results["timings"] = {**shared.timings, "wall_s": time.perf_counter() - started}
     _write_json(output_dir / "results.json", results)
     # The same table and plot as `cot2align report <cells...>` gives for these runs.
     make_report([output_dir / "cells" / cell.name for cell in chosen], output_dir / "report")
     plot_results(results, output_dir / "results.png")
     table = _header(quick, seeds, size) + results_table(results)
+    table += "\n" + statistics_tables(results["stats"])
     write_text_atomic(output_dir / "results.md", table + "\n![results](results.png)\n")
     return results
 

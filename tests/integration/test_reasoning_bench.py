@@ -175,3 +175,35 @@ def test_probe_selection_errors_are_one_line_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"probes: unknown \['nope'\]"):
         run_reasoning_bench_command(tmp_path / "b", quick=True, probes=True, probe_names=["nope"])
     assert not (tmp_path / "b" / "shared.json").exists()  # nothing built for a bad name
+
+
+def test_the_grid_reports_intervals_paired_differences_and_the_mechanism(bench):
+    from cot2align_ds.experiments.reasoning_bench import COMPARISONS
+
+    out, results = bench
+    stats = results["stats"]
+    assert set(stats["cells"]) == {cell.name for cell in CELLS}
+    for name, cell in stats["cells"].items():
+        for split in ("id", "ood"):
+            interval = cell[split]
+            assert interval["low"] <= interval["mean"] <= interval["high"], (name, split)
+            # The bootstrap's mean is the cell's mean over seeds and problems.
+            assert interval["mean"] == pytest.approx(
+                results["cells"][name][f"exact_match_{split}"]["mean"]
+            )
+    assert [(c["cell"], c["peer"]) for c in stats["comparisons"]] == list(COMPARISONS)
+    for entry in stats["comparisons"]:
+        want = (
+            stats["cells"][entry["cell"]]["id"]["mean"]
+            - stats["cells"][entry["peer"]]["id"]["mean"]
+        )
+        assert entry["id"]["mean"] == pytest.approx(want, abs=1e-9)
+        assert entry["id"]["detectable"] >= 0  # 0 when neither cell varies (quick runs)
+    # Every OT cell logs the plan's mass on character-aligned pairs, and the uniform share.
+    ot_cells = {cell.name for cell in CELLS if cell.cot2align.get("enabled")}
+    assert set(stats["mechanism"]) == ot_cells
+    for values in stats["mechanism"].values():
+        assert 0 < values["ot/aligned_mass_uniform"] < 1
+        assert 0 <= values["ot/aligned_mass/layers_-1_-1"] <= 1
+    table = (out / "results.md").read_text()
+    assert "detectable" in table and "uniform plan's share" in table

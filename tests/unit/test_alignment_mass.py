@@ -64,7 +64,9 @@ def test_a_cot2align_run_logs_the_aligned_mass_per_layer_pair(workspace, tmp_pat
     )  # fmt: skip
     config["data"]["cot_records"] = "all"
     run_train(validate_config(config))
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     keys = {"ot/aligned_mass/layers_0_0", "ot/aligned_mass/layers_-1_-1", "ot/aligned_mass_uniform"}
     for row in rows:
         assert keys <= set(row)
