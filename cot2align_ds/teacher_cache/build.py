@@ -261,11 +261,14 @@ def _check_head(heads, hidden_BTH, logits_BTW, mask_BT, precision: str, name: st
 
 
 def build_teacher_cache(config: RunConfig, *, log=print) -> dict[str, Any]:
-    """Write (or finish) the cache at ``teacher_cache.path``; its index."""
+    """Write (or finish) the cache at ``teacher_cache.path``; its index. ``log``: rank 0's
+    progress lines."""
     if config.teacher_cache.path is None:
         raise TeacherCacheError("teacher_cache.path is not set; name the cache directory")
     root = Path(config.teacher_cache.path)
     ctx = dse.init_distributed(config.deepspeed.dist_timeout_s)
+    if not ctx.is_main:
+        log = _silent
     records = train_records(config)
     layout = run_layout(config, records)
     if (root / INDEX_FILENAME).is_file():
@@ -281,8 +284,8 @@ def build_teacher_cache(config: RunConfig, *, log=print) -> dict[str, Any]:
                 f"teacher_cache.path '{root}' holds shards of a cache built for another run; "
                 "remove them or choose another path"
             )
-    for stale in root.glob(".shard-*.partial"):
-        stale.unlink()  # a write a kill interrupted; its views are recomputed
+    for stale in root.glob(f".shard-r{ctx.rank}-*.partial"):
+        stale.unlink()  # this rank's write a kill interrupted; its views are recomputed
     done = {key for shard in completed_shards(root) for key in shard["views"]}
     teacher_tokenizer = load_tokenizer(config.teacher, "teacher")
     collator = cache_collator(config, load_tokenizer(config.student, "student"), teacher_tokenizer)
@@ -345,6 +348,10 @@ def build_teacher_cache(config: RunConfig, *, log=print) -> dict[str, Any]:
         "bytes per position)"
     )
     return index
+
+
+def _silent(_: str) -> None:
+    pass
 
 
 def check_run_cache(config: RunConfig) -> CacheLayout:
