@@ -21,7 +21,7 @@ import torch
 
 from cot2align_ds.atomic import write_text_atomic
 from cot2align_ds.config import RunConfig
-from cot2align_ds.data.batch import TokenSide
+from cot2align_ds.data.batch import IGNORE_INDEX, TokenSide
 from cot2align_ds.data.collator import DistillCollator
 from cot2align_ds.data.examples import make_examples
 from cot2align_ds.data.records import train_records
@@ -394,7 +394,13 @@ class CachedTeacher:
             hidden[layer] = states
         if self.recompute_0:
             hidden[0] = self.heads.embed(side.input_ids)
-        return self.heads.logits(hidden[-1]), tuple(hidden)
+        # The head only where a loss reads teacher logits (its response positions); zeros
+        # elsewhere, as every teacher term masks them.
+        last = hidden[-1]
+        response = side.labels != IGNORE_INDEX
+        logits = last.new_zeros(*response.shape, self.heads.head.out_features)
+        logits[response] = self.heads.logits(last[response])
+        return logits, tuple(hidden)
 
 
 class CachedCollator:
