@@ -6,7 +6,12 @@ augmentation by that teacher), then every cell of ``CELLS`` distils a fresh stud
 seed. The seed varies the student's initialisation and data order only: data, tokenizers,
 teacher and rationales are shared, so differences between cells come from the method. Students
 are evaluated with standard prompts, greedy decoding, exact match, on a held-out split of the
-training distribution (ID) and on a split with more reasoning steps (OOD).
+training distribution (ID) and on a split with larger numbers than training (OOD).
+
+Task and budget come from pilots (docs/reasoning_bench.md): with 36 epochs the teacher answers
+96% of in-distribution problems with standard prompts and 99.5% with CoT prompts; on 3-step
+problems it stays at 7% (it cannot extrapolate the number of steps), on 2-step problems with
+larger numbers it answers 26.5% (42% with CoT), so that split is the OOD test.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ TEACHER_SEED = 7
 FULL_SEEDS = (11, 22, 33, 44, 55)
 QUICK_SEEDS = (11, 22)
 ID_TASK = ArithmeticTaskSpec(num_steps=2, max_start=9, max_operand=5)
-OOD_TASK = ArithmeticTaskSpec(num_steps=3, max_start=9, max_operand=5)
+OOD_TASK = ArithmeticTaskSpec(num_steps=2, max_start=15, max_operand=8)
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,7 @@ class BenchSize:
     student_max_steps: int | None
 
 
-FULL = BenchSize(1200, 200, 8, 4, None, None)
+FULL = BenchSize(1200, 200, 36, 4, None, None)
 QUICK = BenchSize(96, 16, 1, 1, 2, 2)
 
 
@@ -140,7 +145,7 @@ CELLS_BY_NAME = {cell.name: cell for cell in CELLS}
 
 
 def make_bench_data(out: Path, size: BenchSize) -> dict[str, Path]:
-    """Train/dev/test in distribution, and an OOD test with more steps than training."""
+    """Train/dev/test in distribution, and an OOD test with larger numbers than training."""
     splits = {
         "train": make_split(size.num_train, ID_TASK, DATA_SEED, "train"),
         "dev": make_split(max(size.num_test // 2, 8), ID_TASK, DATA_SEED + 1, "dev"),
@@ -462,8 +467,10 @@ def _pick(kind: str, names: Sequence[str] | None, by_name: dict[str, Any]) -> li
 def _header(quick: bool, seeds: Sequence[int], size: BenchSize) -> str:
     return (
         f"# Reasoning benchmark ({'quick' if quick else 'full'})\n\n"
-        f"Exact match on {size.num_test} held-out problems: ID = {ID_TASK.num_steps} steps "
-        f"(as in training), OOD = {OOD_TASK.num_steps} steps. Standard prompts, greedy decoding; "
+        f"Exact match on {size.num_test} held-out problems: ID = {ID_TASK.num_steps} steps, "
+        f"numbers as in training (start <= {ID_TASK.max_start}, steps <= {ID_TASK.max_operand}); "
+        f"OOD = start <= {OOD_TASK.max_start}, steps <= {OOD_TASK.max_operand}. Standard prompts, "
+        "greedy decoding; "
         f"mean ± sample std over student seeds {list(seeds)} (data, teacher and rationales "
         "shared across seeds).\n\n"
     )
