@@ -104,11 +104,11 @@ def run_layout(config: RunConfig, records) -> CacheLayout:
     teacher_config = model_config(config.teacher, "teacher")
     num_hidden_states = int(teacher_config.get_text_config().num_hidden_layers) + 1
     layers = needed_layers(config, num_hidden_states)
-    recompute_0 = embeddings_are_hidden_state_0(teacher_config) and embeddings_rebuildable(
-        config.teacher
-    )
-    if config.distill.method == "dskd_cma" and not embeddings_are_hidden_state_0(teacher_config):
-        if not embeddings_rebuildable(config.teacher):
+    in_hidden = embeddings_are_hidden_state_0(teacher_config)
+    rebuildable = embeddings_rebuildable(config.teacher)  # builds a meta skeleton: ask once
+    recompute_0 = in_hidden and rebuildable
+    if config.distill.method == "dskd_cma" and not in_hidden:
+        if not rebuildable:
             raise TeacherCacheError(
                 "teacher_cache: DSKD-CMA reads this teacher's embedding table, which cannot be "
                 "loaded on its own (its module has buffers)"
