@@ -396,7 +396,10 @@ def reasoning_bench(
     ] = None,
     seed: Annotated[
         list[int] | None,
-        typer.Option(help="With --probes: student seeds (repeatable; default 11)."),
+        typer.Option(
+            help="Student seeds (repeatable). Default: the grid's five (two with --quick); "
+            "11 with --probes."
+        ),
     ] = None,
 ) -> None:
     """Small reasoning benchmark: base methods vs + CoT2Align and ablations, ID and OOD."""

@@ -328,13 +328,13 @@ def run_reasoning_bench_command(
 
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"--output-dir '{output_dir}' is a file; give a directory")
-    if (probe_names or probe_seeds) and not probes:
-        raise ConfigError("--probe and --seed need --probes")
+    if probe_names and not probes:
+        raise ConfigError("--probe needs --probes")
     if probes:
         seeds = tuple(probe_seeds) if probe_seeds else (11,)
         results = run_probes(output_dir, quick=quick, probes=probe_names or None, seeds=seeds)
         Console().print((output_dir / "probes.md").read_text(), markup=False)
         return results
-    results = run_reasoning_bench(output_dir, quick=quick)
+    results = run_reasoning_bench(output_dir, quick=quick, seeds=probe_seeds or None)
     Console().print((output_dir / "results.md").read_text(), markup=False)
     return results

@@ -61,7 +61,9 @@ class BenchSize:
     student_max_steps: int | None
 
 
-FULL = BenchSize(1200, 200, 36, 4, None, None)
+# Students: 600 optimizer steps of 32 examples in every cell (16 epochs of the standard data, 8
+# of standard + CoT data), where SFT alone reaches ~25% (pilots in docs/reasoning_bench.md).
+FULL = BenchSize(1200, 200, 36, 16, None, 600)
 QUICK = BenchSize(96, 16, 1, 1, 2, 2)
 
 
@@ -79,6 +81,8 @@ class Cell:
 _C2A = {"enabled": True}
 CELLS: tuple[Cell, ...] = (
     Cell("sft", "sft", label="SFT only (no teacher)"),
+    # Rationales against answers only, with no teacher in the loss: does step-by-step help here?
+    Cell("sft+cot_data", "sft", True, label="SFT on standard + CoT data (no teacher)"),
     Cell("uld", "uld", label="ULD"),
     Cell("mined", "mined", label="MinED"),
     Cell("dskd_cma", "dskd_cma", label="DSKD-CMA"),
@@ -126,6 +130,7 @@ CELLS: tuple[Cell, ...] = (
 # (cell, its peer): each "+ CoT2Align" against its base, each ablation and epsilon against the
 # full DSKD-CMA + CoT2Align cell (epsilon 10).
 COMPARISONS = (
+    ("sft+cot_data", "sft"),
     ("uld+cot2align", "uld"),
     ("mined+cot2align", "mined"),
     ("dskd_cma+cot2align", "dskd_cma"),
@@ -217,15 +222,23 @@ def save_shared(out: Path, shared: Shared) -> None:
     _write_json(out / SHARED_FILE, payload)
 
 
+def _shared_part(size: dict[str, Any]) -> dict[str, Any]:
+    # What the shared pipeline depends on: the student budget does not change data or teacher.
+    return {key: value for key, value in size.items() if not key.startswith("student_")}
+
+
 def load_shared(out: Path, size: BenchSize) -> Shared | None:
-    """The shared pipeline an earlier run left in ``out`` at this size; None if absent/partial."""
+    """The shared pipeline an earlier run left in ``out`` for this data and teacher budget
+    (the student budget may differ); None if absent or partial."""
     path = out / SHARED_FILE
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
     paths = [*saved["data"].values(), *saved["tokenizers"].values()]
     paths += [saved["teacher_dir"], saved["cot_file"]]
-    if saved["size"] != asdict(size) or not all(Path(p).exists() for p in paths):
+    if _shared_part(saved["size"]) != _shared_part(asdict(size)):
+        return None
+    if not all(Path(p).exists() for p in paths):
         return None
     base = load_config(RECIPE).model_dump(mode="json")
     shared = Shared(
@@ -257,6 +270,9 @@ def cell_config(shared: Shared, cell: Cell, seed: int, run_dir: Path) -> dict[st
         train__epochs=shared.size.student_epochs,
         train__max_steps=shared.size.student_max_steps,
         train__seed=seed,
+        # One CPU process: ZeRO-3 partitions nothing there, and its hooks cost 1.5x per step
+        # (35.4 s vs 23.3 s for an epoch of DSKD-CMA + CoT2Align, pilots in the docs).
+        deepspeed__student_config="student_zero2.json",
         tracking__run_name=f"reasoning_bench_{cell.name}_seed{seed}",
     )
 
@@ -295,8 +311,12 @@ def _write_json(path: Path, payload: Any) -> None:
 
 
 def _summarise(per_seed: list[dict[str, float]]) -> dict[str, dict]:
-    keys = ("exact_match_id", "exact_match_ood")
-    return {key: aggregate_seeds([run[key] for run in per_seed]).to_dict() for key in keys}
+    keys = ("exact_match_id", "exact_match_ood", "exact_match_id_cot")
+    return {
+        key: aggregate_seeds([run[key] for run in per_seed]).to_dict()
+        for key in keys
+        if all(key in run for run in per_seed)
+    }
 
 
 def with_teacher_cache(raw: dict[str, Any], root: Path, timings: dict[str, float]) -> dict:
@@ -319,24 +339,26 @@ def with_teacher_cache(raw: dict[str, Any], root: Path, timings: dict[str, float
     return raw
 
 
-def run_cell(shared: Shared, cell: Cell, seeds: Sequence[int], cell_dir: Path) -> dict:
-    """Train + evaluate one cell for every seed; per-seed and aggregated eval_results.json. The
-    teacher's states come from a cache shared across cells and seeds (``with_teacher_cache``)."""
-    per_seed, train_s = [], []
+RUN_FILE = "bench_run.json"  # one (cell, seed): its scores and train time, written last
+
+
+def run_one(shared: Shared, cell: Cell, seed: int, cell_dir: Path) -> dict[str, float]:
+    """Train + evaluate one (cell, seed) into ``cell_dir/seed<N>``; a run whose scores are
+    already there is kept (``RUN_FILE`` is written last, atomically), so a stopped
+    grid resumes. The teacher's states come from a cache shared across cells and seeds
+    (``with_teacher_cache``). Cells trained on CoT data are also scored with CoT prompts."""
+    run_dir = cell_dir / f"seed{seed}"
+    done = run_dir / RUN_FILE
+    if done.is_file():
+        return json.loads(done.read_text())
     cache_root = cell_dir.parent.parent / "teacher_cache"
-    for seed in seeds:
-        run_dir = cell_dir / f"seed{seed}"
-        raw = with_teacher_cache(
-            cell_config(shared, cell, seed, run_dir), cache_root, shared.timings
-        )
-        model_dir, seconds = run_stage(raw, f"reasoning-bench {cell.name} seed {seed}")
-        scores = evaluate_model(model_dir, shared, run_dir)
-        _write_json(run_dir / "eval_results.json", _summarise([scores]))
-        per_seed.append(scores)
-        train_s.append(seconds)
-    summary = _summarise(per_seed)
-    _write_json(cell_dir / "eval_results.json", summary)
-    return {**summary, "label": cell.label, "seeds": list(seeds), "train_s_per_seed": train_s}
+    raw = with_teacher_cache(cell_config(shared, cell, seed, run_dir), cache_root, shared.timings)
+    model_dir, seconds = run_stage(raw, f"reasoning-bench {cell.name} seed {seed}")
+    scores = evaluate_model(model_dir, shared, run_dir, cot_prompts=cell.cot_data)
+    _write_json(run_dir / "eval_results.json", _summarise([scores]))
+    scores["train_s"] = seconds
+    _write_json(done, scores)
+    return scores
 
 
 def grid_statistics(output_dir: Path, cells: Sequence[Cell], seeds: Sequence[int]) -> dict:
@@ -420,36 +442,53 @@ def _fmt(stats: dict) -> str:
 
 
 def results_table(results: dict) -> str:
-    """Markdown: one row per cell, mean ± std over seeds of ID and OOD exact match."""
+    """Markdown: one row per cell, mean ± std over seeds of ID and OOD exact match (and, for
+    cells trained on CoT data, ID exact match under CoT prompts)."""
     teacher = results["teacher"]
     lines = [
-        "| cell | exact match ID (%) | exact match OOD (%) | train s / seed |",
-        "|---|---|---|---|",
+        "| cell | exact match ID (%) | exact match OOD (%) | ID, CoT prompts (%) "
+        "| train s / seed |",
+        "|---|---|---|---|---|",
         f"| teacher (reference, seed {TEACHER_SEED}) | {teacher['exact_match_id']:.1f} "
-        f"| {teacher['exact_match_ood']:.1f} | {results['timings']['teacher_train_s']:.0f} |",
+        f"| {teacher['exact_match_ood']:.1f} | {teacher.get('exact_match_id_cot', 0.0):.1f} "
+        f"| {results['timings']['teacher_train_s']:.0f} |",
     ]
     for name, cell in results["cells"].items():
         mean_s = sum(cell["train_s_per_seed"]) / len(cell["train_s_per_seed"])
+        cot = _fmt(cell["exact_match_id_cot"]) if "exact_match_id_cot" in cell else "-"
         lines.append(
             f"| {cell['label']} (`{name}`) | {_fmt(cell['exact_match_id'])} "
-            f"| {_fmt(cell['exact_match_ood'])} | {mean_s:.0f} |"
+            f"| {_fmt(cell['exact_match_ood'])} | {cot} | {mean_s:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def plot_results(results: dict, path: Path) -> None:
-    """Grouped bars (ID, OOD) with the std over seeds as error bars."""
+    """Grouped bars (ID, OOD): the mean over seeds and problems with its 95% interval
+    (``grid_statistics``); the teacher's scores as dashed lines."""
     names = list(results["cells"])
-    figure = Figure(figsize=(max(6.0, 0.8 * len(names)), 4.5))
+    figure = Figure(figsize=(max(6.0, 0.8 * len(names)), 4.8))
     axes = figure.subplots()
-    for offset, key in ((-0.2, "exact_match_id"), (0.2, "exact_match_ood")):
-        stats = [results["cells"][name][key] for name in names]
+    for offset, split, colour in ((-0.2, "id", "tab:blue"), (0.2, "ood", "tab:orange")):
+        cells = [results["stats"]["cells"][name][split] for name in names]
+        means = [cell["mean"] for cell in cells]
+        errors = [
+            [cell["mean"] - cell["low"] for cell in cells],
+            [cell["high"] - cell["mean"] for cell in cells],
+        ]
         positions = [index + offset for index in range(len(names))]
-        means, stds = [s["mean"] for s in stats], [s["std"] for s in stats]
-        axes.bar(positions, means, 0.4, yerr=stds, capsize=3, label=key.rsplit("_", 1)[-1])
+        axes.bar(positions, means, 0.4, yerr=errors, capsize=3, color=colour, label=split.upper())
+        axes.axhline(
+            results["teacher"][f"exact_match_{split}"],
+            color=colour,
+            linestyle="--",
+            linewidth=1,
+            label=f"teacher, {split.upper()}",
+        )
     axes.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=7)
-    axes.set_ylabel("exact match (%)")
-    axes.legend()
+    axes.set_ylabel("exact match (%), 95% interval")
+    axes.set_ylim(0, 100)
+    axes.legend(fontsize=7, ncol=2)
     figure.tight_layout()
     figure.savefig(path, format="png", dpi=110)
 
@@ -489,17 +528,49 @@ def run_reasoning_bench(
     seeds = tuple(seeds or (QUICK_SEEDS if quick else FULL_SEEDS))
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    shared = build_shared(output_dir, size)
-    save_shared(output_dir, shared)
+    shared = load_shared(output_dir, size)
+    reused = shared is not None
+    if shared is None:
+        shared = build_shared(output_dir, size)
+        save_shared(output_dir, shared)
     results: dict[str, Any] = {"quick": quick, "size": asdict(size), "seeds": list(seeds)}
-    results["teacher"] = evaluate_model(shared.teacher_dir, shared, output_dir / "teacher")
+    results["teacher"] = evaluate_model(
+        shared.teacher_dir, shared, output_dir / "teacher", cot_prompts=True
+    )
     results["augment"] = shared.augment_stats
+    resumed = sum(
+        (output_dir / "cells" / cell.name / f"seed{seed}" / "eval_results.json").is_file()
+        for cell in chosen
+        for seed in seeds
+    )
+    # Seed-major: a grid stopped part-way holds whole seeds, and a rerun resumes (``run_one``).
+    per_seed: dict[str, list[dict[str, float]]] = {cell.name: [] for cell in chosen}
+    for seed in seeds:
+        for cell in chosen:
+            scores = run_one(shared, cell, seed, output_dir / "cells" / cell.name)
+            per_seed[cell.name].append(scores)
     results["cells"] = {}
     for cell in chosen:
-        cell_dir = output_dir / "cells" / cell.name
-        results["cells"][cell.name] = run_cell(shared, cell, seeds, cell_dir)
+        summary = _summarise(per_seed[cell.name])
+        _write_json(output_dir / "cells" / cell.name / "eval_results.json", summary)
+        train_s = [run["train_s"] for run in per_seed[cell.name]]
+        results["cells"][cell.name] = {
+            **summary,
+            "label": cell.label,
+            "seeds": list(seeds),
+            "train_s_per_seed": train_s,
+        }
     results["stats"] = grid_statistics(output_dir, chosen, seeds)
-    results["timings"] = {**shared.timings, "wall_s": time.perf_counter() - started}
+    wall_s = time.perf_counter() - started
+    # A reused teacher still belongs to the grid's cost: the total adds its build back.
+    shared_s = shared.timings["teacher_train_s"] + shared.timings["augment_s"] if reused else 0.0
+    results["timings"] = {
+        **shared.timings,
+        "wall_s": wall_s,
+        "shared_reused": reused,
+        "runs_resumed": resumed,  # (cell, seed) runs an earlier, stopped grid left
+        "total_s": wall_s + shared_s,
+    }
     _write_json(output_dir / "results.json", results)
     # The same table and plot as `cot2align report <cells...>` gives for these runs.
     make_report([output_dir / "cells" / cell.name for cell in chosen], output_dir / "report")
@@ -528,7 +599,7 @@ class Probe:
 
 
 BIGGER_STUDENT = {"model_type": "gpt2", "n_embd": 128, "n_layer": 4, "n_head": 4}
-_SFT_COT = Cell("sft+cot_data", "sft", True, label="SFT on CoT data (no teacher)")
+_SFT_COT = CELLS_BY_NAME["sft+cot_data"]
 _OT_ONLY = CELLS_BY_NAME["dskd_cma+ot_no_cot"]
 _C2A_CELL = CELLS_BY_NAME["dskd_cma+cot2align"]
 PROBES: tuple[Probe, ...] = (

@@ -92,6 +92,8 @@ def test_results_files_aggregate_every_cell(bench):
     out, results = bench
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["timings"]["wall_s"] > 0 and on_disk["quick"] is True
+    assert on_disk["timings"]["runs_resumed"] == 0 and not on_disk["timings"]["shared_reused"]
+    assert on_disk["timings"]["total_s"] == on_disk["timings"]["wall_s"]
     assert set(on_disk["cells"]) == {cell.name for cell in CELLS}
     table = (out / "results.md").read_text()
     assert (out / "results.png").stat().st_size > 1000
@@ -170,7 +172,7 @@ def test_probe_selection_errors_are_one_line_config_errors(tmp_path):
     from cot2align_ds.config import ConfigError
     from cot2align_ds.runs import run_reasoning_bench_command
 
-    with pytest.raises(ConfigError, match="--probe and --seed need --probes"):
+    with pytest.raises(ConfigError, match="--probe needs --probes"):
         run_reasoning_bench_command(tmp_path / "a", quick=True, probe_names=["sft_cot"])
     with pytest.raises(ConfigError, match=r"probes: unknown \['nope'\]"):
         run_reasoning_bench_command(tmp_path / "b", quick=True, probes=True, probe_names=["nope"])
@@ -207,3 +209,29 @@ def test_the_grid_reports_intervals_paired_differences_and_the_mechanism(bench):
         assert 0 <= values["ot/aligned_mass/layers_-1_-1"] <= 1
     table = (out / "results.md").read_text()
     assert "detectable" in table and "uniform plan's share" in table
+
+
+def test_cells_trained_on_cot_data_are_also_scored_with_cot_prompts(bench):
+    out, results = bench
+    for cell in CELLS:
+        assert ("exact_match_id_cot" in results["cells"][cell.name]) == cell.cot_data, cell.name
+    run_dir = out / "cells" / "sft+cot_data" / f"seed{QUICK_SEEDS[0]}"
+    prompt = json.loads((run_dir / "predictions_id_cot.jsonl").read_text().splitlines()[0])
+    assert "step by step" in prompt["prompt"]
+    assert "| `sft+cot_data` - `sft` |" in (out / "results.md").read_text()
+
+
+def test_a_rerun_resumes_every_finished_run_and_reuses_the_teacher(bench):
+    out, results = bench
+    teacher = next((out / "teacher").rglob("model.safetensors")).stat().st_mtime_ns
+    student = next((out / "cells" / "uld" / f"seed{QUICK_SEEDS[0]}").rglob("model.safetensors"))
+    before = student.stat().st_mtime_ns
+    again = run_reasoning_bench(out, quick=True)
+    assert again["timings"]["runs_resumed"] == len(CELLS) * len(QUICK_SEEDS)
+    assert again["timings"]["shared_reused"]
+    assert again["timings"]["total_s"] > again["timings"]["wall_s"]  # the teacher's build added
+    assert student.stat().st_mtime_ns == before
+    assert next((out / "teacher").rglob("model.safetensors")).stat().st_mtime_ns == teacher
+    for name, cell in results["cells"].items():
+        for key in ("exact_match_id", "exact_match_ood"):
+            assert again["cells"][name][key] == cell[key], name
