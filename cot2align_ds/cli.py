@@ -278,6 +278,14 @@ def evaluate(
     template: Annotated[
         str | None, typer.Option(help="Prompt template (default: the run's, else alpaca).")
     ] = None,
+    teacher_time: Annotated[
+        bool,
+        typer.Option(
+            "--teacher-time",
+            help="After a grid in --output-dir: measure what its teacher costs with and "
+            "without the teacher cache (teacher_time.json).",
+        ),
+    ] = False,
     seed: Annotated[
         list[int] | None, typer.Option(help="Repeatable; default 10 20 30 40 50.")
     ] = None,
@@ -394,6 +402,14 @@ def reasoning_bench(
     probe: Annotated[
         list[str] | None, typer.Option(help="With --probes: run only these (repeatable).")
     ] = None,
+    teacher_time: Annotated[
+        bool,
+        typer.Option(
+            "--teacher-time",
+            help="After a grid in --output-dir: measure what its teacher costs with and "
+            "without the teacher cache (teacher_time.json).",
+        ),
+    ] = False,
     seed: Annotated[
         list[int] | None,
         typer.Option(
@@ -406,7 +422,12 @@ def reasoning_bench(
     from cot2align_ds.runs import run_reasoning_bench_command
 
     run_reasoning_bench_command(
-        output_dir, quick=quick, probes=probes, probe_names=probe, probe_seeds=seed
+        output_dir,
+        quick=quick,
+        probes=probes,
+        probe_names=probe,
+        probe_seeds=seed,
+        teacher_time=teacher_time,
     )
 
 

@@ -323,18 +323,25 @@ def run_reasoning_bench_command(
     probes: bool = False,
     probe_names: list[str] | None = None,
     probe_seeds: list[int] | None = None,
+    teacher_time: bool = False,
 ) -> dict:
-    from cot2align_ds.experiments.reasoning_bench import run_probes, run_reasoning_bench
+    from cot2align_ds.experiments import reasoning_bench as bench
 
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"--output-dir '{output_dir}' is a file; give a directory")
     if probe_names and not probes:
         raise ConfigError("--probe needs --probes")
+    if teacher_time and probes:
+        raise ConfigError("--teacher-time and --probes are separate runs; give one")
+    if teacher_time:
+        result = bench.measure_teacher_time(output_dir, quick=quick, steps=4 if quick else 100)
+        Console().print(bench.teacher_time_table(result), markup=False)
+        return result
     if probes:
         seeds = tuple(probe_seeds) if probe_seeds else (11,)
-        results = run_probes(output_dir, quick=quick, probes=probe_names or None, seeds=seeds)
+        results = bench.run_probes(output_dir, quick=quick, probes=probe_names or None, seeds=seeds)
         Console().print((output_dir / "probes.md").read_text(), markup=False)
         return results
-    results = run_reasoning_bench(output_dir, quick=quick, seeds=probe_seeds or None)
+    results = bench.run_reasoning_bench(output_dir, quick=quick, seeds=probe_seeds or None)
     Console().print((output_dir / "results.md").read_text(), markup=False)
     return results

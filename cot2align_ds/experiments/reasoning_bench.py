@@ -333,10 +333,20 @@ def with_teacher_cache(raw: dict[str, Any], root: Path, timings: dict[str, float
     if not (path / INDEX_FILENAME).is_file():
         started = time.perf_counter()
         build_teacher_cache(validate_config(raw, "reasoning-bench cache"), log=lambda _: None)
-        timings["teacher_cache_s"] = timings.get("teacher_cache_s", 0.0) + (
-            time.perf_counter() - started
-        )
+        seconds = time.perf_counter() - started
+        timings["teacher_cache_s"] = timings.get("teacher_cache_s", 0.0) + seconds
+        # Kept beside the cache: a resumed grid that finds it built still counts its cost.
+        _write_json(path.with_suffix(BUILD_TIME_SUFFIX), {"build_s": seconds})
     return raw
+
+
+BUILD_TIME_SUFFIX = ".build.json"
+
+
+def cache_build_seconds(root: Path) -> float:
+    """The build time of every teacher cache under ``root`` (``with_teacher_cache``)."""
+    files = Path(root).glob(f"*{BUILD_TIME_SUFFIX}")
+    return sum(json.loads(path.read_text())["build_s"] for path in files)
 
 
 RUN_FILE = "bench_run.json"  # one (cell, seed): its scores and train time, written last
@@ -566,6 +576,7 @@ def run_reasoning_bench(
     shared_s = shared.timings["teacher_train_s"] + shared.timings["augment_s"] if reused else 0.0
     results["timings"] = {
         **shared.timings,
+        "teacher_cache_s": cache_build_seconds(output_dir / "teacher_cache"),
         "wall_s": wall_s,
         "shared_reused": reused,
         "runs_resumed": resumed,  # (cell, seed) runs an earlier, stopped grid left
@@ -579,6 +590,114 @@ def run_reasoning_bench(
     table += "\n" + statistics_tables(results["stats"])
     write_text_atomic(output_dir / "results.md", table + "\n![results](results.png)\n")
     return results
+
+
+# -- The grid's teacher time with and without the teacher cache -----------------------------------
+
+TEACHER_TIME_FILE = "teacher_time.json"
+
+
+def _steady_step_s(run_dir: Path) -> float:
+    """Seconds per optimizer step between the first and the last logged step (start-up and
+    the final save excluded)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    rows = [row for row in map(json.loads, lines) if "loss/total" in row]
+    first, last = rows[0], rows[-1]
+    return (last["time"] - first["time"]) / max(last["step"] - first["step"], 1)
+
+
+def measure_teacher_time(output_dir: Path, *, quick: bool, steps: int) -> dict:
+    """What the teacher costs the grid of ``output_dir`` with and without the teacher cache.
+
+    The grid's teacher cells fall into one group per cache layout (the views and layers they
+    read). For each group, back to back: its cache is built afresh (timed), then ``steps``
+    steps of one of its cells (seed ``FULL_SEEDS[0]``) are trained with the live teacher and
+    from that cache. The difference of the two steady-state step times is the live teacher's
+    time per step for every run of the layout (its batches do not depend on the student's
+    method). Without the cache the grid pays it at every step of every run; with the cache it
+    pays the builds. Writes ``teacher_time.json``."""
+    import shutil
+
+    from cot2align_ds.teacher_cache.build import build_teacher_cache, layout_digest
+
+    output_dir = Path(output_dir)
+    size = QUICK if quick else FULL
+    shared = load_shared(output_dir, size)
+    done = output_dir / "results.json"
+    if shared is None or not done.is_file():
+        raise ConfigError(f"--output-dir '{output_dir}': run the grid there first")
+    grid = json.loads(done.read_text())
+    seed = (QUICK_SEEDS if quick else FULL_SEEDS)[0]
+    root = output_dir / "teacher_time"
+    groups: dict[str, list[Cell]] = {}
+    for name in grid["cells"]:
+        cell = CELLS_BY_NAME[name]
+        if cell.method != "sft":
+            raw = cell_config(shared, cell, seed, root / "unused")
+            groups.setdefault(layout_digest(validate_config(raw, "teacher time")), []).append(cell)
+    rows = []
+    for digest, cells in groups.items():
+        cell, cache = cells[0], root / f"cache-{digest}"
+        shutil.rmtree(cache, ignore_errors=True)
+        step_s = {}
+        for mode in ("build", "live", "cached"):
+            run_dir = root / f"{cell.name}-{mode}"
+            raw = stage_config(
+                cell_config(shared, cell, seed, run_dir),
+                train__max_steps=steps,
+                train__log_every=max(steps // 10, 1),
+            )
+            if mode != "live":
+                raw = {**raw, "teacher_cache": {**raw["teacher_cache"], "path": str(cache)}}
+            started = time.perf_counter()
+            if mode == "build":
+                build_teacher_cache(validate_config(raw, "teacher time"), log=lambda _: None)
+                build_s = time.perf_counter() - started
+                continue
+            run_stage(raw, f"reasoning-bench teacher time {cell.name} {mode}")
+            step_s[mode] = _steady_step_s(run_dir)
+        runs = len(cells) * len(grid["seeds"])
+        teacher_step_s = step_s["live"] - step_s["cached"]
+        rows.append({
+            "layout": digest,
+            "cells": [c.name for c in cells],
+            "measured_on": cell.name,
+            "build_s": build_s,
+            "step_s_live": step_s["live"],
+            "step_s_cached": step_s["cached"],
+            "runs": runs,
+            "grid_teacher_s_live": teacher_step_s * runs * grid["size"]["student_max_steps"],
+        })  # fmt: skip
+    result = {
+        "steps": steps,
+        "seed": seed,
+        "grid_seeds": grid["seeds"],
+        "layouts": rows,
+        "grid_teacher_s_live": sum(row["grid_teacher_s_live"] for row in rows),
+        "grid_teacher_s_cached": sum(row["build_s"] for row in rows),
+    }
+    _write_json(output_dir / TEACHER_TIME_FILE, result)
+    return result
+
+
+def teacher_time_table(result: dict) -> str:
+    lines = [
+        "| cells (one cache layout) | cache build s | step s, live teacher "
+        "| step s, from the cache | runs in the grid | grid teacher s without the cache |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in result["layouts"]:
+        lines.append(
+            f"| {', '.join(f'`{c}`' for c in row['cells'])} | {row['build_s']:.1f} "
+            f"| {row['step_s_live']:.3f} | {row['step_s_cached']:.3f} | {row['runs']} "
+            f"| {row['grid_teacher_s_live']:.0f} |"
+        )
+    lines.append(
+        f"\nThe grid's teacher time: {result['grid_teacher_s_live']:.0f} s with the live "
+        f"teacher (each step's difference, times every step of every run), "
+        f"{result['grid_teacher_s_cached']:.0f} s with the caches (their builds)."
+    )
+    return "\n".join(lines) + "\n"
 
 
 # -- Probes: single-seed diagnostics of why a cell scores what it scores ---------------------------

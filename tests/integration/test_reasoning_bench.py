@@ -116,7 +116,7 @@ def test_results_files_aggregate_every_cell(bench):
 
 def test_cells_and_seeds_share_one_teacher_cache_per_layout(bench):
     out, results = bench
-    caches = sorted((out / "teacher_cache").iterdir())
+    caches = sorted(path for path in (out / "teacher_cache").iterdir() if path.is_dir())
     used = {}
     for cell in CELLS:
         for seed in QUICK_SEEDS:
@@ -133,6 +133,10 @@ def test_cells_and_seeds_share_one_teacher_cache_per_layout(bench):
     assert len(caches) < sum(cell.method != "sft" for cell in CELLS)
     assert all((cache / "index.json").is_file() for cache in caches)
     assert results["timings"]["teacher_cache_s"] > 0
+    builds = [json.loads(cache.with_suffix(".build.json").read_text()) for cache in caches]
+    assert sum(build["build_s"] for build in builds) == pytest.approx(
+        results["timings"]["teacher_cache_s"]
+    )
 
 
 def test_probes_reuse_the_shared_pipeline_and_apply_their_changes(bench):
@@ -231,7 +235,40 @@ def test_a_rerun_resumes_every_finished_run_and_reuses_the_teacher(bench):
     assert again["timings"]["shared_reused"]
     assert again["timings"]["total_s"] > again["timings"]["wall_s"]  # the teacher's build added
     assert student.stat().st_mtime_ns == before
+    # The caches were found built; their build time still counts.
+    assert again["timings"]["teacher_cache_s"] == results["timings"]["teacher_cache_s"]
     assert next((out / "teacher").rglob("model.safetensors")).stat().st_mtime_ns == teacher
     for name, cell in results["cells"].items():
         for key in ("exact_match_id", "exact_match_ood"):
             assert again["cells"][name][key] == cell[key], name
+
+
+def test_teacher_time_is_measured_per_cache_layout(bench, tmp_path):
+    from cot2align_ds.config import ConfigError
+    from cot2align_ds.experiments.reasoning_bench import measure_teacher_time
+
+    with pytest.raises(ConfigError, match="run the grid there first"):
+        measure_teacher_time(tmp_path, quick=True, steps=4)
+    out, results = bench
+    result = measure_teacher_time(out, quick=True, steps=4)
+    layouts = result["layouts"]
+    teacher_cells = [cell.name for cell in CELLS if cell.method != "sft"]
+    assert sorted(c for row in layouts for c in row["cells"]) == sorted(teacher_cells)
+    # One group per cache the grid built: cells that share a cache share a layout.
+    grid_caches = [path for path in (out / "teacher_cache").iterdir() if path.is_dir()]
+    assert len(layouts) == len(grid_caches)
+    for row in layouts:
+        assert row["build_s"] > 0 and row["step_s_live"] > 0 and row["step_s_cached"] > 0
+        assert row["runs"] == len(row["cells"]) * len(QUICK_SEEDS)
+        live = json.loads((out / "teacher_time" / f"{row['measured_on']}-live" / "config.json")
+                          .read_text())  # fmt: skip
+        cached = json.loads(
+            (out / "teacher_time" / f"{row['measured_on']}-cached" / "config.json").read_text()
+        )
+        assert live["teacher_cache"]["path"] is None
+        assert cached["teacher_cache"]["path"] == str(
+            out / "teacher_time" / f"cache-{row['layout']}"
+        )
+        assert live["train"]["max_steps"] == cached["train"]["max_steps"] == 4
+    assert result["grid_teacher_s_cached"] == pytest.approx(sum(r["build_s"] for r in layouts))
+    assert json.loads((out / "teacher_time.json").read_text()) == result
