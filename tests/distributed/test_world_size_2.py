@@ -147,34 +147,62 @@ def test_cot2align_finishes_when_a_rank_has_no_cot_record(workspace, tmp_path):
     assert all(torch.isfinite(torch.tensor(cross))) and max(cross) > 0 and min(cross) == 0
 
 
+# (method, the student's tokenizer): vanilla KD and DSKD need the teacher's vocabulary.
+CACHE_METHODS = {
+    "uld": "student_tok",
+    "mined": "student_tok",
+    "dskd_cma": "student_tok",
+    "vanilla_kd": "teacher_tok",
+    "dskd": "teacher_tok",
+}
+
+
 def test_teacher_cache_built_and_read_by_two_ranks_trains_the_live_steps(workspace, tmp_path):
-    """``cache-teacher`` on two ranks (each its share of the views, partitioned teacher) and a
-    two-rank DSKD-CMA + CoT2Align run from that cache give the live two-rank run's losses."""
+    """``cache-teacher`` on two ranks (each its share of the views, partitioned teacher), then
+    every method with and without CoT2Align trained by two ranks from that cache: each run's
+    per-step losses equal the live two-rank run's. One cache per view set (with and without the
+    CoT views) serves every method; the runs of each kind share one launch."""
     from cot2align_ds.teacher_cache.store import completed_shards
 
-    def config(name: str, cache: Path | None) -> Path:
+    def config(name: str, method: str, cot2align: bool, cache: Path | None) -> Path:
         raw = tiny_run_config(
             workspace,
             tmp_path / name,
-            student={"architecture": NO_DROPOUT, "tokenizer": str(workspace["student_tok"])},
-            distill={"method": "dskd_cma", "kd_rate": 0.5, "temperature": 1.0},
+            student={
+                "architecture": NO_DROPOUT,
+                "tokenizer": str(workspace[CACHE_METHODS[method]]),
+            },
+            distill={"method": method, "kd_rate": 0.5, "temperature": 1.0},
             train={"max_steps": 3, "micro_batch_size": 4, "lr": 5e-3},
         )
-        raw["cot2align"] = {"enabled": True, "num_iters": 20}
-        raw["data"]["cot_records"] = "all"
+        if cot2align:
+            raw["cot2align"] = {"enabled": True, "num_iters": 20}
+            raw["data"]["cot_records"] = "all"
         if cache is not None:
             raw["teacher_cache"] = {"path": str(cache), "shard_views": 16}
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(raw))
         return path
 
-    cache = tmp_path / "cache"
-    cached = config("cached", cache)
-    _torchrun(["-m", "cot2align_ds.cli", "cache-teacher", "--config", str(cached)])
-    ranks = {shard["file"].split("-")[1] for shard in completed_shards(cache)}
-    assert ranks == {"r0", "r1"}  # each rank wrote its share
-    _torchrun(["-m", "cot2align_ds.cli", "train", "--config", str(cached)])
-    _torchrun(["-m", "cot2align_ds.cli", "train", "--config", str(config("live", None))])
-    live, from_cache = _losses(tmp_path / "live"), _losses(tmp_path / "cached")
-    assert len(live) == len(from_cache) == 3
-    torch.testing.assert_close(torch.tensor(from_cache), torch.tensor(live), rtol=1e-5, atol=1e-7)
+    caches = {c2a: tmp_path / f"cache_{'cot' if c2a else 'plain'}" for c2a in (True, False)}
+    for cot2align, cache in caches.items():
+        # DSKD-CMA reads the most teacher layers; its cache serves every method.
+        build = config(f"build_{cot2align}", "dskd_cma", cot2align, cache)
+        _torchrun(["-m", "cot2align_ds.cli", "cache-teacher", "--config", str(build)])
+        ranks = {shard["file"].split("-")[1] for shard in completed_shards(cache)}
+        assert ranks == {"r0", "r1"}  # each rank wrote its share
+    runs = [(method, c2a) for method in CACHE_METHODS for c2a in (True, False)]
+    names = {run: f"{run[0]}_{'c2a' if run[1] else 'plain'}" for run in runs}
+    for kind in ("live", "cached"):
+        paths = [
+            config(f"{kind}_{names[run]}", *run, caches[run[1]] if kind == "cached" else None)
+            for run in runs
+        ]
+        _torchrun([str(HERE / "train_each.py"), *map(str, paths)], timeout=600)
+    for run in runs:
+        live = _losses(tmp_path / f"live_{names[run]}")
+        from_cache = _losses(tmp_path / f"cached_{names[run]}")
+        assert len(live) == len(from_cache) == 3, names[run]
+        torch.testing.assert_close(
+            torch.tensor(from_cache), torch.tensor(live), rtol=1e-5, atol=1e-7, msg=names[run]
+        )
