@@ -91,6 +91,11 @@ def test_gpu_mode_dry_run_on_cpu():
     assert teacher["ours"] > 0 and teacher["peer"] > 0
     both = rows["one offloaded-teacher forward for both views vs one per view"]
     assert both["ours"] > 0 and both["peer"] > 0
+    cached = rows[
+        "both views' teacher states from a teacher cache (read, copy, head) vs the offloaded "
+        "teacher's forward"
+    ]
+    assert cached["ours"] > 0 and cached["peer"] == both["ours"]  # the same forward, timed once
     headless = rows["student cross-view pass, LM head on the last position vs on all"]
     assert headless["ours"] > 0 and headless["peer"] > 0
 
