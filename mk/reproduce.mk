@@ -1,7 +1,9 @@
 # The small reasoning benchmark. The Makefile includes this file
 # (`-include mk/reproduce.mk`) and provides PY, OFFLINE and the `install` target.
 #
-#   make reproduce-small         the full grid: every cell x 3 seeds (budget: <= 60 min on 2 CPU cores)
+#   make reproduce-small         the full grid: every cell x 5 seeds (about 2 h 20 min on 2 CPU
+#                                cores; resumes where a stopped run stopped)
+#   make reproduce-teacher-time  after it: the grid's teacher time with and without the cache
 #   make reproduce-small-quick   the same pipeline, tiny sizes and 2 seeds (~1-2 min)
 #   make reproduce-probes        single-seed diagnostics of the full grid (reasoning_bench.PROBES)
 #
@@ -16,7 +18,7 @@ reproduce_default_goal := $(.DEFAULT_GOAL)
 REPRODUCE_ROOT ?= runs/reasoning_bench
 REPRODUCE_QUICK_ROOT ?= runs/reasoning_bench-quick
 
-.PHONY: reproduce-small reproduce-small-quick reproduce-probes
+.PHONY: reproduce-small reproduce-small-quick reproduce-probes reproduce-teacher-time
 
 reproduce-small: install
 	$(OFFLINE) $(PY) -m cot2align_ds.cli reasoning-bench --output-dir $(REPRODUCE_ROOT)
@@ -25,6 +27,10 @@ reproduce-small: install
 # $(REPRODUCE_ROOT); builds them first when `make reproduce-small` has not run.
 reproduce-probes: install
 	$(OFFLINE) $(PY) -m cot2align_ds.cli reasoning-bench --output-dir $(REPRODUCE_ROOT) --probes
+
+# What the teacher costs the grid of $(REPRODUCE_ROOT), live against its caches.
+reproduce-teacher-time: install
+	$(OFFLINE) $(PY) -m cot2align_ds.cli reasoning-bench --output-dir $(REPRODUCE_ROOT) --teacher-time
 
 reproduce-small-quick: install
 	$(OFFLINE) $(PY) -m cot2align_ds.cli reasoning-bench --output-dir $(REPRODUCE_QUICK_ROOT) --quick

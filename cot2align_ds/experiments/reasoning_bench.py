@@ -11,7 +11,8 @@ training distribution (ID) and on a split with larger numbers than training (OOD
 Task and budget come from pilots (docs/reasoning_bench.md): with 36 epochs the teacher answers
 96% of in-distribution problems with standard prompts and 99.5% with CoT prompts; on 3-step
 problems it stays at 7% (it cannot extrapolate the number of steps), on 2-step problems with
-larger numbers it answers 26.5% (42% with CoT), so that split is the OOD test.
+larger numbers it answers 26.5% (42% with CoT), so that split is the OOD test. Every student
+trains 600 steps of 32 examples, where SFT alone reaches about 25%.
 """
 
 from __future__ import annotations
