@@ -278,14 +278,6 @@ def evaluate(
     template: Annotated[
         str | None, typer.Option(help="Prompt template (default: the run's, else alpaca).")
     ] = None,
-    teacher_time: Annotated[
-        bool,
-        typer.Option(
-            "--teacher-time",
-            help="After a grid in --output-dir: measure what its teacher costs with and "
-            "without the teacher cache (teacher_time.json).",
-        ),
-    ] = False,
     seed: Annotated[
         list[int] | None, typer.Option(help="Repeatable; default 10 20 30 40 50.")
     ] = None,
