@@ -17,6 +17,7 @@ trains 600 steps of 32 examples, where SFT alone reaches about 25%.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -271,8 +272,8 @@ def cell_config(shared: Shared, cell: Cell, seed: int, run_dir: Path) -> dict[st
         train__epochs=shared.size.student_epochs,
         train__max_steps=shared.size.student_max_steps,
         train__seed=seed,
-        # One CPU process: ZeRO-3 partitions nothing there, and its hooks cost 1.5x per step
-        # (35.4 s vs 23.3 s for an epoch of DSKD-CMA + CoT2Align, pilots in the docs).
+        # One CPU process: ZeRO-3 partitions nothing there and its hooks only add time
+        # (the engine pilots in docs/reasoning_bench.md).
         deepspeed__student_config="student_zero2.json",
         tracking__run_name=f"reasoning_bench_{cell.name}_seed{seed}",
     )
@@ -359,16 +360,21 @@ def run_one(shared: Shared, cell: Cell, seed: int, cell_dir: Path) -> dict[str, 
     grid resumes. The teacher's states come from a cache shared across cells and seeds
     (``with_teacher_cache``). Cells trained on CoT data are also scored with CoT prompts."""
     run_dir = cell_dir / f"seed{seed}"
+    raw = cell_config(shared, cell, seed, run_dir)
+    # A run left by a grid with another config (budget, cell definition) is redone, not reused.
+    digest = hashlib.blake2b(json.dumps(raw, sort_keys=True).encode(), digest_size=16).hexdigest()
     done = run_dir / RUN_FILE
     if done.is_file():
-        return json.loads(done.read_text())
+        saved = json.loads(done.read_text())
+        if saved.pop("config_digest", None) == digest:
+            return saved
     cache_root = cell_dir.parent.parent / "teacher_cache"
-    raw = with_teacher_cache(cell_config(shared, cell, seed, run_dir), cache_root, shared.timings)
+    raw = with_teacher_cache(raw, cache_root, shared.timings)
     model_dir, seconds = run_stage(raw, f"reasoning-bench {cell.name} seed {seed}")
     scores = evaluate_model(model_dir, shared, run_dir, cot_prompts=cell.cot_data)
     _write_json(run_dir / "eval_results.json", _summarise([scores]))
     scores["train_s"] = seconds
-    _write_json(done, scores)
+    _write_json(done, {**scores, "config_digest": digest})
     return scores
 
 
@@ -550,7 +556,7 @@ def run_reasoning_bench(
     )
     results["augment"] = shared.augment_stats
     resumed = sum(
-        (output_dir / "cells" / cell.name / f"seed{seed}" / "eval_results.json").is_file()
+        (output_dir / "cells" / cell.name / f"seed{seed}" / RUN_FILE).is_file()
         for cell in chosen
         for seed in seeds
     )

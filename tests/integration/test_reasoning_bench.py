@@ -241,6 +241,14 @@ def test_a_rerun_resumes_every_finished_run_and_reuses_the_teacher(bench):
     for name, cell in results["cells"].items():
         for key in ("exact_match_id", "exact_match_ood"):
             assert again["cells"][name][key] == cell[key], name
+    # A run left by a grid with another config is redone, not reused; the others are kept.
+    stale = out / "cells" / "uld" / f"seed{QUICK_SEEDS[0]}" / "bench_run.json"
+    stale.write_text(json.dumps({**json.loads(stale.read_text()), "config_digest": "other"}))
+    other = next((out / "cells" / "uld" / f"seed{QUICK_SEEDS[1]}").rglob("model.safetensors"))
+    kept = other.stat().st_mtime_ns
+    run_reasoning_bench(out, quick=True)
+    assert student.stat().st_mtime_ns != before
+    assert other.stat().st_mtime_ns == kept
 
 
 def test_teacher_time_is_measured_per_cache_layout(bench, tmp_path):
