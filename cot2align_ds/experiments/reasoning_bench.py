@@ -321,7 +321,7 @@ def _summarise(per_seed: list[dict[str, float]]) -> dict[str, dict]:
     }
 
 
-def with_teacher_cache(raw: dict[str, Any], root: Path, timings: dict[str, float]) -> dict:
+def with_teacher_cache(raw: dict[str, Any], root: Path) -> dict:
     """``raw`` reading the teacher from a cache under ``root``: one cache per distinct teacher
     layout (training file, views, layers; ``teacher_cache.build.layout_digest``), built on first
     use and shared by every cell and seed that reads the same states. SFT cells are unchanged."""
@@ -335,10 +335,8 @@ def with_teacher_cache(raw: dict[str, Any], root: Path, timings: dict[str, float
     if not (path / INDEX_FILENAME).is_file():
         started = time.perf_counter()
         build_teacher_cache(validate_config(raw, "reasoning-bench cache"), log=lambda _: None)
-        seconds = time.perf_counter() - started
-        timings["teacher_cache_s"] = timings.get("teacher_cache_s", 0.0) + seconds
         # Kept beside the cache: a resumed grid that finds it built still counts its cost.
-        _write_json(path.with_suffix(BUILD_TIME_SUFFIX), {"build_s": seconds})
+        _write_json(path.with_suffix(BUILD_TIME_SUFFIX), {"build_s": time.perf_counter() - started})
     return raw
 
 
@@ -369,7 +367,7 @@ def run_one(shared: Shared, cell: Cell, seed: int, cell_dir: Path) -> dict[str, 
         if saved.pop("config_digest", None) == digest:
             return saved
     cache_root = cell_dir.parent.parent / "teacher_cache"
-    raw = with_teacher_cache(raw, cache_root, shared.timings)
+    raw = with_teacher_cache(raw, cache_root)
     model_dir, seconds = run_stage(raw, f"reasoning-bench {cell.name} seed {seed}")
     scores = evaluate_model(model_dir, shared, run_dir, cot_prompts=cell.cot_data)
     _write_json(run_dir / "eval_results.json", _summarise([scores]))
