@@ -1,5 +1,5 @@
 """The teacher cache against the live teacher: step time and peak memory per method on the
-same batches, and what building the cache costs (tiny models, world size 1, ZeRO-3 engines).
+same batches, and what building the cache costs (tiny models, world size 1).
 
 For each case, a run reading the teacher from its cache (``teacher_cache.path``: no teacher
 engine, only the teacher's head and embedding loaded) against the same run with the live
@@ -9,6 +9,11 @@ interleaved and repeated (medians). Peak host memory comes from one fresh child 
 (``bench_step`` explains why). The build rows time ``cot2align cache-teacher`` against one
 epoch of the live CoT2Align run over the same views (what the cache replaces per epoch), and
 give the bytes stored per cached position.
+
+Every case runs with the ZeRO-3 student (what ``student_config: auto`` picks without GPUs) and
+the CoT2Align cases once more with the ZeRO-2 student. The cache removes the same teacher time
+from both; the ratio differs because at world size 1 the ZeRO-3 engine still gathers and
+releases every layer at every forward and backward, which makes the rest of the step longer.
 
 The teacher is saved once (``from_config`` with the demo's teacher architecture) because a cache
 is keyed by its weights file.
@@ -29,12 +34,15 @@ from bench.bench_step import _config, _workspace
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
-# name: (method, CoT2Align on); CoT2Align cases train on the CoT-augmented data.
+ZERO2 = " (ZeRO-2 student)"
+# name: (method, CoT2Align on, student engine); CoT2Align cases train on the CoT-augmented data.
 CASES = {
-    "uld+cot2align": ("uld", True),
-    "dskd_cma+cot2align": ("dskd_cma", True),
-    "uld": ("uld", False),
-    "mined": ("mined", False),
+    "uld+cot2align": ("uld", True, "student_zero3.json"),
+    "dskd_cma+cot2align": ("dskd_cma", True, "student_zero3.json"),
+    "uld": ("uld", False, "student_zero3.json"),
+    "mined": ("mined", False, "student_zero3.json"),
+    "uld+cot2align" + ZERO2: ("uld", True, "student_zero2.json"),
+    "dskd_cma+cot2align" + ZERO2: ("dskd_cma", True, "student_zero2.json"),
 }
 
 
@@ -55,9 +63,10 @@ def _save_teacher(ws: dict) -> Path:
 
 
 def _run_config(ws: dict, out: Path, name: str, steps: int, cached: bool) -> dict:
-    method, cot2align = CASES[name]
+    method, cot2align, student_engine = CASES[name]
     config = _config(ws, out, method, cot2align, steps, 1, cot_data=cot2align)
     config["teacher"] = {"name_or_path": str(ws["root"] / "teacher")}
+    config["deepspeed"]["student_config"] = student_engine
     if cached:
         config["teacher_cache"] = {"path": str(_cache_path(ws, cot2align))}
     return config
@@ -72,7 +81,8 @@ def _measure(ws: dict, name: str, steps: int, cached: bool) -> dict[str, float]:
     from cot2align_ds.config import validate_config
     from cot2align_ds.train.loop import run_train
 
-    out = ws["root"] / f"run-{name}-{'cached' if cached else 'live'}"
+    slug = name.replace(ZERO2, "-zero2")
+    out = ws["root"] / f"run-{slug}-{'cached' if cached else 'live'}"
     config = validate_config(_run_config(ws, out, name, steps, cached))
     with PeakRSS() as peak:
         run_train(config, overwrite=True)
@@ -126,7 +136,7 @@ def run(quick: bool = False) -> list[dict]:
         key: statistics.median(s["tokens_per_s"] for s in runs) for key, runs in samples.items()
     }
     rows = []
-    for name, (_, cot2align) in CASES.items():
+    for name, (_, cot2align, _) in CASES.items():
         rows.append({
             "section": "teacher cache",
             "case": f"{name} step time, cached teacher vs live",

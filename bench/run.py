@@ -34,6 +34,7 @@ SUITES = {
     "ot_calls": "bench.bench_ot_calls",
     "teacher": "bench.bench_teacher",
     "teacher_cache": "bench.bench_teacher_cache",
+    "grid_teacher": "bench.bench_grid_teacher",
     "real": "bench.bench_real",
 }
 

@@ -142,7 +142,14 @@ def show_config(
 def train(
     config: ConfigOption,
     set_: SetOption = None,
-    overwrite: Annotated[bool, typer.Option(help="Reuse a non-empty output_dir.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Reuse a non-empty output_dir: the previous run's metrics, checkpoints and "
+            "best-checkpoint record there are removed (its final model is replaced when this "
+            "run saves)."
+        ),
+    ] = False,
     resume: Annotated[
         str | None,
         typer.Option(help="'auto' (newest complete checkpoint, if any) or a checkpoint tag."),
@@ -409,6 +416,14 @@ def reasoning_bench(
             "11 with --probes."
         ),
     ] = None,
+    publish: Annotated[
+        Path | None,
+        typer.Option(
+            help="Run nothing: write the grid already in --output-dir (tables, plot, wall time, "
+            "teacher time) into this Markdown page between its generated-section markers "
+            "(docs/reasoning_bench.md)."
+        ),
+    ] = None,
 ) -> None:
     """Small reasoning benchmark: base methods vs + CoT2Align and ablations, ID and OOD."""
     from cot2align_ds.runs import run_reasoning_bench_command
@@ -420,6 +435,7 @@ def reasoning_bench(
         probe_names=probe,
         probe_seeds=seed,
         teacher_time=teacher_time,
+        publish=publish,
     )
 
 

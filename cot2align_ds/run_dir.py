@@ -65,6 +65,27 @@ def best_model_dir(run_dir: str | Path) -> Path:
     )
 
 
+# What a training run writes about itself as it goes (the final model is replaced whole when it
+# is saved). A fresh run in a reused directory removes the previous run's: kept, its metrics
+# would be appended to, its checkpoints resumed from and its best checkpoint published.
+PER_RUN_NAMES = ("metrics.jsonl", DEV_EVAL_FILENAME, "wandb_run_id", "checkpoints")
+
+
+def clear_previous_run(output_dir: Path) -> list[str]:
+    """Remove the previous run's per-run files from ``output_dir``; the names removed."""
+    removed = []
+    paths = [*(output_dir / name for name in PER_RUN_NAMES), *output_dir.glob("examples_seen.*")]
+    for path in sorted(paths):
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(path.name)
+    return removed
+
+
 # -- resumable checkpoints ------------------------------------------------------------------
 
 _TAG = re.compile(r"^step-(\d{6,})$")

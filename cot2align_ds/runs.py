@@ -324,6 +324,7 @@ def run_reasoning_bench_command(
     probe_names: list[str] | None = None,
     probe_seeds: list[int] | None = None,
     teacher_time: bool = False,
+    publish: Path | None = None,
 ) -> dict:
     from cot2align_ds.experiments import reasoning_bench as bench
 
@@ -331,8 +332,14 @@ def run_reasoning_bench_command(
         raise ConfigError(f"--output-dir '{output_dir}' is a file; give a directory")
     if probe_names and not probes:
         raise ConfigError("--probe needs --probes")
-    if teacher_time and probes:
-        raise ConfigError("--teacher-time and --probes are separate runs; give one")
+    if sum((teacher_time, probes, publish is not None)) > 1:
+        raise ConfigError("--teacher-time, --probes and --publish are separate runs; give one")
+    if publish is not None:
+        from cot2align_ds.experiments.reasoning_publish import publish_results
+
+        sections = publish_results(output_dir, publish)
+        Console().print(f"wrote {', '.join(sections)} into {publish}", markup=False)
+        return {"published": sections}
     if teacher_time:
         result = bench.measure_teacher_time(output_dir, quick=quick, steps=4 if quick else 100)
         Console().print(bench.teacher_time_table(result), markup=False)

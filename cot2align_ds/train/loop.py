@@ -485,6 +485,10 @@ def run_train(
         make_output_dir(output_dir)
         for name in rundir.recover_final_model(output_dir):
             print(f"{name}/: restored the previous final model (a save was killed midway)")
+        if step is None:
+            removed = rundir.clear_previous_run(output_dir)
+            if removed:
+                print(f"{output_dir}: a fresh run; removed the previous run's {', '.join(removed)}")
         write_text_atomic(output_dir / "config.json", json.dumps(config_to_dict(config), indent=2))
         if step is not None:
             for name in ["metrics.jsonl", *(p.name for p in output_dir.glob("examples_seen.*"))]:

@@ -280,3 +280,57 @@ def test_teacher_time_is_measured_per_cache_layout(bench, tmp_path):
         assert live["train"]["max_steps"] == cached["train"]["max_steps"] == 4
     assert result["grid_teacher_s_cached"] == pytest.approx(sum(r["build_s"] for r in layouts))
     assert json.loads((out / "teacher_time.json").read_text()) == result
+    # The same numbers as `make bench` rows: one per layout, the target on CoT2Align's.
+    from bench.bench_grid_teacher import rows_from_teacher_time
+
+    rows = rows_from_teacher_time(result, "quick grid")
+    assert [row["ours"] for row in rows] == [
+        *(row["step_s_cached"] for row in layouts),
+        result["grid_teacher_s_cached"],
+    ]
+    assert [row["peer"] for row in rows[:-1]] == [row["step_s_live"] for row in layouts]
+    assert sum(row["target"] == "<= 0.6x live" for row in rows) == sum(
+        any("+cot2align" in cell for cell in row["cells"]) for row in layouts
+    )
+
+
+def test_publish_writes_the_grid_between_the_page_markers_and_nothing_else(bench, tmp_path):
+    from cot2align_ds.config import ConfigError
+    from cot2align_ds.experiments.reasoning_bench import measure_teacher_time
+    from cot2align_ds.runs import run_reasoning_bench_command
+
+    out, results = bench
+    if not (out / "teacher_time.json").is_file():  # when this test runs alone
+        measure_teacher_time(out, quick=True, steps=2)
+    page = tmp_path / "bench.md"
+    prose = ["# Title\n\nIntro.\n\n", "\n\nBetween.\n\n", "\n\nEnd.\n"]
+    page.write_text(
+        prose[0] + "<!-- generated: results -->\nold table\n<!-- end generated: results -->"
+        + prose[1] + "<!-- generated: teacher-time -->\n<!-- end generated: teacher-time -->"
+        + prose[2]
+    )  # fmt: skip
+    done = run_reasoning_bench_command(out, quick=True, publish=page)
+    assert done == {"published": ["results", "teacher-time"]}
+    text = page.read_text()
+    assert "old table" not in text and all(part in text for part in prose)
+    # Every table row of the grid's results.md, in order, and its cost and plot.
+    rows = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")]
+    published = [line for line in text.splitlines() if line.startswith("| ")]
+    assert published[: len(rows)] == rows
+    runs = len(CELLS) * len(QUICK_SEEDS)
+    assert f"{runs} student runs" in text and "![reasoning benchmark](bench.png)" in text
+    assert (tmp_path / "bench.png").read_bytes() == (out / "results.png").read_bytes()
+    assert "The grid's teacher time:" in text
+    # Publishing again changes nothing: the markers are kept.
+    run_reasoning_bench_command(out, quick=True, publish=page)
+    assert page.read_text() == text
+    # A page without the markers is refused and left as it was.
+    bare = tmp_path / "bare.md"
+    bare.write_text("# nothing to replace\n")
+    with pytest.raises(ConfigError, match=r"bare.md: needs one '<!-- generated: results -->'"):
+        run_reasoning_bench_command(out, quick=True, publish=bare)
+    assert bare.read_text() == "# nothing to replace\n" and not (tmp_path / "bare.png").exists()
+    with pytest.raises(ConfigError, match="has no results.md: run the grid first"):
+        run_reasoning_bench_command(tmp_path / "empty", quick=True, publish=page)
+    with pytest.raises(ConfigError, match="separate runs; give one"):
+        run_reasoning_bench_command(out, quick=True, teacher_time=True, publish=page)

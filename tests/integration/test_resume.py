@@ -108,6 +108,28 @@ def test_resume_without_checkpoint_starts_fresh_and_a_named_tag_must_exist(works
     assert (tmp_path / "fresh" / "student" / "model.safetensors").is_file()
 
 
+def test_an_overwritten_run_starts_its_logs_and_checkpoints_anew(workspace, tmp_path, capsys):
+    from cot2align_ds.train.loop import run_train
+
+    raw = _config(workspace, tmp_path, "reused")
+    raw["train"].update(max_steps=4, keep_last=10)
+    run_train(validate_config(raw))
+    run_dir = tmp_path / "reused"
+    assert rundir.complete_tags(rundir.checkpoint_root(run_dir))[-1] == "step-000003"
+    raw["train"].update(max_steps=3, save_every=2)
+    run_train(validate_config(raw), overwrite=True)
+    # Only this run's steps, checkpoints and example ids: nothing appended to the first run's,
+    # no checkpoint of it left for a later resume to pick.
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert rundir.complete_tags(rundir.checkpoint_root(run_dir)) == ["step-000002"]
+    seen = (run_dir / "examples_seen.rank0.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in seen] == [1, 2, 3]
+    assert "removed the previous run's checkpoints, examples_seen.rank0.jsonl, metrics.jsonl" in (
+        capsys.readouterr().out
+    )
+
+
 def test_half_written_checkpoint_is_never_picked(tmp_path):
     root = rundir.checkpoint_root(tmp_path)
     (root / "step-000002").mkdir(parents=True)
