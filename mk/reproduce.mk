@@ -4,6 +4,7 @@
 #   make reproduce-small         the full grid: every cell x 5 seeds (about 2 h 20 min on 2 CPU
 #                                cores; resumes where a stopped run stopped)
 #   make reproduce-teacher-time  after it: the grid's teacher time with and without the cache
+#   make reproduce-publish       after them: write the grid into docs/reasoning_bench.md
 #   make reproduce-small-quick   the same pipeline, tiny sizes and 2 seeds (~1-2 min)
 #   make reproduce-probes        single-seed diagnostics of the full grid (reasoning_bench.PROBES)
 #
@@ -18,7 +19,8 @@ reproduce_default_goal := $(.DEFAULT_GOAL)
 REPRODUCE_ROOT ?= runs/reasoning_bench
 REPRODUCE_QUICK_ROOT ?= runs/reasoning_bench-quick
 
-.PHONY: reproduce-small reproduce-small-quick reproduce-probes reproduce-teacher-time
+.PHONY: reproduce-small reproduce-small-quick reproduce-probes reproduce-teacher-time \
+	reproduce-publish
 
 reproduce-small: install
 	$(OFFLINE) $(PY) -m cot2align_ds.cli reasoning-bench --output-dir $(REPRODUCE_ROOT)
@@ -31,6 +33,11 @@ reproduce-probes: install
 # What the teacher costs the grid of $(REPRODUCE_ROOT), live against its caches.
 reproduce-teacher-time: install
 	$(OFFLINE) $(PY) -m cot2align_ds.cli reasoning-bench --output-dir $(REPRODUCE_ROOT) --teacher-time
+
+# The grid's tables, plot, cost and teacher time into the docs page, between its markers.
+reproduce-publish: install
+	$(OFFLINE) $(PY) -m cot2align_ds.cli reasoning-bench --output-dir $(REPRODUCE_ROOT) \
+		--publish docs/reasoning_bench.md
 
 reproduce-small-quick: install
 	$(OFFLINE) $(PY) -m cot2align_ds.cli reasoning-bench --output-dir $(REPRODUCE_QUICK_ROOT) --quick
