@@ -359,21 +359,32 @@ def run_one(shared: Shared, cell: Cell, seed: int, cell_dir: Path) -> dict[str, 
     (``with_teacher_cache``). Cells trained on CoT data are also scored with CoT prompts."""
     run_dir = cell_dir / f"seed{seed}"
     raw = cell_config(shared, cell, seed, run_dir)
-    # A run left by a grid with another config (budget, cell definition) is redone, not reused.
-    digest = hashlib.blake2b(json.dumps(raw, sort_keys=True).encode(), digest_size=16).hexdigest()
-    done = run_dir / RUN_FILE
-    if done.is_file():
-        saved = json.loads(done.read_text())
-        if saved.pop("config_digest", None) == digest:
-            return saved
+    digest = _config_digest(raw)
+    kept = _kept_scores(run_dir, digest)
+    if kept is not None:
+        return kept
     cache_root = cell_dir.parent.parent / "teacher_cache"
     raw = with_teacher_cache(raw, cache_root)
     model_dir, seconds = run_stage(raw, f"reasoning-bench {cell.name} seed {seed}")
     scores = evaluate_model(model_dir, shared, run_dir, cot_prompts=cell.cot_data)
     _write_json(run_dir / "eval_results.json", _summarise([scores]))
     scores["train_s"] = seconds
-    _write_json(done, {**scores, "config_digest": digest})
+    _write_json(run_dir / RUN_FILE, {**scores, "config_digest": digest})
     return scores
+
+
+def _config_digest(raw: dict[str, Any]) -> str:
+    return hashlib.blake2b(json.dumps(raw, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def _kept_scores(run_dir: Path, digest: str) -> dict[str, float] | None:
+    """The scores of a finished run in ``run_dir`` when it ran the config with ``digest``; a
+    run left by a grid with another config (budget, cell definition) is redone, not reused."""
+    done = run_dir / RUN_FILE
+    if not done.is_file():
+        return None
+    saved = json.loads(done.read_text())
+    return saved if saved.pop("config_digest", None) == digest else None
 
 
 def grid_statistics(output_dir: Path, cells: Sequence[Cell], seeds: Sequence[int]) -> dict:
@@ -553,11 +564,12 @@ def run_reasoning_bench(
         shared.teacher_dir, shared, output_dir / "teacher", cot_prompts=True
     )
     results["augment"] = shared.augment_stats
-    resumed = sum(
-        (output_dir / "cells" / cell.name / f"seed{seed}" / RUN_FILE).is_file()
-        for cell in chosen
-        for seed in seeds
-    )
+    resumed = 0
+    for cell in chosen:
+        for seed in seeds:
+            run_dir = output_dir / "cells" / cell.name / f"seed{seed}"
+            digest = _config_digest(cell_config(shared, cell, seed, run_dir))
+            resumed += _kept_scores(run_dir, digest) is not None
     # Seed-major: a grid stopped part-way holds whole seeds, and a rerun resumes (``run_one``).
     per_seed: dict[str, list[dict[str, float]]] = {cell.name: [] for cell in chosen}
     for seed in seeds:

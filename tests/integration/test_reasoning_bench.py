@@ -246,7 +246,8 @@ def test_a_rerun_resumes_every_finished_run_and_reuses_the_teacher(bench):
     stale.write_text(json.dumps({**json.loads(stale.read_text()), "config_digest": "other"}))
     other = next((out / "cells" / "uld" / f"seed{QUICK_SEEDS[1]}").rglob("model.safetensors"))
     kept = other.stat().st_mtime_ns
-    run_reasoning_bench(out, quick=True)
+    rerun = run_reasoning_bench(out, quick=True)
+    assert rerun["timings"]["runs_resumed"] == len(CELLS) * len(QUICK_SEEDS) - 1
     assert student.stat().st_mtime_ns != before
     assert other.stat().st_mtime_ns == kept
 
