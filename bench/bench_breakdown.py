@@ -111,6 +111,9 @@ class _Case:
         trainer._forward_student = wrap("student_fwd", trainer._forward_student)
         if trainer.teacher_engine is not None:
             trainer._forward_teacher = wrap("teacher_fwd", trainer._forward_teacher)
+        cached = trainer.models.teacher_cache
+        if cached is not None:  # the teacher's outputs from its cache: the head over them
+            cached.outputs = wrap("teacher_fwd", cached.outputs)
         objective = trainer.objective
         objective._kd_sums = wrap("kd_loss", objective._kd_sums)
         objective._ot_sums = wrap("ot_loss", objective._ot_sums)
@@ -161,43 +164,58 @@ def measure(
     cases: list[str], steps: int, warmup: int, tiny: bool = False
 ) -> dict[str, list[dict[str, float]]]:
     """Per case, the per-phase seconds of each timed step (steps of all cases interleaved)."""
-    import torch
-
     os.environ.setdefault("WANDB_MODE", "disabled")
-    threads = torch.get_num_threads()
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         ws = _workspace(root, 64 if tiny else 400)
         live = {name: _Case(_trainer(ws, root, name, tiny), name) for name in cases}
-        torch.set_num_threads(1)
         try:
-            for index in range(warmup + steps):
-                for name, case in live.items():
-                    seconds = case.step()
-                    if index >= warmup:  # first steps pay for allocator growth and worker start
-                        samples[name].append(seconds)
+            return interleave(live, steps, warmup)
         finally:
-            torch.set_num_threads(threads)
-            for case in live.values():
-                case.batches.close()
-                case.trainer.tracker.close()
+            close(live)
+
+
+def interleave(
+    live: dict[str, _Case], steps: int, warmup: int, threads: int = 1
+) -> dict[str, list[dict[str, float]]]:
+    """Per case, the per-phase seconds of each timed step; one step of each case in turn, so a
+    noisy neighbour hits every case alike. Torch runs on ``threads`` threads meanwhile."""
+    import torch
+
+    previous = torch.get_num_threads()
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in live}
+    torch.set_num_threads(threads)
+    try:
+        for index in range(warmup + steps):
+            for name, case in live.items():
+                seconds = case.step()
+                if index >= warmup:  # first steps pay for allocator growth and worker start
+                    samples[name].append(seconds)
+    finally:
+        torch.set_num_threads(previous)
     return samples
 
 
-def _median_phases(runs: list[dict[str, float]]) -> dict[str, float]:
+def close(live: dict[str, _Case]) -> None:
+    for case in live.values():
+        case.batches.close()
+        case.trainer.tracker.close()
+
+
+def summarise(runs: list[dict[str, float]]) -> dict[str, float]:
     # Shares from summed seconds (not medians of shares) so that they add up to 1 exactly.
     totals = {key: sum(run[key] for run in runs) for key in runs[0]}
     medians = {
         "step_median": statistics.median(run["total"] for run in runs),
         "per_1k_tokens": 1000 * totals["total"] / totals["tokens"],
+        "steps": len(runs),
     }
     return {**totals, **medians}
 
 
 def rows_from(samples: dict[str, list[dict[str, float]]]) -> list[dict]:
     rows = []
-    summary = {name: _median_phases(runs) for name, runs in samples.items()}
+    summary = {name: summarise(runs) for name, runs in samples.items()}
     for name, phases in summary.items():
         # The optimisation peers ("<case>, <without it>") get their step-time row only.
         for phase in PHASES if ", " not in name else ():

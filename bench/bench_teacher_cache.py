@@ -4,11 +4,19 @@ same batches, and what building the cache costs (tiny models, world size 1).
 For each case, a run reading the teacher from its cache (``teacher_cache.path``: no teacher
 engine, only the teacher's head and embedding loaded) against the same run with the live
 teacher (ZeRO-3 inference engine, parameters offloaded to CPU): same data, seed and sampler,
-so the batches are the same and the inverse throughput ratio is the step-time ratio. Runs are
-interleaved and repeated (medians). Peak host memory comes from one fresh child process per run
-(``bench_step`` explains why). The build rows time ``cot2align cache-teacher`` against one
-epoch of the live CoT2Align run over the same views (what the cache replaces per epoch), and
-give the bytes stored per cached position.
+so the batches are the same. Time: all trainers are alive in one process and their steps
+alternate (``bench_breakdown.interleave``: a noisy neighbour hits every case alike); the first
+steps of each (allocator growth, DataLoader worker start, ZeRO-3's first trace) are left out,
+as they would otherwise weigh on a 12-step run far more than on a real one. Torch runs on one
+thread, as in ``bench_breakdown`` whose teacher share motivated the target: on two cores the
+DataLoader worker (which reads the cache) then has the other core. The two CoT2Align cases run
+again on two threads, reported: there the live teacher forward parallelises better than the
+student's smaller matmuls and the worker competes for the cores, so the ratio is higher.
+Per case also the teacher phase alone: the live forward against the cached path (the output
+head over the response positions, layer 0 from the embedding). Peak host memory comes from one
+fresh child process per run (``bench_step`` explains why). The build rows time
+``cot2align cache-teacher`` against one epoch of the live CoT2Align run over the same views
+(what the cache replaces per epoch), and give the bytes stored per cached position.
 
 Every case runs with the ZeRO-3 student (what ``student_config: auto`` picks without GPUs) and
 the CoT2Align cases once more with the ZeRO-2 student. The cache removes the same teacher time
@@ -23,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,6 +51,8 @@ CASES = {
     "uld+cot2align" + ZERO2: ("uld", True, "student_zero2.json"),
     "dskd_cma+cot2align" + ZERO2: ("dskd_cma", True, "student_zero2.json"),
 }
+# Run once more on two threads, and in fresh processes for peak memory.
+TWO_THREADS = ("uld+cot2align", "dskd_cma+cot2align")
 
 
 def _save_teacher(ws: dict) -> Path:
@@ -76,18 +85,46 @@ def _cache_path(ws: dict, cot2align: bool) -> Path:
     return ws["root"] / ("cache_cot" if cot2align else "cache_plain")
 
 
-def _measure(ws: dict, name: str, steps: int, cached: bool) -> dict[str, float]:
+def _out(ws: dict, name: str, cached: bool, kind: str) -> Path:
+    slug = name.replace(ZERO2, "-zero2")
+    return ws["root"] / f"{kind}-{slug}-{'cached' if cached else 'live'}"
+
+
+def _trainer(ws: dict, name: str, cached: bool):
+    from cot2align_ds.config import validate_config
+    from cot2align_ds.engine import deepspeed_engines as dse
+    from cot2align_ds.train.loop import Trainer
+
+    out = _out(ws, name, cached, "steps")
+    out.mkdir(parents=True, exist_ok=True)
+    config = validate_config(_run_config(ws, out, name, 1000, cached))
+    return Trainer(config, out, dse.init_distributed(300), None)
+
+
+def _step_phases(ws: dict, names: list[str], steps: int, warmup: int, threads: int) -> dict:
+    """(case, cached) -> the step's summed phases (``bench_breakdown.summarise``)."""
+    from bench.bench_breakdown import _Case, close, interleave, summarise
+
+    live = {}
+    try:
+        for name in names:
+            for cached in (True, False):
+                live[name, cached] = _Case(_trainer(ws, name, cached), name)
+        samples = interleave(live, steps, warmup, threads)
+    finally:
+        close(live)
+    return {key: summarise(runs) for key, runs in samples.items()}
+
+
+def _peak_rss(ws: dict, name: str, steps: int, cached: bool) -> float:
     from bench.memory import PeakRSS
     from cot2align_ds.config import validate_config
     from cot2align_ds.train.loop import run_train
 
-    slug = name.replace(ZERO2, "-zero2")
-    out = ws["root"] / f"run-{slug}-{'cached' if cached else 'live'}"
-    config = validate_config(_run_config(ws, out, name, steps, cached))
+    config = validate_config(_run_config(ws, _out(ws, name, cached, "run"), name, steps, cached))
     with PeakRSS() as peak:
         run_train(config, overwrite=True)
-    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    return {"tokens_per_s": last["tokens_per_s"], "peak_rss_mb": peak.mb}
+    return peak.mb
 
 
 def _peak_in_child(root: Path, name: str, steps: int, cached: bool) -> float:
@@ -115,48 +152,45 @@ def run(quick: bool = False) -> list[dict]:
     from bench.memory import return_big_frees_to_the_os
 
     os.environ.setdefault("WANDB_MODE", "disabled")
-    steps, repeats = (4, 1) if quick else (12, 2)
+    steps, warmup, memory_steps = (3, 1, 4) if quick else (16, 3, 12)
     return_big_frees_to_the_os()
     with tempfile.TemporaryDirectory() as tmp:
         ws = _workspace(Path(tmp), 96 if quick else 400)
         _save_teacher(ws)
         build_s, index = _build(ws, cot2align=True)
         _build(ws, cot2align=False)
-        # One-time costs (process group, thread pools) stay out of every measured case.
-        _measure(ws, "uld", 1, cached=False)
-        samples = {(name, cached): [] for name in CASES for cached in (True, False)}
-        for _ in range(repeats):
-            for name, cached in samples:
-                samples[name, cached].append(_measure(ws, name, steps, cached))
+        one_thread = _step_phases(ws, list(CASES), steps, warmup, threads=1)
+        two_threads = _step_phases(ws, list(TWO_THREADS), steps, warmup, threads=2)
         # The live CoT2Align run over one epoch of the same views, for the build's peer.
         epoch = _epoch_of_live_teacher(ws)
-        peaks = {key: _peak_in_child(ws["root"], *key[:1], steps, key[1])
-                 for key in samples if key[0] in ("uld+cot2align", "dskd_cma+cot2align")}  # fmt: skip
-    speed = {
-        key: statistics.median(s["tokens_per_s"] for s in runs) for key, runs in samples.items()
-    }
+        peaks = {(name, cached): _peak_in_child(ws["root"], name, memory_steps, cached)
+                 for name in TWO_THREADS for cached in (True, False)}  # fmt: skip
     rows = []
     for name, (_, cot2align, _) in CASES.items():
+        rows.append(_step_row(one_thread, name, "<= 0.6x live" if cot2align else "report"))
+    for name in TWO_THREADS:
+        rows.append(_step_row(two_threads, name, "report", suffix=", two threads"))
+    for name in CASES:
+        cached, live = one_thread[name, True], one_thread[name, False]
         rows.append({
             "section": "teacher cache",
-            "case": f"{name} step time, cached teacher vs live",
-            "unit": "s/1k tok",
-            "ours": 1000 / speed[name, True],
-            "peer": 1000 / speed[name, False],
+            "case": f"{name} teacher phase per step: cached outputs vs live forward",
+            "unit": "s/step",
+            "ours": cached["teacher_fwd"] / cached["steps"],
+            "peer": live["teacher_fwd"] / live["steps"],
             "peer_name": "live teacher",
-            "target": "<= 0.6x live" if cot2align else "report",
+            "target": "report",
         })  # fmt: skip
-    for (name, cached), peak in peaks.items():
-        if cached:
-            rows.append({
-                "section": "teacher cache",
-                "case": f"{name} peak host memory (fresh process), cached vs live",
-                "unit": "MB",
-                "ours": peak,
-                "peer": peaks[name, False],
-                "peer_name": "live teacher",
-                "target": "report",
-            })  # fmt: skip
+    for name in TWO_THREADS:
+        rows.append({
+            "section": "teacher cache",
+            "case": f"{name} peak host memory (fresh process), cached vs live",
+            "unit": "MB",
+            "ours": peaks[name, True],
+            "peer": peaks[name, False],
+            "peer_name": "live teacher",
+            "target": "report",
+        })  # fmt: skip
     rows.append({
         "section": "teacher cache",
         "case": f"cache build ({index['num_views']} views) vs one live epoch's teacher forwards",
@@ -176,6 +210,19 @@ def run(quick: bool = False) -> list[dict]:
         "target": "report",
     })  # fmt: skip
     return rows
+
+
+def _step_row(phases: dict, name: str, target: str, suffix: str = "") -> dict:
+    """Time per student token (the batches are the same, so this is the step-time ratio)."""
+    return {
+        "section": "teacher cache",
+        "case": f"{name} step time, cached teacher vs live{suffix}",
+        "unit": "s/1k tok",
+        "ours": phases[name, True]["per_1k_tokens"],
+        "peer": phases[name, False]["per_1k_tokens"],
+        "peer_name": "live teacher",
+        "target": target,
+    }
 
 
 def _epoch_of_live_teacher(ws: dict) -> float:
@@ -200,7 +247,7 @@ def _memory_child(name: str, root: Path, steps: int, cached: bool) -> None:
     os.environ.setdefault("WANDB_MODE", "disabled")
     return_big_frees_to_the_os()
     ws = {"root": root, "teacher_arch": _teacher_architecture()}
-    print(json.dumps({"peak_rss_mb": _measure(ws, name, steps, cached)["peak_rss_mb"]}))
+    print(json.dumps({"peak_rss_mb": _peak_rss(ws, name, steps, cached)}))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ Usage: ``python -m bench.run [--quick] [--gpu] [--only ot,vocab_loss,...] [--jso
 [--markdown FILE]``. ``--gpu`` is passed to the suites whose ``run`` accepts ``gpu=`` (large runs
 on CUDA). ``--json`` keeps the rows with the measured commit and machine; ``--markdown`` writes them as
 the table ``docs/bench_results.md`` publishes, and ``--from-json FILE`` renders a saved run
-without measuring again.
+without measuring again. ``--update FILE`` reruns only the ``--only`` suites and replaces their
+rows in that saved run (the page then names each rerun suite with its commit), so one changed
+suite does not cost a full run.
 """
 
 from __future__ import annotations
@@ -118,6 +120,16 @@ def markdown_table(payload: dict) -> str:
         "same process, interleaved; the ratio is the claim, not the absolute numbers. What each "
         "suite measures and how to read it: [benchmarks.md](benchmarks.md).",
         "",
+    ]
+    rerun = meta.get("rerun", {})
+    if rerun:
+        lines += [
+            "Rerun since, each replacing its suite's rows: "
+            + ", ".join(f"{name} at commit {commit}" for name, commit in rerun.items())
+            + ".",
+            "",
+        ]
+    lines += [
         "| suite | case | ours | peer | unit | ours/peer | target |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -150,6 +162,9 @@ def main() -> None:
     parser.add_argument("--markdown", default=None, help="also write the rows as a Markdown page")
     parser.add_argument("--from-json", default=None, help="render this saved run; measure nothing")
     parser.add_argument("--gpu", action="store_true", help="large GPU runs where supported")
+    parser.add_argument(
+        "--update", default=None, help="rerun the --only suites into this saved run (--json)"
+    )
     args = parser.parse_args()
     if args.from_json:
         with open(args.from_json, encoding="utf-8") as handle:
@@ -162,13 +177,41 @@ def main() -> None:
     unknown = sorted(set(names) - set(SUITES))
     if unknown:
         parser.error(f"unknown suite(s) {unknown}; choose from {sorted(SUITES)}")
+    saved = _saved_run(parser, args.update, args.quick) if args.update else None
     rows, seconds = collect(names, args.quick, args.gpu)
     print_table(rows, seconds, args.quick)
     payload = {"meta": run_meta(args.quick), "rows": rows, "seconds": seconds}
+    if saved is not None:
+        payload = merge_suites(saved, payload)
+        _write(args.update, json.dumps(payload, indent=2) + "\n")
     if args.json:
         _write(args.json, json.dumps(payload, indent=2) + "\n")
     if args.markdown:
         _write(args.markdown, markdown_table(payload))
+
+
+def _saved_run(parser: argparse.ArgumentParser, path: str, quick: bool) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            saved = json.load(handle)
+    except (OSError, ValueError) as err:
+        parser.error(f"--update {path}: cannot read a saved run ({err})")
+    if saved["meta"]["mode"] != ("quick" if quick else "full"):
+        parser.error(f"--update {path}: it is a {saved['meta']['mode']} run; rerun in that mode")
+    return saved
+
+
+def merge_suites(saved: dict, fresh: dict) -> dict:
+    """``saved`` with the suites measured in ``fresh`` replaced (rows in suite order) and each
+    named in ``meta["rerun"]`` with the commit it was measured at."""
+    redone = set(fresh["seconds"])
+    order = list(SUITES)
+    rows = [r for r in saved["rows"] if r["suite"] not in redone] + fresh["rows"]
+    rows.sort(key=lambda r: order.index(r["suite"]) if r["suite"] in order else len(order))
+    seconds = {**saved["seconds"], **fresh["seconds"]}
+    meta = dict(saved["meta"])
+    meta["rerun"] = {**meta.get("rerun", {}), **dict.fromkeys(redone, fresh["meta"]["commit"])}
+    return {"meta": meta, "rows": rows, "seconds": seconds}
 
 
 def _write(path: str, text: str) -> None:

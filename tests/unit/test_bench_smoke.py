@@ -188,3 +188,34 @@ def test_the_published_table_is_rendered_from_a_saved_run(tmp_path):
     assert "| ot | a/b | 1 | 4 (POT) |  | 0.25 |  |" in lines
     assert "| step | c | n/a | 0 () | s | - |  |" in lines
     assert lines[-1] == "Suite wall times: ot 3 s, step 1 s"
+
+
+def test_a_rerun_suite_replaces_only_its_rows_and_is_named_on_the_page():
+    from bench import run as bench_run
+
+    def row(suite: str, case: str, ours: float) -> dict:
+        return {"suite": suite, "case": case, "ours": ours, "peer": 1.0, "peer_name": "p"}
+
+    meta = {"mode": "full", "machine": "m", "cpus": "2", "torch": "t"}
+    saved = {
+        "meta": {**meta, "commit": "old"},
+        "rows": [row("ot", "a", 1.0), row("step", "b", 2.0), row("teacher_cache", "c", 3.0)],
+        "seconds": {"ot": 1.0, "step": 2.0, "teacher_cache": 3.0},
+    }
+    fresh = {
+        "meta": {**meta, "commit": "new"},
+        "rows": [row("step", "b", 5.0), row("step", "d", 6.0)],
+        "seconds": {"step": 9.0},
+    }
+    merged = bench_run.merge_suites(saved, fresh)
+    assert [(r["suite"], r["case"], r["ours"]) for r in merged["rows"]] == [
+        ("ot", "a", 1.0),
+        ("step", "b", 5.0),
+        ("step", "d", 6.0),
+        ("teacher_cache", "c", 3.0),
+    ]
+    assert merged["seconds"] == {"ot": 1.0, "step": 9.0, "teacher_cache": 3.0}
+    assert merged["meta"]["commit"] == "old" and merged["meta"]["rerun"] == {"step": "new"}
+    page = bench_run.markdown_table(merged)
+    assert "Rerun since, each replacing its suite's rows: step at commit new." in page
+    assert "commit old" in page
