@@ -424,6 +424,13 @@ def reasoning_bench(
             "(docs/reasoning_bench.md)."
         ),
     ] = None,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            help="Student runs at once, each in its own process on its share of the CPU "
+            "threads (2 on a 2-core machine: about 1.5x the grid's throughput)."
+        ),
+    ] = 1,
 ) -> None:
     """Small reasoning benchmark: base methods vs + CoT2Align and ablations, ID and OOD."""
     from cot2align_ds.runs import run_reasoning_bench_command
@@ -436,6 +443,7 @@ def reasoning_bench(
         probe_seeds=seed,
         teacher_time=teacher_time,
         publish=publish,
+        jobs=jobs,
     )
 
 

@@ -325,6 +325,7 @@ def run_reasoning_bench_command(
     probe_seeds: list[int] | None = None,
     teacher_time: bool = False,
     publish: Path | None = None,
+    jobs: int = 1,
 ) -> dict:
     from cot2align_ds.experiments import reasoning_bench as bench
 
@@ -332,6 +333,8 @@ def run_reasoning_bench_command(
         raise ConfigError(f"--output-dir '{output_dir}' is a file; give a directory")
     if probe_names and not probes:
         raise ConfigError("--probe needs --probes")
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: give the number of student runs at once (1 or more)")
     if sum((teacher_time, probes, publish is not None)) > 1:
         raise ConfigError("--teacher-time, --probes and --publish are separate runs; give one")
     if publish is not None:
@@ -349,6 +352,8 @@ def run_reasoning_bench_command(
         results = bench.run_probes(output_dir, quick=quick, probes=probe_names or None, seeds=seeds)
         Console().print((output_dir / "probes.md").read_text(), markup=False)
         return results
-    results = bench.run_reasoning_bench(output_dir, quick=quick, seeds=probe_seeds or None)
+    results = bench.run_reasoning_bench(
+        output_dir, quick=quick, seeds=probe_seeds or None, jobs=jobs
+    )
     Console().print((output_dir / "results.md").read_text(), markup=False)
     return results

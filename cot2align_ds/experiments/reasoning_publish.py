@@ -51,10 +51,12 @@ def wall_time_line(results: dict) -> str:
     timings = results["timings"]
     train_s = sum(sum(cell["train_s_per_seed"]) for cell in results["cells"].values())
     runs = sum(len(cell["train_s_per_seed"]) for cell in results["cells"].values())
+    jobs = timings.get("jobs", 1)
+    at_once = f", {jobs} at a time" if jobs > 1 else ""
     return (
         f"Cost on the machine that ran it: teacher fine-tuning {_minutes(timings['teacher_train_s'])}, "
         f"rationales {timings['augment_s']:.0f} s, {runs} student runs "
-        f"{_minutes(train_s)} of training (scoring not included); the last invocation took "
+        f"{_minutes(train_s)} of training{at_once} (scoring not included); the last invocation took "
         f"{_minutes(timings['wall_s'])} and resumed {timings['runs_resumed']} runs an earlier, "
         f"stopped one had finished."
     )

@@ -25,7 +25,11 @@ KD_TERMS = {
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("reasoning_bench")
-    return out, run_reasoning_bench(out, quick=True)
+    # Two runs at once (worker processes); the reruns below go one at a time and must find
+    # every run of it kept, so both paths are exercised on the same grid.
+    results = run_reasoning_bench(out, quick=True, jobs=2)
+    assert results["timings"]["jobs"] == 2
+    return out, results
 
 
 def expected_ot_terms(cell) -> set[str]:
@@ -181,6 +185,9 @@ def test_probe_selection_errors_are_one_line_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"probes: unknown \['nope'\]"):
         run_reasoning_bench_command(tmp_path / "b", quick=True, probes=True, probe_names=["nope"])
     assert not (tmp_path / "b" / "shared.json").exists()  # nothing built for a bad name
+    with pytest.raises(ConfigError, match="--jobs 0: give the number of student runs"):
+        run_reasoning_bench_command(tmp_path / "c", quick=True, jobs=0)
+    assert not (tmp_path / "c").exists()
 
 
 def test_the_grid_reports_intervals_paired_differences_and_the_mechanism(bench):
