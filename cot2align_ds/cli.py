@@ -428,7 +428,7 @@ def reasoning_bench(
         int,
         typer.Option(
             help="Student runs at once, each in its own process on its share of the CPU "
-            "threads (2 on a 2-core machine: about 1.5x the grid's throughput)."
+            "threads (docs/reasoning_bench.md measures 2 on a 2-core machine)."
         ),
     ] = 1,
 ) -> None:

@@ -619,11 +619,13 @@ def run_cells(
 
     Runs are started seed-major, so a grid stopped part-way holds whole seeds and a rerun
     resumes. With ``jobs`` > 1, that many runs train at once in worker processes, each on its
-    share of this process's torch threads: these small models leave most of a second thread
-    idle (two runs on one thread each finish in about two thirds of the time of one after the
-    other on two; docs/reasoning_bench.md). The teacher caches are built here first, so no
-    two workers build the same one."""
+    share of this process's torch threads (these small models use a second thread poorly:
+    docs/reasoning_bench.md measures both ways), and within a seed the OT cells start first,
+    so that the grid does not end on one long run while the other workers idle. The teacher
+    caches are built here first, so no two workers build the same one."""
     tasks = [(cell, seed) for seed in seeds for cell in cells]
+    if jobs > 1:
+        tasks.sort(key=lambda task: (seeds.index(task[1]), -_relative_cost(task[0])))
     root = Path(output_dir) / "cells"
     if jobs <= 1:
         scores = [run_one(shared, cell, seed, root / cell.name) for cell, seed in tasks]
@@ -634,6 +636,12 @@ def run_cells(
     for (cell, _), result in zip(tasks, scores, strict=True):
         per_cell[cell.name].append(result)
     return per_cell
+
+
+def _relative_cost(cell: Cell) -> int:
+    """Rank of a run's length (the grid's cost line: OT cells 2-3x the others, CoT data the
+    longer rows)."""
+    return 2 * bool(cell.cot2align.get("enabled")) + cell.cot_data
 
 
 def _build_caches(shared: Shared, tasks: list[tuple[Cell, int]], output_dir: Path) -> None:
