@@ -28,7 +28,6 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTION = "real"
-_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 CHUNK = 64
 # name: (method, CoT2Align, LoRA)
 CASES = {
@@ -121,7 +120,9 @@ def child(name: str, chunked: bool) -> dict:
 
 
 def _run_child(name: str, chunked: bool) -> dict:
-    env = {key: value for key, value in os.environ.items() if key not in _LAUNCH_VARS}
+    from cot2align_ds.engine.deepspeed_engines import RENDEZVOUS_VARS
+
+    env = {key: value for key, value in os.environ.items() if key not in RENDEZVOUS_VARS}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     command = [sys.executable, "-m", "bench.bench_real", "--child", name]
     if chunked:

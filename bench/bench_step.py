@@ -28,8 +28,6 @@ import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# The parent's in-process world of one sets these; a child must pick its own rendezvous.
-_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 # name: (method, CoT2Align on, trains on the CoT-augmented data). "on CoT data" is the base
 # method on exactly CoT2Align's batches (standard and CoT records, no OT, no cross views): the
@@ -126,7 +124,9 @@ def _measure(ws, root: Path, name: str, steps: int, workers: int) -> dict[str, f
 
 def _peak_memory_in_child(root: Path, name: str, steps: int) -> float:
     """Peak host RSS (MB) of one run of ``name`` in a fresh process, above its post-import RSS."""
-    environment = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
+    from cot2align_ds.engine.deepspeed_engines import RENDEZVOUS_VARS
+
+    environment = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
     command = [sys.executable, "-m", "bench.bench_step", "--memory-child", name, str(root)]
     command += ["--steps", str(steps)]
     done = subprocess.run(

@@ -40,7 +40,6 @@ from pathlib import Path
 from bench.bench_step import _config, _workspace
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 ZERO2 = " (ZeRO-2 student)"
 # name: (method, CoT2Align on, student engine); CoT2Align cases train on the CoT-augmented data.
 CASES = {
@@ -128,7 +127,9 @@ def _peak_rss(ws: dict, name: str, steps: int, cached: bool) -> float:
 
 
 def _peak_in_child(root: Path, name: str, steps: int, cached: bool) -> float:
-    environment = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
+    from cot2align_ds.engine.deepspeed_engines import RENDEZVOUS_VARS
+
+    environment = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
     command = [sys.executable, "-m", "bench.bench_teacher_cache", "--memory-child", name,
                str(root), str(steps), "cached" if cached else "live"]  # fmt: skip
     done = subprocess.run(

@@ -49,6 +49,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# What ``_set_single_process_rendezvous`` sets: a process started by one that already trained
+# must drop these from its environment, or it would try to join that process's group.
+RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _set_single_process_rendezvous() -> None:
     """Without a launcher DeepSpeed falls back to MPI discovery; a 1-rank group needs none."""
     defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_SIZE": "1"}

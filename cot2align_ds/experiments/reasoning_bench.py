@@ -607,11 +607,6 @@ def run_reasoning_bench(
     return results
 
 
-# The rendezvous of a one-process run (``engine.deepspeed_engines``): a worker started from a
-# process that already trained must pick its own, or it would join that process's group.
-_RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
 def run_cells(
     shared: Shared, cells: Sequence[Cell], seeds: Sequence[int], output_dir: Path, jobs: int = 1
 ) -> dict[str, list[dict[str, float]]]:
@@ -690,7 +685,9 @@ def _start_worker(threads: int, start_method: str) -> None:
 
     import torch
 
-    for name in _RENDEZVOUS_VARS:
+    from cot2align_ds.engine.deepspeed_engines import RENDEZVOUS_VARS
+
+    for name in RENDEZVOUS_VARS:  # each worker forms its own one-rank group
         os.environ.pop(name, None)
     multiprocessing.set_start_method(start_method, force=True)
     torch.set_num_threads(threads)
