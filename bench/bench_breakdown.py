@@ -99,7 +99,7 @@ def _ignore_only_hidden(forward: Callable[..., Any]) -> Callable[..., Any]:
     return full_head
 
 
-class _Case:
+class StepCase:
     """One live Trainer with timing wrappers; ``step()`` runs one optimizer step."""
 
     def __init__(self, trainer: Any, name: str) -> None:
@@ -168,7 +168,7 @@ def measure(
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         ws = _workspace(root, 64 if tiny else 400)
-        live = {name: _Case(_trainer(ws, root, name, tiny), name) for name in cases}
+        live = {name: StepCase(_trainer(ws, root, name, tiny), name) for name in cases}
         try:
             return interleave(live, steps, warmup)
         finally:
@@ -176,7 +176,7 @@ def measure(
 
 
 def interleave(
-    live: dict[str, _Case], steps: int, warmup: int, threads: int = 1
+    live: dict[str, StepCase], steps: int, warmup: int, threads: int = 1
 ) -> dict[str, list[dict[str, float]]]:
     """Per case, the per-phase seconds of each timed step; one step of each case in turn, so a
     noisy neighbour hits every case alike. Torch runs on ``threads`` threads meanwhile."""
@@ -196,7 +196,7 @@ def interleave(
     return samples
 
 
-def close(live: dict[str, _Case]) -> None:
+def close(live: dict[str, StepCase]) -> None:
     for case in live.values():
         case.batches.close()
         case.trainer.tracker.close()

@@ -102,13 +102,13 @@ def _trainer(ws: dict, name: str, cached: bool):
 
 def _step_phases(ws: dict, names: list[str], steps: int, warmup: int, threads: int) -> dict:
     """(case, cached) -> the step's summed phases (``bench_breakdown.summarise``)."""
-    from bench.bench_breakdown import _Case, close, interleave, summarise
+    from bench.bench_breakdown import StepCase, close, interleave, summarise
 
     live = {}
     try:
         for name in names:
             for cached in (True, False):
-                live[name, cached] = _Case(_trainer(ws, name, cached), name)
+                live[name, cached] = StepCase(_trainer(ws, name, cached), name)
         samples = interleave(live, steps, warmup, threads)
     finally:
         close(live)
