@@ -1,10 +1,11 @@
 # The small reasoning benchmark. The Makefile includes this file
 # (`-include mk/reproduce.mk`) and provides PY, OFFLINE and the `install` target.
 #
-#   make reproduce-small         the full grid: every cell x 5 seeds (about 2 h 20 min on 2 CPU
-#                                cores; resumes where a stopped run stopped). REPRODUCE_JOBS=2:
-#                                two runs at a time on one thread each (faster; other float
-#                                sums, so per-seed scores differ from the published grid's)
+#   make reproduce-small         the full grid: every cell x 5 seeds, two runs at a time on
+#                                one thread each, as the published grid ran (wall time in
+#                                docs/reasoning_bench.md; resumes where a stopped run stopped).
+#                                REPRODUCE_JOBS=1: one run at a time on every thread (other
+#                                float sums, so per-seed scores differ from the published grid's)
 #   make reproduce-teacher-time  after it: the grid's teacher time with and without the cache
 #   make reproduce-publish       after them: write the grid into docs/reasoning_bench.md
 #   make reproduce-small-quick   the same pipeline, tiny sizes and 2 seeds (~1-2 min)
@@ -20,7 +21,7 @@ reproduce_default_goal := $(.DEFAULT_GOAL)
 
 REPRODUCE_ROOT ?= runs/reasoning_bench
 REPRODUCE_QUICK_ROOT ?= runs/reasoning_bench-quick
-REPRODUCE_JOBS ?= 1
+REPRODUCE_JOBS ?= 2
 
 .PHONY: reproduce-small reproduce-small-quick reproduce-probes reproduce-teacher-time \
 	reproduce-publish

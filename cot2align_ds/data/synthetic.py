@@ -28,6 +28,7 @@ class ArithmeticTaskSpec:
     num_steps: int = 2
     max_start: int = 20
     max_operand: int = 9
+    instruction: str = INSTRUCTION
 
 
 def make_problem(rng: random.Random, spec: ArithmeticTaskSpec, example_id: str) -> Record:
@@ -48,7 +49,7 @@ def make_problem(rng: random.Random, spec: ArithmeticTaskSpec, example_id: str) 
     sentences.append(f"How many {item} does {name} have now?")
     return Record(
         id=example_id,
-        instruction=INSTRUCTION,
+        instruction=spec.instruction,
         input=" ".join(sentences),
         output=str(value),
         rationale=" ".join(steps),

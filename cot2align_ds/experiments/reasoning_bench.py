@@ -6,13 +6,13 @@ augmentation by that teacher), then every cell of ``CELLS`` distils a fresh stud
 seed. The seed varies the student's initialisation and data order only: data, tokenizers,
 teacher and rationales are shared, so differences between cells come from the method. Students
 are evaluated with standard prompts, greedy decoding, exact match, on a held-out split of the
-training distribution (ID) and on a split with larger numbers than training (OOD).
+training distribution (ID) and on a split with one step more than training (OOD).
 
-Task and budget come from pilots (docs/reasoning_bench.md): with 36 epochs the teacher answers
-96% of in-distribution problems with standard prompts and 99.5% with CoT prompts; on 3-step
-problems it stays at 7% (it cannot extrapolate the number of steps), on 2-step problems with
-larger numbers it answers 26.5% (42% with CoT), so that split is the OOD test. Every student
-trains 600 steps of 32 examples, where SFT alone reaches about 25%.
+Task, student and budget come from pilots (docs/reasoning_bench.md): three-step problems with
+small operands, so each step is an easy fact while the direct answer needs all three; a student
+with rotary positions (one with GPT-2's learnt positions does not learn to copy numbers in this
+budget, so rationales cannot help it); 300 steps of 32 examples, where SFT alone reaches about
+45% and the same student trained on rationales answers about 80% when it reasons first.
 """
 
 from __future__ import annotations
@@ -49,8 +49,13 @@ DATA_SEED = 1234  # data and teacher are fixed across student seeds (see module 
 TEACHER_SEED = 7
 FULL_SEEDS = (11, 22, 33, 44, 55)
 QUICK_SEEDS = (11, 22)
-ID_TASK = ArithmeticTaskSpec(num_steps=2, max_start=9, max_operand=5)
-OOD_TASK = ArithmeticTaskSpec(num_steps=2, max_start=15, max_operand=8)
+# Three steps of small operands: each step is an easy fact for the student, the direct answer
+# needs all three at once; out of distribution, one step more (pilots in docs/reasoning_bench.md).
+# A one-word instruction: the prompt is in every training view, and the student's cost grows
+# with its length.
+INSTRUCTION = "Solve."
+ID_TASK = ArithmeticTaskSpec(num_steps=3, max_start=9, max_operand=2, instruction=INSTRUCTION)
+OOD_TASK = ArithmeticTaskSpec(num_steps=4, max_start=9, max_operand=2, instruction=INSTRUCTION)
 
 
 @dataclass(frozen=True)
@@ -63,9 +68,9 @@ class BenchSize:
     student_max_steps: int | None
 
 
-# Students: 600 optimizer steps of 32 examples in every cell (16 epochs of the standard data, 8
-# of standard + CoT data), where SFT alone reaches ~25% (pilots in docs/reasoning_bench.md).
-FULL = BenchSize(1200, 200, 36, 16, None, 600)
+# Students: 300 optimizer steps of 32 examples in every cell (8 epochs of the standard data, 4
+# of standard + CoT data), where SFT alone reaches ~45% (pilots in docs/reasoning_bench.md).
+FULL = BenchSize(1200, 200, 36, 8, None, 300)
 QUICK = BenchSize(96, 16, 1, 1, 2, 2)
 
 
@@ -143,6 +148,9 @@ COMPARISONS = (
     ("dskd_cma+cot2align_eps1", "dskd_cma+cot2align"),
     ("dskd_cma+cot2align_eps0.1", "dskd_cma+cot2align"),
 )
+# The rationale question: the student trained on rationales, prompted to reason first, against
+# the same student trained on answers only (``grid_statistics``).
+REASONING_COMPARISON = ("sft+cot_data", "sft")
 MECHANISM_KEYS = (
     "ot/aligned_mass/layers_0_0",
     "ot/aligned_mass/layers_-1_-1",
@@ -152,7 +160,7 @@ CELLS_BY_NAME = {cell.name: cell for cell in CELLS}
 
 
 def make_bench_data(out: Path, size: BenchSize) -> dict[str, Path]:
-    """Train/dev/test in distribution, and an OOD test with larger numbers than training."""
+    """Train/dev/test in distribution, and an OOD test with more steps than training."""
     splits = {
         "train": make_split(size.num_train, ID_TASK, DATA_SEED, "train"),
         "dev": make_split(max(size.num_test // 2, 8), ID_TASK, DATA_SEED + 1, "dev"),
@@ -190,6 +198,8 @@ def _train_teacher(
         train__epochs=size.teacher_epochs,
         train__max_steps=size.teacher_max_steps,
         train__seed=TEACHER_SEED,
+        # One CPU process: ZeRO-3 partitions nothing there (as for the students, cell_config).
+        deepspeed__student_config="student_zero2.json",
     )
     return run_stage(raw, "reasoning-bench teacher")
 
@@ -405,13 +415,13 @@ def grid_statistics(output_dir: Path, cells: Sequence[Cell], seeds: Sequence[int
             [root / cell.name / f"seed{seed}" / f"predictions_{split}.jsonl" for seed in seeds]
         )
         for cell in cells
-        for split in ("id", "ood")
+        for split in _splits(cell)
     }
     stats: dict[str, Any] = {"cells": {}, "comparisons": [], "mechanism": {}}
     for cell in cells:
         stats["cells"][cell.name] = {
             split: bootstrap_interval(matrices[cell.name, split]).to_dict()
-            for split in ("id", "ood")
+            for split in _splits(cell)
         }
         rows = [_last_row(root / cell.name / f"seed{seed}") for seed in seeds]
         if all(MECHANISM_KEYS[-1] in row for row in rows):
@@ -420,15 +430,36 @@ def grid_statistics(output_dir: Path, cells: Sequence[Cell], seeds: Sequence[int
                 for key in MECHANISM_KEYS
                 if all(key in row for row in rows)
             }
+
+    def difference(cell_key: tuple[str, str], peer_key: tuple[str, str]) -> dict[str, float]:
+        diff = paired_difference(matrices[cell_key], matrices[peer_key])
+        return {**diff.to_dict(), "detectable": detectable_difference(diff)}
+
     names = {cell.name for cell in cells}
     for name, peer in COMPARISONS:
         if name in names and peer in names:
             entry = {"cell": name, "peer": peer}
-            for split in ("id", "ood"):
-                diff = paired_difference(matrices[name, split], matrices[peer, split])
-                entry[split] = {**diff.to_dict(), "detectable": detectable_difference(diff)}
+            # Both trained on rationales: also compare them reasoning first (CoT prompts).
+            for split in ("id", "ood", "id_cot"):
+                if (name, split) in matrices and (peer, split) in matrices:
+                    entry[split] = difference((name, split), (peer, split))
             stats["comparisons"].append(entry)
+    name, peer = REASONING_COMPARISON
+    if name in names and peer in names:
+        # Does reasoning first help? The student trained on rationales, prompted to reason,
+        # against the same student trained on answers only, answering directly; same problems.
+        stats["reasoning"] = {
+            "cell": name,
+            "peer": peer,
+            "id": difference((name, "id_cot"), (peer, "id")),
+        }
     return stats
+
+
+def _splits(cell: Cell) -> tuple[str, ...]:
+    """The scored test views of a cell: cells trained on rationales are also scored reasoning
+    first (``evaluate_model(cot_prompts=True)``)."""
+    return ("id", "ood", "id_cot") if cell.cot_data else ("id", "ood")
 
 
 def _last_row(run_dir: Path) -> dict[str, float]:
@@ -443,17 +474,35 @@ def statistics_tables(stats: dict) -> str:
     def interval(entry: dict) -> str:
         return f"{entry['mean']:.1f} [{entry['low']:.1f}, {entry['high']:.1f}]"
 
-    lines = ["| cell | ID, mean [95% CI] | OOD, mean [95% CI] |", "|---|---|---|"]
+    def optional(entry: dict, split: str, detectable: bool = False) -> str:
+        if split not in entry:
+            return "- | -" if detectable else "-"
+        text = interval(entry[split])
+        return f"{text} | {entry[split]['detectable']:.1f}" if detectable else text
+
+    lines = [
+        "| cell | ID, mean [95% CI] | OOD, mean [95% CI] | ID, CoT prompts, mean [95% CI] |",
+        "|---|---|---|---|",
+    ]
     for name, cell in stats["cells"].items():
-        lines.append(f"| `{name}` | {interval(cell['id'])} | {interval(cell['ood'])} |")
+        lines.append(
+            f"| `{name}` | {interval(cell['id'])} | {interval(cell['ood'])} "
+            f"| {optional(cell, 'id_cot')} |"
+        )
     lines += ["", "| comparison (cell - peer) | ID difference [95% CI] | detectable | "
-              "OOD difference [95% CI] | detectable |", "|---|---|---|---|---|"]  # fmt: skip
+              "OOD difference [95% CI] | detectable | ID, CoT prompts, difference [95% CI] | "
+              "detectable |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for entry in stats["comparisons"]:
         lines.append(
-            f"| `{entry['cell']}` - `{entry['peer']}` | {interval(entry['id'])} | "
-            f"{entry['id']['detectable']:.1f} | {interval(entry['ood'])} | "
-            f"{entry['ood']['detectable']:.1f} |"
+            f"| `{entry['cell']}` - `{entry['peer']}` | {optional(entry, 'id', True)} | "
+            f"{optional(entry, 'ood', True)} | {optional(entry, 'id_cot', True)} |"
         )
+    if "reasoning" in stats:
+        entry = stats["reasoning"]
+        lines += ["", "| reasoning first vs answers only | ID difference [95% CI] | detectable |",
+                  "|---|---|---|",  # fmt: skip
+                  f"| `{entry['cell']}` with CoT prompts - `{entry['peer']}` | "
+                  f"{optional(entry, 'id', True)} |"]  # fmt: skip
     if stats["mechanism"]:
         lines += ["", "| OT cell | plan mass on aligned pairs, layers 0/0 | layers -1/-1 | "
                   "uniform plan's share |", "|---|---|---|---|"]  # fmt: skip
@@ -534,7 +583,8 @@ def _header(quick: bool, seeds: Sequence[int], size: BenchSize) -> str:
         f"# Reasoning benchmark ({'quick' if quick else 'full'})\n\n"
         f"Exact match on {size.num_test} held-out problems: ID = {ID_TASK.num_steps} steps, "
         f"numbers as in training (start <= {ID_TASK.max_start}, steps <= {ID_TASK.max_operand}); "
-        f"OOD = start <= {OOD_TASK.max_start}, steps <= {OOD_TASK.max_operand}. Standard prompts, "
+        f"OOD = {OOD_TASK.num_steps} steps, start <= {OOD_TASK.max_start}, "
+        f"steps <= {OOD_TASK.max_operand}. Standard prompts, "
         "greedy decoding; "
         f"mean ± sample std over student seeds {list(seeds)} (data, teacher and rationales "
         "shared across seeds).\n\n"
@@ -818,12 +868,41 @@ class Probe:
     question: str
 
 
-BIGGER_STUDENT = {"model_type": "gpt2", "n_embd": 128, "n_layer": 4, "n_head": 4}
+BIGGER_STUDENT = {  # the teacher's width and depth, the grid student's architecture
+    "model_type": "gpt_neox",
+    "hidden_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 512,
+    "max_position_embeddings": 256,
+    "rotary_pct": 1.0,
+    "use_parallel_residual": False,
+    "tie_word_embeddings": False,
+}
+# The grid student's size with GPT-2's learnt absolute positions instead of rotary ones.
+GPT2_STUDENT = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256}
 _SFT_COT = CELLS_BY_NAME["sft+cot_data"]
 _OT_ONLY = CELLS_BY_NAME["dskd_cma+ot_no_cot"]
 _C2A_CELL = CELLS_BY_NAME["dskd_cma+cot2align"]
 PROBES: tuple[Probe, ...] = (
-    Probe("sft_12ep", CELLS_BY_NAME["sft"], {"train.epochs": 12}, "SFT, 3x the steps"),
+    Probe(
+        "sft_3x",
+        CELLS_BY_NAME["sft"],
+        {"train.epochs": 24, "train.max_steps": 900},
+        "SFT, 3x the steps",
+    ),
+    Probe(
+        "sft_gpt2",
+        CELLS_BY_NAME["sft"],
+        {"student.architecture": GPT2_STUDENT},
+        "SFT, GPT-2 student (learnt positions)",
+    ),
+    Probe(
+        "sft_cot_gpt2",
+        _SFT_COT,
+        {"student.architecture": GPT2_STUDENT},
+        "SFT on standard + CoT data, GPT-2 student (learnt positions)",
+    ),
     Probe(
         "sft_wide",
         CELLS_BY_NAME["sft"],

@@ -212,6 +212,18 @@ def test_the_grid_reports_intervals_paired_differences_and_the_mechanism(bench):
         )
         assert entry["id"]["mean"] == pytest.approx(want, abs=1e-9)
         assert entry["id"]["detectable"] >= 0  # 0 when neither cell varies (quick runs)
+        both_cot = {entry["cell"], entry["peer"]} <= {c.name for c in CELLS if c.cot_data}
+        assert ("id_cot" in entry) == both_cot, entry
+    # Reasoning first vs answers only: the rationale-trained student with CoT prompts against
+    # the answers-only student answering directly, on the same problems.
+    cells = stats["cells"]
+    assert "id_cot" in cells["sft+cot_data"] and "id_cot" not in cells["sft"]
+    assert stats["reasoning"]["id"]["mean"] == pytest.approx(
+        cells["sft+cot_data"]["id_cot"]["mean"] - cells["sft"]["id"]["mean"], abs=1e-9
+    )
+    assert cells["sft+cot_data"]["id_cot"]["mean"] == pytest.approx(
+        results["cells"]["sft+cot_data"]["exact_match_id_cot"]["mean"]
+    )
     # Every OT cell logs the plan's mass on character-aligned pairs, and the uniform share.
     ot_cells = {cell.name for cell in CELLS if cell.cot2align.get("enabled")}
     assert set(stats["mechanism"]) == ot_cells
@@ -220,6 +232,7 @@ def test_the_grid_reports_intervals_paired_differences_and_the_mechanism(bench):
         assert 0 <= values["ot/aligned_mass/layers_-1_-1"] <= 1
     table = (out / "results.md").read_text()
     assert "detectable" in table and "uniform plan's share" in table
+    assert "| `sft+cot_data` with CoT prompts - `sft` |" in table
 
 
 def test_cells_trained_on_cot_data_are_also_scored_with_cot_prompts(bench):
