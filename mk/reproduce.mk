@@ -10,6 +10,8 @@
 #   make reproduce-publish       after them: write the grid into docs/reasoning_bench.md
 #   make reproduce-small-quick   the same pipeline, tiny sizes and 2 seeds (~1-2 min)
 #   make reproduce-probes        single-seed diagnostics of the full grid (reasoning_bench.PROBES)
+#   make reproduce-rationale     the rationale question at twice the steps: probes sft_2x and
+#                                sft_cot_2x on the grid's five seeds, paired (23 minutes beside other work)
 #
 # Results: $(REPRODUCE_ROOT)/results.md (table), results.png (plot), results.json (with wall
 # time), and one run directory per cell and seed under cells/<cell>/seed<N>/.
@@ -24,7 +26,7 @@ REPRODUCE_QUICK_ROOT ?= runs/reasoning_bench-quick
 REPRODUCE_JOBS ?= 2
 
 .PHONY: reproduce-small reproduce-small-quick reproduce-probes reproduce-teacher-time \
-	reproduce-publish
+	reproduce-publish reproduce-rationale
 
 reproduce-small: install
 	$(OFFLINE) $(PY) -m cot2align_ds.cli reasoning-bench --output-dir $(REPRODUCE_ROOT) \
@@ -34,6 +36,11 @@ reproduce-small: install
 # $(REPRODUCE_ROOT); builds them first when `make reproduce-small` has not run.
 reproduce-probes: install
 	$(OFFLINE) $(PY) -m cot2align_ds.cli reasoning-bench --output-dir $(REPRODUCE_ROOT) --probes
+
+# Reasoning first against answers only at twice the grid's steps, on the grid's five seeds.
+reproduce-rationale: install
+	$(OFFLINE) $(PY) -m cot2align_ds.cli reasoning-bench --output-dir $(REPRODUCE_ROOT) --probes \
+		--probe sft_2x --probe sft_cot_2x --seed 11 --seed 22 --seed 33 --seed 44 --seed 55
 
 # What the teacher costs the grid of $(REPRODUCE_ROOT), live against its caches.
 reproduce-teacher-time: install

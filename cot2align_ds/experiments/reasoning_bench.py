@@ -884,6 +884,7 @@ GPT2_STUDENT = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "
 _SFT_COT = CELLS_BY_NAME["sft+cot_data"]
 _OT_ONLY = CELLS_BY_NAME["dskd_cma+ot_no_cot"]
 _C2A_CELL = CELLS_BY_NAME["dskd_cma+cot2align"]
+_TWICE = {"train.epochs": 16, "train.max_steps": 600}  # epochs enough for 600 steps of either data
 PROBES: tuple[Probe, ...] = (
     Probe(
         "sft_3x",
@@ -910,6 +911,15 @@ PROBES: tuple[Probe, ...] = (
         "SFT, teacher-sized student",
     ),
     Probe("sft_cot", _SFT_COT, {}, "SFT on standard + CoT data"),
+    # The rationale question at twice the grid's steps, where the student has learnt to follow
+    # its rationales (pilots in docs/reasoning_bench.md); PROBE_COMPARISONS pairs them.
+    Probe("sft_2x", CELLS_BY_NAME["sft"], _TWICE, "SFT, 2x the steps"),
+    Probe(
+        "sft_cot_2x",
+        _SFT_COT,
+        _TWICE,
+        "SFT on standard + CoT data, 2x the steps",
+    ),
     Probe(
         "sft_cot_wide",
         _SFT_COT,
@@ -948,6 +958,8 @@ PROBES: tuple[Probe, ...] = (
     Probe("c2a_kd0.9", _C2A_CELL, {"distill.kd_rate": 0.9}, "CoT2Align: kd_rate 0.9"),
 )
 PROBES_BY_NAME = {probe.name: probe for probe in PROBES}
+# (probe, its test view, peer probe, its view): reasoning first against answers only.
+PROBE_COMPARISONS = (("sft_cot_2x", "id_cot", "sft_2x", "id"),)
 
 
 def probe_config(shared: Shared, probe: Probe, seed: int, run_dir: Path) -> dict[str, Any]:
@@ -992,10 +1004,50 @@ def run_probes(
             _write_json(run_dir / "eval_results.json", scores)
             entry["runs"][str(seed)] = {"scores": scores, "train_s": seconds}
             _write_json(output_dir / "probes.json", results)  # each finished run is kept
+    results["comparisons"] = probe_comparisons(output_dir, results)
     results["last_wall_s"] = time.perf_counter() - started
     _write_json(output_dir / "probes.json", results)
     write_text_atomic(output_dir / "probes.md", probes_table(results))
     return results
+
+
+def probe_comparisons(output_dir: Path, results: dict) -> list[dict[str, Any]]:
+    """Each of ``PROBE_COMPARISONS`` whose two probes ran on the same seeds (two or more): the
+    paired difference over those seeds and the problems, its interval and what it can detect."""
+    from cot2align_ds.experiments.bench_stats import (
+        detectable_difference,
+        paired_difference,
+        score_matrix,
+    )
+
+    found = []
+    for name, view, peer, peer_view in PROBE_COMPARISONS:
+        runs = [set(results["probes"].get(probe, {}).get("runs", {})) for probe in (name, peer)]
+        seeds = sorted(runs[0] & runs[1], key=int)
+        if len(seeds) < 2:
+            continue
+        matrices = [
+            score_matrix(
+                [
+                    output_dir / "probes" / probe / f"seed{seed}" / f"predictions_{split}.jsonl"
+                    for seed in seeds
+                ]  # fmt: skip
+            )
+            for probe, split in ((name, view), (peer, peer_view))
+        ]
+        diff = paired_difference(*matrices)
+        found.append(
+            {
+                "cell": name,
+                "view": view,
+                "peer": peer,
+                "peer_view": peer_view,
+                "seeds": seeds,
+                **diff.to_dict(),
+                "detectable": detectable_difference(diff),
+            }  # fmt: skip
+        )
+    return found
 
 
 def _load_probe_results(path: Path, quick: bool) -> dict[str, Any]:
@@ -1029,6 +1081,15 @@ def probes_table(results: dict) -> str:
             f"| {probe['question']} (`{name}`) | `{probe['cell']}` | {changes} | {', '.join(seeds)} "
             f"| {' | '.join(cells)} | {seconds:.0f} |"
         )
+    if results.get("comparisons"):
+        lines += ["", "| comparison (probe, view - probe, view) | seeds | ID difference [95% CI] "
+                  "| detectable |", "|---|---|---|---|"]  # fmt: skip
+        for entry in results["comparisons"]:
+            lines.append(
+                f"| `{entry['cell']}` {entry['view']} - `{entry['peer']}` {entry['peer_view']} "
+                f"| {', '.join(entry['seeds'])} | {entry['mean']:.1f} "
+                f"[{entry['low']:.1f}, {entry['high']:.1f}] | {entry['detectable']:.1f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -176,6 +176,29 @@ def test_probes_reuse_the_shared_pipeline_and_apply_their_changes(bench):
     assert PROBES_BY_NAME["ot_eps1"].question in table and "`sft_cot`" in table
 
 
+def test_probes_pair_reasoning_first_against_answers_only(bench):
+    from cot2align_ds.experiments.bench_stats import score_matrix
+    from cot2align_ds.experiments.reasoning_bench import run_probes
+
+    out, _ = bench
+    results = run_probes(out, quick=True, seeds=(5, 6), probes=["sft_2x", "sft_cot_2x"])
+    [entry] = results["comparisons"]
+    assert (entry["cell"], entry["view"], entry["peer"], entry["peer_view"]) == (
+        "sft_cot_2x", "id_cot", "sft_2x", "id"
+    )  # fmt: skip
+    assert entry["seeds"] == ["5", "6"]
+    assert entry["low"] <= entry["mean"] <= entry["high"]
+
+    def mean(probe: str, split: str) -> float:
+        files = [out / "probes" / probe / f"seed{s}" / f"predictions_{split}.jsonl" for s in (5, 6)]
+        return score_matrix(files).mean()
+
+    assert entry["mean"] == pytest.approx(mean("sft_cot_2x", "id_cot") - mean("sft_2x", "id"))
+    config = json.loads((out / "probes" / "sft_2x" / "seed5" / "config.json").read_text())
+    assert config["train"]["max_steps"] == 600 and config["train"]["epochs"] == 16
+    assert "| `sft_cot_2x` id_cot - `sft_2x` id | 5, 6 |" in (out / "probes.md").read_text()
+
+
 def test_probe_selection_errors_are_one_line_config_errors(tmp_path):
     from cot2align_ds.config import ConfigError
     from cot2align_ds.runs import run_reasoning_bench_command
