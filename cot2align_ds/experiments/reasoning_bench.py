@@ -539,27 +539,35 @@ def results_table(results: dict) -> str:
 
 
 def plot_results(results: dict, path: Path) -> None:
-    """Grouped bars (ID, OOD): the mean over seeds and problems with its 95% interval
-    (``grid_statistics``); the teacher's scores as dashed lines."""
+    """Grouped bars (ID, OOD, and ID with CoT prompts for the cells trained on rationales): the
+    mean over seeds and problems with its 95% interval (``grid_statistics``); the teacher's
+    scores as dashed lines."""
     names = list(results["cells"])
     figure = Figure(figsize=(max(6.0, 0.8 * len(names)), 4.8))
     axes = figure.subplots()
-    for offset, split, colour in ((-0.2, "id", "tab:blue"), (0.2, "ood", "tab:orange")):
-        cells = [results["stats"]["cells"][name][split] for name in names]
+    series = (
+        (-0.27, "id", "tab:blue", "ID"),
+        (0.0, "ood", "tab:orange", "OOD"),
+        (0.27, "id_cot", "tab:green", "ID, CoT prompts"),
+    )
+    for offset, split, colour, label in series:
+        shown = [n for n in names if split in results["stats"]["cells"][n]]
+        cells = [results["stats"]["cells"][name][split] for name in shown]
         means = [cell["mean"] for cell in cells]
         errors = [
             [cell["mean"] - cell["low"] for cell in cells],
             [cell["high"] - cell["mean"] for cell in cells],
         ]
-        positions = [index + offset for index in range(len(names))]
-        axes.bar(positions, means, 0.4, yerr=errors, capsize=3, color=colour, label=split.upper())
-        axes.axhline(
-            results["teacher"][f"exact_match_{split}"],
-            color=colour,
-            linestyle="--",
-            linewidth=1,
-            label=f"teacher, {split.upper()}",
-        )
+        positions = [names.index(name) + offset for name in shown]
+        axes.bar(positions, means, 0.27, yerr=errors, capsize=2, color=colour, label=label)
+        if split != "id_cot":
+            axes.axhline(
+                results["teacher"][f"exact_match_{split}"],
+                color=colour,
+                linestyle="--",
+                linewidth=1,
+                label=f"teacher, {label}",
+            )
     axes.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=7)
     axes.set_ylabel("exact match (%), 95% interval")
     axes.set_ylim(0, 100)
