@@ -17,10 +17,11 @@ budget, so rationales cannot help it); 300 steps of 32 examples, where SFT alone
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,13 +209,30 @@ def build_shared(out: Path, size: BenchSize) -> Shared:
     base = load_config(RECIPE).model_dump(mode="json")
     data = make_bench_data(out, size)
     tokenizers = make_tokenizers(out, data["train"], base["data"]["template"])
-    teacher_dir, teacher_s = _train_teacher(out, base, data, tokenizers, size)
-    started = time.perf_counter()
-    augment = augment_stage(teacher_dir, data["train"], out / "augment", base, seed=TEACHER_SEED)
+    # One thread, on any machine: the order of float sums follows the thread count, and the
+    # teacher and its rationales are what every cell shares (the published ones were built so).
+    with _torch_threads(1):
+        teacher_dir, teacher_s = _train_teacher(out, base, data, tokenizers, size)
+        started = time.perf_counter()
+        augment = augment_stage(
+            teacher_dir, data["train"], out / "augment", base, seed=TEACHER_SEED
+        )
     shared = Shared(base, data, tokenizers, teacher_dir, augment.output_file, size)
     shared.timings = {"teacher_train_s": teacher_s, "augment_s": time.perf_counter() - started}
     shared.augment_stats = asdict(augment.stats)
     return shared
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 SHARED_FILE = "shared.json"

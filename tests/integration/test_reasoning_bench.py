@@ -378,3 +378,15 @@ def test_publish_writes_the_grid_between_the_page_markers_and_nothing_else(bench
         run_reasoning_bench_command(tmp_path / "empty", quick=True, publish=page)
     with pytest.raises(ConfigError, match="separate runs; give one"):
         run_reasoning_bench_command(out, quick=True, teacher_time=True, publish=page)
+
+
+def test_the_shared_stages_run_on_one_thread_and_give_the_threads_back():
+    import torch
+
+    from cot2align_ds.experiments.reasoning_bench import _torch_threads
+
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError), _torch_threads(1):
+        assert torch.get_num_threads() == 1
+        raise RuntimeError("a failed stage")
+    assert torch.get_num_threads() == before
