@@ -420,12 +420,7 @@ def grid_statistics(output_dir: Path, cells: Sequence[Cell], seeds: Sequence[int
     seeds); per comparison (``COMPARISONS``), the paired difference, its interval and the
     smallest difference the design detects; per OT cell, the plans' mass on character-aligned
     pairs at the last logged step (mean over seeds) against the uniform plan's share."""
-    from cot2align_ds.experiments.bench_stats import (
-        bootstrap_interval,
-        detectable_difference,
-        paired_difference,
-        score_matrix,
-    )
+    from cot2align_ds.experiments.bench_stats import bootstrap_interval, score_matrix
 
     root = Path(output_dir) / "cells"
     matrices = {
@@ -450,8 +445,7 @@ def grid_statistics(output_dir: Path, cells: Sequence[Cell], seeds: Sequence[int
             }
 
     def difference(cell_key: tuple[str, str], peer_key: tuple[str, str]) -> dict[str, float]:
-        diff = paired_difference(matrices[cell_key], matrices[peer_key])
-        return {**diff.to_dict(), "detectable": detectable_difference(diff)}
+        return _paired(matrices[cell_key], matrices[peer_key])
 
     names = {cell.name for cell in cells}
     for name, peer in COMPARISONS:
@@ -472,6 +466,15 @@ def grid_statistics(output_dir: Path, cells: Sequence[Cell], seeds: Sequence[int
             "id": difference((name, "id_cot"), (peer, "id")),
         }
     return stats
+
+
+def _paired(a_NP, b_NP) -> dict[str, float]:
+    """A - B over the same seeds and problems: its interval and the smallest difference the
+    design detects."""
+    from cot2align_ds.experiments.bench_stats import detectable_difference, paired_difference
+
+    diff = paired_difference(a_NP, b_NP)
+    return {**diff.to_dict(), "detectable": detectable_difference(diff)}
 
 
 def _splits(cell: Cell) -> tuple[str, ...]:
@@ -1040,11 +1043,7 @@ def run_probes(
 def probe_comparisons(output_dir: Path, results: dict) -> list[dict[str, Any]]:
     """Each of ``PROBE_COMPARISONS`` whose two probes ran on the same seeds (two or more): the
     paired difference over those seeds and the problems, its interval and what it can detect."""
-    from cot2align_ds.experiments.bench_stats import (
-        detectable_difference,
-        paired_difference,
-        score_matrix,
-    )
+    from cot2align_ds.experiments.bench_stats import score_matrix
 
     found = []
     for name, view, peer, peer_view in PROBE_COMPARISONS:
@@ -1057,22 +1056,12 @@ def probe_comparisons(output_dir: Path, results: dict) -> list[dict[str, Any]]:
                 [
                     output_dir / "probes" / probe / f"seed{seed}" / f"predictions_{split}.jsonl"
                     for seed in seeds
-                ]  # fmt: skip
+                ]
             )
             for probe, split in ((name, view), (peer, peer_view))
         ]
-        diff = paired_difference(*matrices)
-        found.append(
-            {
-                "cell": name,
-                "view": view,
-                "peer": peer,
-                "peer_view": peer_view,
-                "seeds": seeds,
-                **diff.to_dict(),
-                "detectable": detectable_difference(diff),
-            }  # fmt: skip
-        )
+        entry = {"cell": name, "view": view, "peer": peer, "peer_view": peer_view, "seeds": seeds}
+        found.append({**entry, **_paired(*matrices)})
     return found
 
 
