@@ -37,6 +37,7 @@ SUITES = {
     "teacher": "bench.bench_teacher",
     "teacher_cache": "bench.bench_teacher_cache",
     "grid_teacher": "bench.bench_grid_teacher",
+    "grid_jobs": "bench.bench_grid_jobs",
     "real": "bench.bench_real",
 }
 

@@ -199,6 +199,13 @@ def augment(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: Annotated[int, typer.Option(help="0 disables top-k.")] = 0,
+    no_repeat_ngram_size: Annotated[
+        int,
+        typer.Option(
+            help="Ban repeating any n-token span (the reference's 6); 0 for rationales that "
+            "repeat themselves, e.g. arithmetic, where the ban forbids the right number."
+        ),
+    ] = 6,
     batch_size: int = 8,
     shard_size: int = 256,
     seed: int = 42,
@@ -223,6 +230,7 @@ def augment(
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
+        no_repeat_ngram_size=no_repeat_ngram_size,
         batch_size=batch_size,
         shard_size=shard_size,
         seed=seed,

@@ -70,7 +70,8 @@ def augment_stage(
     teacher_dir: Path, train_file: Path, out_dir: Path, base: dict[str, Any], *, seed: int
 ) -> AugmentResult:
     """The tuned teacher writes a rationale for every training record (``selection="all"``),
-    with the recipe's template and length limits."""
+    with the recipe's template, length limits and n-gram rule (``eval.no_repeat_ngram_size``:
+    the decoding the recipe scores with is the one its rationales are written with)."""
     return run_augment(
         teacher_dir,
         train_file,
@@ -79,6 +80,7 @@ def augment_stage(
         selection="all",
         max_prompt_tokens=base["data"]["max_prompt_tokens"],
         max_total_tokens=base["data"]["max_total_tokens"],
+        no_repeat_ngram_size=base["eval"]["no_repeat_ngram_size"],
         batch_size=64,
         seed=seed,
         show_progress=False,
@@ -95,7 +97,8 @@ def exact_match_stage(
     batch_size: int = 64,
     prompt_view: str = "standard",
 ) -> float:
-    """Greedy exact match (%) of a saved model on ``records``; the predictions are kept."""
+    """Greedy exact match (%) of a saved model on ``records``, with the recipe's n-gram rule
+    (``eval.no_repeat_ngram_size``); the predictions are kept."""
     from cot2align_ds.eval.evaluate import evaluate_records, write_predictions
     from cot2align_ds.inference.loading import load_model_for_eval
 
@@ -110,6 +113,7 @@ def exact_match_stage(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         max_prompt_tokens=base["data"]["max_prompt_tokens"],
+        no_repeat_ngram_size=base["eval"]["no_repeat_ngram_size"],
         prompt_view=prompt_view,
     )
     write_predictions(predictions_file, result)

@@ -136,6 +136,7 @@ def test_duplicate_ids_are_a_one_line_record_error(tmp_path):
         ({"template": "fancy"}, "unknown template 'fancy'"),
         ({"temperature": 0.0}, "temperature must be > 0"),
         ({"shard_size": 0}, "shard_size must be >= 1"),
+        ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size must be >= 0"),
     ],
 )
 def test_bad_settings_are_user_errors(tmp_path, options, fragment):

@@ -471,6 +471,16 @@ def test_pickled_weights_are_refused_by_eval_and_augment(workspace, tmp_path, pi
         assert not out.exists()
 
 
+def test_augment_ngram_rule_out_of_range_is_one_line(workspace, tmp_path):
+    out = tmp_path / "augment"
+    outcome = _cli(
+        "augment", "--teacher", str(workspace["teacher"]), "--data", str(workspace["train"]),
+        "--output-dir", str(out), "--no-repeat-ngram-size", "-1",
+    )  # fmt: skip
+    assert_user_error(outcome, "no_repeat_ngram_size must be >= 0")
+    assert not out.exists()
+
+
 def test_pickled_weights_load_when_the_user_opts_in(pickled_model_dir):
     from cot2align_ds.inference.loading import load_model_for_eval
 

@@ -9,6 +9,7 @@ import pytest
 
 from cot2align_ds.experiments.reasoning_bench import (
     CELLS,
+    FULL,
     QUICK,
     QUICK_SEEDS,
     run_reasoning_bench,
@@ -116,6 +117,9 @@ def test_results_files_aggregate_every_cell(bench):
     assert all(f"| {cell.name} |" in report for cell in CELLS)
     stats = on_disk["augment"]
     assert stats["total"] == on_disk["size"]["num_train"] and stats["with_rationale"] > 0
+    # The teacher wrote its rationales as the grid scores: no n-gram ban (the recipe's eval).
+    manifest = json.loads((out / "augment" / "shards" / "manifest.json").read_text())
+    assert manifest["settings"]["no_repeat_ngram_size"] == 0
 
 
 def test_cells_and_seeds_share_one_teacher_cache_per_layout(bench):
@@ -195,7 +199,9 @@ def test_probes_pair_reasoning_first_against_answers_only(bench):
 
     assert entry["mean"] == pytest.approx(mean("sft_cot_2x", "id_cot") - mean("sft_2x", "id"))
     config = json.loads((out / "probes" / "sft_2x" / "seed5" / "config.json").read_text())
-    assert config["train"]["max_steps"] == 600 and config["train"]["epochs"] == 16
+    # Twice the full grid's budget, whatever the (quick) grid it was run beside.
+    assert config["train"]["max_steps"] == 2 * FULL.student_max_steps
+    assert config["train"]["epochs"] == 2 * FULL.student_epochs
     assert "| `sft_cot_2x` id_cot - `sft_2x` id | 5, 6 |" in (out / "probes.md").read_text()
 
 
@@ -390,3 +396,21 @@ def test_the_shared_stages_run_on_one_thread_and_give_the_threads_back():
         assert torch.get_num_threads() == 1
         raise RuntimeError("a failed stage")
     assert torch.get_num_threads() == before
+
+
+def test_runs_at_once_bench_times_the_same_runs_both_ways(bench, tmp_path, monkeypatch):
+    import bench.bench_grid_jobs as grid_jobs
+    from cot2align_ds.experiments.reasoning_bench import RUN_FILE, load_shared
+
+    out, _ = bench
+    monkeypatch.setattr(grid_jobs, "RUNS", 2)
+    result = grid_jobs.measure(load_shared(out, QUICK), tmp_path)
+    assert result["jobs2_s"] > 0 and result["jobs1_s"] > 0
+    # Every run of both modes trained and was scored (none kept from the other mode).
+    seeds = sorted(path.name for path in (tmp_path / "cells" / grid_jobs.CELL).iterdir())
+    assert seeds == ["seed100", "seed101", "seed200", "seed201"]
+    for seed in seeds:
+        run_dir = tmp_path / "cells" / grid_jobs.CELL / seed
+        assert _rows(run_dir) and (run_dir / RUN_FILE).is_file()
+    (row,) = grid_jobs.rows(result, "quick grid", QUICK.student_max_steps)
+    assert (row["ours"], row["peer"]) == (result["jobs2_s"], result["jobs1_s"])

@@ -346,3 +346,28 @@ def test_max_length_caps_prompt_plus_new_tokens():
     assert _batch_config(config, decoding, [[1] * 45]).max_new_tokens == 1
     unlimited = DecodingConfig(max_new_tokens=50)
     assert _batch_config(config, unlimited, [[1] * 300]) is config
+
+
+def test_exact_match_stage_decodes_with_the_recipes_ngram_rule(pairs, records, tmp_path):
+    # A recipe whose answers repeat themselves (arithmetic rationales) turns the n-gram ban off;
+    # the stage must decode as its recipe says, not with the generation default (6).
+    from cot2align_ds.data.templates import standard_prompt
+    from cot2align_ds.experiments.pipeline import exact_match_stage
+
+    model, tokenizer = pairs["gpt2-bpe"]
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    prompts = [standard_prompt(record, "compact") for record in records[:2]]
+    predictions = {}
+    for no_repeat in (0, 2):
+        base = {
+            "data": {"template": "compact", "max_prompt_tokens": 128},
+            "eval": {"no_repeat_ngram_size": no_repeat},
+        }
+        out = tmp_path / f"predictions{no_repeat}.jsonl"
+        exact_match_stage(tmp_path / "model", records[:2], base, out, max_new_tokens=16)
+        predictions[no_repeat] = [json.loads(line)["prediction"] for line in out.open()]
+        decoding = DecodingConfig(max_new_tokens=16, greedy=True, no_repeat_ngram_size=no_repeat)
+        assert predictions[no_repeat] == generate(model, tokenizer, prompts, decoding)
+    # The random model loops greedily: the ban changes what it writes.
+    assert predictions[0] != predictions[2]
