@@ -10,8 +10,8 @@
 #   make reproduce-publish       after them: write the grid into docs/reasoning_bench.md
 #   make reproduce-small-quick   the same pipeline, tiny sizes and 2 seeds (~1-2 min)
 #   make reproduce-probes        single-seed diagnostics of the full grid (reasoning_bench.PROBES)
-#   make reproduce-rationale     the rationale question at twice the steps: probes sft_2x and
-#                                sft_cot_2x on the grid's five seeds, paired (23 minutes beside other work)
+#   make reproduce-rationale     the rationale question at twice the grid's steps: probes sft_2x
+#                                and sft_cot_2x on the grid's five seeds, paired
 #
 # Results: $(REPRODUCE_ROOT)/results.md (table), results.png (plot), results.json (with wall
 # time), and one run directory per cell and seed under cells/<cell>/seed<N>/.
